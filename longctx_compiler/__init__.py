@@ -1,0 +1,1 @@
+"""longctx_compiler: compiler passes for long-context training."""
