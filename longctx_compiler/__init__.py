@@ -1,1 +1,31 @@
-"""longctx_compiler: compiler passes for long-context training."""
+"""longctx_compiler: compiler passes over torch.fx for long-context training.
+
+``optimize(model)`` captures a model with ``torch.compile``, rewrites the parts whose memory
+grows with the sequence length (attention, SSM scans) into exact, memory-bounded forms, and
+hands the rest to TorchInductor. ``explain`` shows what would be rewritten; ``viz`` draws it.
+"""
+
+import logging as _logging
+
+from longctx_compiler.api import OptimizedFunction, OptimizedModule, explain, optimize
+from longctx_compiler.config import AttentionConfig, Config, SSMConfig
+from longctx_compiler.report import Refusal, Rewrite, RewriteReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "optimize",
+    "explain",
+    "Config",
+    "AttentionConfig",
+    "SSMConfig",
+    "RewriteReport",
+    "Rewrite",
+    "Refusal",
+    "OptimizedModule",
+    "OptimizedFunction",
+    "__version__",
+]
+
+# Library logging: silent unless the application configures it.
+_logging.getLogger("longctx_compiler").addHandler(_logging.NullHandler())

@@ -1,0 +1,165 @@
+"""Typed configuration: frozen dataclasses with defaults, validated on construction.
+
+One :class:`Config` per ``optimize`` call, with one sub-config per capability::
+
+    Config(attention=AttentionConfig(chunk_size=4096, offload=True),
+           ssm=SSMConfig(chunk_size=256, mode="exact"),
+           backend="inductor", strict=False)
+
+Every field is checked when the object is built, so a typo or a bad value fails at the call
+site with a message that says what is allowed, never later inside a compiled graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = ["AttentionConfig", "SSMConfig", "Config", "BACKENDS"]
+
+#: Backends ``optimize`` can hand the rewritten graph to.
+#: ``"inductor"`` generates code (Triton on GPU, C++ on CPU); ``"aot_eager"`` runs the same
+#: passes and the same AOTAutograd forward/backward split without code generation, which is
+#: fast to compile and exact to run (used by most tests).
+BACKENDS = ("inductor", "aot_eager")
+
+
+def _check_positive_int(owner: str, name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value <= 0:
+        raise ValueError(f"{owner}.{name} must be a positive number of tokens, got {value}")
+
+
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}.{name} must be True or False, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Sequence-chunked (FPDT) attention.
+
+    Attributes:
+        enabled: run the attention rewrite at all.
+        chunk_size: tokens per query/key-value chunk. Memory of the attention core is
+            O(chunk_size²) per head instead of O(T²); on a GPU, chunks of 8K-64K tokens hide
+            host transfers behind compute.
+        offload: keep each layer's q/k/v/output/log-sum-exp in pinned host memory between
+            forward and backward (prefetched back chunk by chunk).
+        host_pool_bytes: upper bound on host memory the offload pool may hold (None: no bound).
+    """
+
+    enabled: bool = True
+    chunk_size: int = 1024
+    offload: bool = False
+    host_pool_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_bool("AttentionConfig", "enabled", self.enabled)
+        _check_positive_int("AttentionConfig", "chunk_size", self.chunk_size)
+        _check_bool("AttentionConfig", "offload", self.offload)
+        _check_positive_int("AttentionConfig", "host_pool_bytes", self.host_pool_bytes, allow_none=True)
+
+
+SSM_MODES = ("exact", "truncated")
+
+
+@dataclass(frozen=True)
+class SSMConfig:
+    """Adjoint-sharded selective scans.
+
+    Attributes:
+        enabled: run the scan raising and rewrite passes at all.
+        chunk_size: time steps per shard (Q). Saved state for backward is M·D·N numbers with
+            M = ceil(T / Q), instead of T·D·N.
+        mode: ``"exact"`` (default: gradients identical to autograd) or ``"truncated"``
+            (the paper's truncated adjoint: each output's gradient reaches back only
+            ``window`` steps through the state; biased, opt-in by name only).
+        window: the truncation window T̄ (required with ``mode="truncated"``, refused otherwise).
+    """
+
+    enabled: bool = True
+    chunk_size: int = 256
+    mode: str = "exact"
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_bool("SSMConfig", "enabled", self.enabled)
+        _check_positive_int("SSMConfig", "chunk_size", self.chunk_size)
+        if self.mode not in SSM_MODES:
+            raise ValueError(f"SSMConfig.mode must be one of {SSM_MODES}, got {self.mode!r}")
+        if self.mode == "truncated":
+            if self.window is None:
+                raise ValueError('SSMConfig(mode="truncated") needs window=<steps>: the number of time steps each gradient reaches back')
+            _check_positive_int("SSMConfig", "window", self.window)
+        elif self.window is not None:
+            raise ValueError('SSMConfig.window only applies to mode="truncated"; exact mode has no window')
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``optimize`` needs to know.
+
+    Attributes:
+        attention: :class:`AttentionConfig`.
+        ssm: :class:`SSMConfig`.
+        backend: ``"inductor"`` (default) or ``"aot_eager"`` (same passes, no code generation).
+        strict: raise when a pass fails instead of falling back to the un-rewritten graph.
+        sequence_dim: the dimension of tensor inputs that is the sequence (1 for ``[B, T]``
+            token ids and ``[B, T, C]`` activations). It is compiled as a dynamic size, so one
+            compiled graph serves every sequence length.
+        extra_passes: user passes (instances of :class:`longctx_compiler.passes.base.Pass`)
+            run after the built-in ones.
+    """
+
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    ssm: SSMConfig = field(default_factory=SSMConfig)
+    backend: str = "inductor"
+    strict: bool = False
+    sequence_dim: int | None = 1
+    extra_passes: tuple = ()
+
+    def __post_init__(self) -> None:
+        # Sub-configs may be given as mappings for convenience: Config(attention={"chunk_size": 64}).
+        for name, cls in (("attention", AttentionConfig), ("ssm", SSMConfig)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, _build(cls, value, f"Config.{name}"))
+            elif not isinstance(value, cls):
+                raise TypeError(f"Config.{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        _check_bool("Config", "strict", self.strict)
+        if self.sequence_dim is not None and (isinstance(self.sequence_dim, bool) or not isinstance(self.sequence_dim, int) or self.sequence_dim < 0):
+            raise ValueError(f"Config.sequence_dim must be a non-negative int or None, got {self.sequence_dim!r}")
+        if not isinstance(self.extra_passes, tuple):
+            object.__setattr__(self, "extra_passes", tuple(self.extra_passes))
+        from longctx_compiler.passes.base import Pass
+
+        for p in self.extra_passes:
+            if not isinstance(p, Pass):
+                raise TypeError(f"Config.extra_passes holds Pass instances, got {type(p).__name__}")
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with fields replaced; sub-config fields can be given as dicts that update them."""
+        return _build(Config, overrides, "Config", base=self)
+
+
+def _build(cls, values: Mapping[str, Any], owner: str, base: Any = None):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"{owner} has no field(s) {unknown}; known fields: {sorted(known)}")
+    if base is None:
+        return cls(**values)
+    merged = {}
+    for k, v in values.items():
+        current = getattr(base, k)
+        if dataclasses.is_dataclass(current) and isinstance(v, Mapping):
+            v = _build(type(current), v, f"{owner}.{k}", base=current)
+        merged[k] = v
+    return dataclasses.replace(base, **merged)

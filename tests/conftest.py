@@ -1,0 +1,48 @@
+"""Shared test settings: hypothesis profiles, fresh compiler state, GPU skips."""
+
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Test helpers that live beside this file (e.g. the test-only pass) import from any subfolder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# CI runs a fixed, derandomised set of examples so a red build reproduces; locally the
+# default profile explores new examples every run.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# A cache hit must never hide a pass bug: compile every graph for real.
+torch._inductor.config.force_disable_caches = True
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each test starts with an empty Dynamo cache, so recompile limits and cached graphs
+    # from one test cannot leak into another.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
