@@ -1,0 +1,300 @@
+"""``torch.library`` registration of chunked attention, and the public ``chunked_attention``.
+
+Ops (all ``mutates_args=()``; shapes in SDPA layout, ``G = Hq // Hkv``):
+
+* ``longctx::chunked_attention_fwd(q, k, v, causal, scale, chunk_size) -> (out, lse)``
+* ``longctx::chunked_attention_bwd(dout, q, k, v, out, lse, dlse?, causal, scale, chunk_size)
+  -> (dq, dk, dv)``
+* ``longctx::chunked_attention_fwd_offload(q, k, v, causal, scale, chunk_size)
+  -> (out, lse, handle)``: also copies q, k, v, out, lse into the host pool; ``handle`` is an
+  int64 scalar CPU tensor naming that group of host copies.
+* ``longctx::chunked_attention_bwd_offload(dout, handle, dlse?, kv_heads, kv_len, causal,
+  scale, chunk_size) -> (dq, dk, dv)``: streams the host copies back chunk by chunk.
+
+``register_autograd`` makes AOTAutograd save exactly what each backward reads: ``q, k, v,
+out, lse`` for the plain op, and only the ``handle`` (plus the symbolic ints ``Hkv`` and
+``S``) for the offload op. Fake (meta) implementations use shape arithmetic only, so one
+compiled graph serves every sequence length.
+
+Device dispatch happens inside the op bodies: CPU tensors run the chunked torch
+implementation, CUDA tensors the Triton launchers. We use plain ``custom_op`` rather than
+``triton_op``: a ``triton_op`` body is traced by Inductor, and our chunk loops run
+``T / chunk_size`` times — tracing would unroll them over the sequence length and pin one
+graph to one ``T``. An opaque op keeps the loop inside and the graph size independent of ``T``.
+
+Offload lifetime: the forward op has a side effect (it fills pool buffers), so it is not
+pure in the strict sense. The host copies are released when the handle tensor's storage is
+freed — autograd frees saved tensors right after the node's backward (or when the graph is
+dropped without backward), so every forward is matched by exactly one release, and
+``retain_graph=True`` double backward works. ``HostPool.clear()`` drops everything by force.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from longctx_compiler.runtime.host_pool import get_default_pool
+
+from .chunked import chunked_attention_backward, chunked_attention_forward
+from .reference import accumulation_dtype, validate_qkv
+
+__all__ = ["chunked_attention"]
+
+_OFFLOADED = ("q", "k", "v", "out", "lse")
+
+
+def _use_triton(t: Tensor) -> bool:
+    return t.is_cuda and t.dtype != torch.float64
+
+
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
+    if _use_triton(q):
+        from .triton import triton_attention_forward
+
+        return triton_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
+    return chunked_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
+
+
+def _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size):
+    if _use_triton(q):
+        from .triton import triton_attention_backward
+
+        return triton_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk_size, dlse=dlse)
+    return chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk_size, dlse=dlse)
+
+
+def _fake_fwd(q: Tensor) -> tuple[Tensor, Tensor]:
+    B, Hq, T, D = q.shape
+    out = q.new_empty((B, Hq, T, D))
+    lse = q.new_empty((B, Hq, T), dtype=accumulation_dtype(q.dtype))
+    return out, lse
+
+
+# ---------------------------------------------------------------------------- plain ops
+@torch.library.custom_op("longctx::chunked_attention_fwd", mutates_args=())
+def chunked_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """``(out [B, Hq, T, D], lse [B, Hq, T])`` of exact attention, chunk by chunk."""
+    return _forward_impl(q, k, v, causal, scale, chunk_size)
+
+
+@chunked_attention_fwd.register_fake
+def _(q, k, v, causal, scale, chunk_size):
+    return _fake_fwd(q)
+
+
+@torch.library.custom_op("longctx::chunked_attention_bwd", mutates_args=())
+def chunked_attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    causal: bool, scale: float, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` shaped like ``q, k, v``; ``dlse`` (``[B, Hq, T]``) may be None."""
+    return _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size)
+
+
+@chunked_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_fwd(ctx, inputs, output):
+    q, k, v, causal, scale, chunk_size = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (causal, scale, chunk_size)
+
+
+def _backward_fwd(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    causal, scale, chunk_size = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = chunked_attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size)
+    return dq, dk, dv, None, None, None
+
+
+chunked_attention_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
+
+
+# ---------------------------------------------------------------------------- offload ops
+def _handle_tensor(pool, gid: int) -> Tensor:
+    # The handle's storage wraps a numpy array; the array dies exactly when the last tensor
+    # sharing that storage does (autograd's saved copies included), which releases the group.
+    arr = np.array(gid, dtype=np.int64)
+    weakref.finalize(arr, _release, weakref.ref(pool), gid)
+    return torch.from_numpy(arr)
+
+
+def _release(pool_ref, gid: int) -> None:
+    pool = pool_ref()
+    if pool is not None:
+        pool.release_group(gid)
+
+
+@torch.library.custom_op("longctx::chunked_attention_fwd_offload", mutates_args=())
+def chunked_attention_fwd_offload(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Like ``chunked_attention_fwd``, and keeps q, k, v, out, lse in the default host pool.
+
+    Returns ``(out, lse, handle)``; ``handle`` is an int64 scalar (CPU) naming the host copies.
+    """
+    out, lse = _forward_impl(q, k, v, causal, scale, chunk_size)
+    pool = get_default_pool()
+    handles = {}
+    try:
+        for name, t in zip(_OFFLOADED, (q, k, v, out, lse)):
+            handles[name] = pool.offload(t)
+    except BaseException:
+        for h in handles.values():
+            h.release()
+        raise
+    return out, lse, _handle_tensor(pool, pool.stash(handles))
+
+
+@chunked_attention_fwd_offload.register_fake
+def _(q, k, v, causal, scale, chunk_size):
+    out, lse = _fake_fwd(q)
+    return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
+
+
+def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size):
+    """Streamed Triton backward: k/v chunks (outer) and q/lse chunks (inner) come from the
+    host, each prefetched one step ahead on the copy stream (double buffering)."""
+    from .triton import attention_delta, launch_bwd_pair
+
+    B, Hq, T, D = dout.shape
+    _, Hkv, S, _ = hs["k"].shape
+    dev = dout.device
+    # delta needs out once per query row: stream out in chunks instead of bringing it all back.
+    delta = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        oc = pool.prefetch(hs["out"], s, e)
+        delta[:, :, s:e] = attention_delta(dout[:, :, s:e], oc, None if dlse is None else dlse[:, :, s:e], chunk_size)
+    dq_acc = torch.zeros((B, Hq, T, D), dtype=torch.float32, device=dev)
+    dk = torch.empty((B, Hkv, S, D), dtype=hs["k"].dtype, device=dev)
+    dv = torch.empty_like(dk)
+    k_starts = list(range(0, S, chunk_size))
+
+    def fetch_kv(ks):
+        ke = min(ks + chunk_size, S)
+        return pool.prefetch_async(hs["k"], ks, ke), pool.prefetch_async(hs["v"], ks, ke)
+
+    def fetch_q(qs):
+        qe = min(qs + chunk_size, T)
+        return pool.prefetch_async(hs["q"], qs, qe), pool.prefetch_async(hs["lse"], qs, qe)
+
+    next_kv = fetch_kv(k_starts[0])
+    for idx, ks in enumerate(k_starts):
+        ke = min(ks + chunk_size, S)
+        kc, vc = (p.wait() for p in next_kv)
+        if idx + 1 < len(k_starts):
+            next_kv = fetch_kv(k_starts[idx + 1])
+        dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=torch.float32, device=dev)
+        dv_acc = torch.zeros_like(dk_acc)
+        q_starts = list(range((ks // chunk_size) * chunk_size if causal else 0, T, chunk_size))
+        next_q = fetch_q(q_starts[0]) if q_starts else None
+        for jdx, qs in enumerate(q_starts):
+            qe = min(qs + chunk_size, T)
+            qc, lsec = (p.wait() for p in next_q)
+            if jdx + 1 < len(q_starts):
+                next_q = fetch_q(q_starts[jdx + 1])
+            launch_bwd_pair(qc, kc, vc, dout[:, :, qs:qe], lsec, delta[:, :, qs:qe].contiguous(),
+                            dq_acc[:, :, qs:qe], dk_acc, dv_acc, q_pos0=qs, k_pos0=ks, causal=causal, scale=scale)
+        dk[:, :, ks:ke] = dk_acc
+        dv[:, :, ks:ke] = dv_acc
+    return dq_acc.to(dout.dtype), dk, dv
+
+
+@torch.library.custom_op("longctx::chunked_attention_bwd_offload", mutates_args=())
+def chunked_attention_bwd_offload(
+    dout: Tensor, handle: Tensor, dlse: Optional[Tensor], kv_heads: int, kv_len: int,
+    causal: bool, scale: float, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` from ``dout`` and the host copies named by ``handle``.
+
+    ``kv_heads``/``kv_len`` give ``dk``/``dv``'s shape ``[B, kv_heads, kv_len, D]`` to the
+    fake implementation (the handle carries no shape). The host copies stay in the pool
+    until the handle is freed, so a second backward (``retain_graph=True``) also works.
+    """
+    pool = get_default_pool()
+    hs = pool.lookup(int(handle.item()))
+    if tuple(hs["k"].shape[1:3]) != (kv_heads, kv_len) or tuple(hs["q"].shape) != tuple(dout.shape):
+        raise RuntimeError("chunked_attention_bwd_offload: handle does not match dout / kv shape (stale handle?)")
+    if _use_triton(dout):
+        return _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size)
+    # CPU: the host copies are CPU tensors already; prefetch hands back views (no copy) and the
+    # chunked loop reads them chunk by chunk in the same order as on CUDA.
+    q, k, v, out, lse = (pool.prefetch(hs[n]) for n in _OFFLOADED)
+    return chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk_size, dlse=dlse)
+
+
+@chunked_attention_bwd_offload.register_fake
+def _(dout, handle, dlse, kv_heads, kv_len, causal, scale, chunk_size):
+    B, Hq, T, D = dout.shape
+    return dout.new_empty((B, Hq, T, D)), dout.new_empty((B, kv_heads, kv_len, D)), dout.new_empty((B, kv_heads, kv_len, D))
+
+
+def _setup_fwd_offload(ctx, inputs, output):
+    q, k, v, causal, scale, chunk_size = inputs
+    _, _, handle = output
+    ctx.save_for_backward(handle)
+    ctx.kv = (k.shape[1], k.shape[2])
+    ctx.args = (causal, scale, chunk_size)
+
+
+def _backward_fwd_offload(ctx, dout, dlse, _dhandle):
+    (handle,) = ctx.saved_tensors
+    causal, scale, chunk_size = ctx.args
+    dq, dk, dv = chunked_attention_bwd_offload(dout, handle, dlse, ctx.kv[0], ctx.kv[1], causal, scale, chunk_size)
+    return dq, dk, dv, None, None, None
+
+
+chunked_attention_fwd_offload.register_autograd(_backward_fwd_offload, setup_context=_setup_fwd_offload)
+
+
+# ---------------------------------------------------------------------------- public API
+def chunked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    chunk_size: int = 1024,
+    offload: bool = False,
+) -> Tensor:
+    """Exact softmax attention with memory bounded by the chunk size (FPDT-style).
+
+    Args:
+        q: ``[B, Hq, T, D]`` queries (fp16, bf16, fp32 or fp64).
+        k, v: ``[B, Hkv, S, D]`` keys/values; ``Hq % Hkv == 0`` (GQA without copying K/V).
+        causal: SDPA's ``is_causal`` convention (top-left aligned: query ``i`` sees keys
+            ``j <= i``), any ``T`` and ``S``.
+        scale: score scale, default ``1 / sqrt(D)``.
+        chunk_size: rows of a query chunk / columns of a key chunk; the largest temporary is
+            ``[B, Hkv, G·chunk, chunk]`` in the accumulation dtype.
+        offload: keep q, k, v, out, lse in the host pool (pinned, copied on a side stream on
+            CUDA) between forward and backward; autograd then saves only a handle.
+    Returns:
+        ``[B, Hq, T, D]`` in the input dtype. Differentiable in ``q``, ``k``, ``v``.
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"chunked_attention: causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(offload, bool):
+        raise TypeError(f"chunked_attention: offload must be a bool, got {type(offload).__name__}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunked_attention: chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunked_attention: chunk_size must be >= 1, got {chunk_size}")
+    validate_qkv(q, k, v, scale=scale, name="chunked_attention")
+    if q.is_cuda and q.shape[-1] > 256 and q.dtype != torch.float64:
+        raise ValueError(f"chunked_attention: head dim {q.shape[-1]} > 256 is not supported on CUDA")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if offload:
+        return chunked_attention_fwd_offload(q, k, v, causal, scale, chunk_size)[0]
+    return chunked_attention_fwd(q, k, v, causal, scale, chunk_size)[0]

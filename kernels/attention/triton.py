@@ -1,0 +1,375 @@
+"""Triton kernels for chunked attention, and the launchers the op uses on CUDA tensors.
+
+Kernels (one (query chunk, key chunk) pair per launch; the Python launchers run the chunk
+loops, exactly as :mod:`.chunked` does, so the memory bound is the same):
+
+* :func:`_fwd_pair_kernel` — partial attention of a query chunk over a key chunk, merged
+  in place into a running fp32 ``(out, lse)`` of the query chunk (online softmax; the
+  running state re-enters as ``m = lse, l = 1, acc = out``, which is exact because
+  ``Σ_j exp(s_ij − lse_i) = 1``).
+* :func:`_bwd_dkdv_kernel` — for a key block, loops over the query heads of its GQA group
+  and the query rows of the chunk; adds ``dk``/``dv`` into fp32 chunk accumulators.
+* :func:`_bwd_dq_kernel` — for a query block, loops over the key rows of the chunk; adds
+  ``dq`` into an fp32 accumulator.
+
+Every output tile is owned by exactly one program, so no atomics are needed (bf16 atomics
+fail under the interpreter, and determinism is a bonus). GQA maps query head ``h`` to key
+head ``h // G`` by index arithmetic: K/V are never repeated. Head dims up to 256 are handled
+with a padded ``BLOCK_D = next_power_of_2(D)`` and masked loads. ``fp32`` inputs use IEEE
+fp32 dots (no TF32), so fp32 results keep fp32 accuracy; fp16/bf16 inputs feed the tensor
+cores and accumulate in fp32.
+
+Causal masking uses absolute positions (``q_pos0``/``k_pos0`` of the chunks), SDPA's
+top-left convention: query ``i`` sees keys ``j <= i``.
+
+Testing on CPU: set ``TRITON_INTERPRET=1`` *before* triton is imported (``triton.jit``
+decides at decoration time whether to build an interpreted function); the launchers accept
+CPU tensors in that mode.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from .reference import accumulation_dtype, validate_qkv
+
+__all__ = ["triton_attention_forward", "triton_attention_backward", "interpreting"]
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _fwd_pair_kernel(
+    Q, K, V, O, L,
+    sqb, sqh, sqt, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sob, soh, sot, sod,
+    slb, slh, slt,
+    Tc, Sc, D, H, G, q_pos0, k_pos0, scale,
+    CAUSAL: tl.constexpr, HAS_PREV: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tc
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
+    l_ptrs = L + b * slb + h * slh + offs_m * slt
+    if HAS_PREV:
+        # Re-enter the online softmax from the normalised running result: m = lse, l = 1.
+        m_i = tl.load(l_ptrs, mask=m_ok, other=float("-inf"))
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+        acc = tl.load(o_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = Sc
+    if CAUSAL:
+        # Keys right of the block's last query are all masked: stop the loop there.
+        hi = tl.minimum(Sc, q_pos0 + (pid_m + 1) * BLOCK_M - k_pos0)
+    for start_n in range(0, hi, BLOCK_N):
+        n = start_n + offs_n
+        n_ok = n < Sc
+        k = tl.load(K + b * skb + hk * skh + n[:, None] * sks + offs_d[None, :] * skd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + b * svb + hk * svh + n[:, None] * svs + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        keep = n_ok[None, :]
+        if CAUSAL:
+            keep = keep & ((k_pos0 + n)[None, :] <= (q_pos0 + offs_m)[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing visible yet keep m = -inf; shifting by 0 keeps exp() at 0, not nan.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(o_ptrs, out, mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(l_ptrs, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, L, DELTA, DK, DV,
+    sqb, sqh, sqt, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdob, sdoh, sdot, sdod,
+    slb, slh, slt,
+    sdkb, sdkh, sdks, sdkd,
+    Tc, Sc, D, HKV, G, q_pos0, k_pos0, scale,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # L and DELTA share strides (both [B, Hq, T] fp32); DK and DV too ([B, Hkv, Sc, D] fp32).
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Sc
+    d_ok = offs_d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:
+        # Queries before the block's first key see none of it: start the row loop there.
+        lo = tl.maximum(0, k_pos0 + pid_n * BLOCK_N - q_pos0)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    for g in range(0, G):
+        h = hk * G + g
+        for start_m in range(lo, Tc, BLOCK_M):
+            m = start_m + offs_m
+            m_ok = m < Tc
+            q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sqt + offs_d[None, :] * sqd,
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + m[:, None] * sdot + offs_d[None, :] * sdod,
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(L + b * slb + h * slh + m * slt, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + b * slb + h * slh + m * slt, mask=m_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            keep = m_ok[:, None] & n_ok[None, :]
+            if CAUSAL:
+                keep = keep & ((k_pos0 + offs_n)[None, :] <= (q_pos0 + m)[:, None])
+            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :] * sdkd
+    dv_ptrs = DV + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :] * sdkd
+    # This program owns its tile of the chunk accumulators: read-add-write without atomics.
+    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=kv_mask, other=0.0) + dk * scale, mask=kv_mask)
+    tl.store(dv_ptrs, tl.load(dv_ptrs, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, L, DELTA, DQ,
+    sqb, sqh, sqt, sqd,
+    skb, skh, sks, skd,
+    svb, svh, svs, svd,
+    sdob, sdoh, sdot, sdod,
+    slb, slh, slt,
+    sdqb, sdqh, sdqt, sdqd,
+    Tc, Sc, D, H, G, q_pos0, k_pos0, scale,
+    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tc
+    d_ok = offs_d < D
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :] * sdod, mask=q_mask, other=0.0)
+    lse = tl.load(L + b * slb + h * slh + offs_m * slt, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + b * slb + h * slh + offs_m * slt, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = Sc
+    if CAUSAL:
+        hi = tl.minimum(Sc, q_pos0 + (pid_m + 1) * BLOCK_M - k_pos0)
+    for start_n in range(0, hi, BLOCK_N):
+        n = start_n + offs_n
+        n_ok = n < Sc
+        k = tl.load(K + b * skb + hk * skh + n[:, None] * sks + offs_d[None, :] * skd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + b * svb + hk * svh + n[:, None] * svs + offs_d[None, :] * svd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        keep = m_ok[:, None] & n_ok[None, :]
+        if CAUSAL:
+            keep = keep & ((k_pos0 + n)[None, :] <= (q_pos0 + offs_m)[:, None])
+        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :] * sdqd
+    tl.store(dq_ptrs, tl.load(dq_ptrs, mask=q_mask, other=0.0) + dq * scale, mask=q_mask)
+
+
+def _blocks(D: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_D)``: tiles shrink as the head dim grows to bound registers."""
+    block_d = max(16, triton.next_power_of_2(D))
+    if block_d > 256:
+        raise ValueError(f"triton attention: head dim {D} > 256 is not supported; use the chunked torch path")
+    if interpreting():
+        return 16, 16, block_d
+    if block_d <= 64:
+        return 64, 64, block_d
+    if block_d <= 128:
+        return (64, 64, block_d) if dtype != torch.float32 else (32, 32, block_d)
+    return 32, 32, block_d
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # TF32 would cost fp32 inputs ~3 decimal digits; 16-bit inputs ignore this setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int, name: str) -> float:
+    validate_qkv(q, k, v, scale=scale, name=name)
+    if q.dtype == torch.float64:
+        raise TypeError(f"{name}: float64 is not supported by the Triton kernels; use the chunked torch path")
+    if not (q.is_cuda or interpreting()):
+        raise ValueError(f"{name}: expects CUDA tensors (or TRITON_INTERPRET=1 for CPU testing), got {q.device}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def launch_fwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, o_acc: Tensor, lse_acc: Tensor, *, q_pos0: int, k_pos0: int,
+                    causal: bool, scale: float, has_prev: bool) -> None:
+    """Merge attention of ``qc`` over ``kc``/``vc`` into the running fp32 ``o_acc``/``lse_acc``.
+
+    ``qc`` ``[B, Hq, Tc, D]``, ``kc``/``vc`` ``[B, Hkv, Sc, D]`` (any strides),
+    ``o_acc`` ``[B, Hq, Tc, D]`` fp32, ``lse_acc`` ``[B, Hq, Tc]`` fp32 (written; read too
+    when ``has_prev``). ``q_pos0``/``k_pos0``: absolute positions of the chunks' first rows.
+    """
+    B, H, Tc, D = qc.shape
+    Hkv, Sc = kc.shape[1], kc.shape[2]
+    bm, bn, bd = _blocks(D, qc.dtype)
+    grid = (triton.cdiv(Tc, bm), B * H)
+    _fwd_pair_kernel[grid](
+        qc, kc, vc, o_acc, lse_acc,
+        *qc.stride(), *kc.stride(), *vc.stride(), *o_acc.stride(), *lse_acc.stride(),
+        Tc, Sc, D, H, H // Hkv, q_pos0, k_pos0, scale,
+        CAUSAL=causal, HAS_PREV=has_prev, PRECISION=_precision(qc.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+    )
+
+
+def launch_bwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, doc: Tensor, lsec: Tensor, deltac: Tensor,
+                    dq_acc: Tensor, dk_acc: Tensor, dv_acc: Tensor, *, q_pos0: int, k_pos0: int,
+                    causal: bool, scale: float) -> None:
+    """Add one chunk pair's contributions to the fp32 accumulators ``dq_acc`` (``[B, Hq, Tc, D]``),
+    ``dk_acc``/``dv_acc`` (``[B, Hkv, Sc, D]``, same strides). ``lsec``/``deltac``: ``[B, Hq, Tc]``
+    fp32 with equal strides."""
+    B, H, Tc, D = qc.shape
+    Hkv, Sc = kc.shape[1], kc.shape[2]
+    if lsec.stride() != deltac.stride() or dk_acc.stride() != dv_acc.stride():
+        raise ValueError("launch_bwd_pair: lse/delta and dk/dv accumulators must share strides")
+    bm, bn, bd = _blocks(D, qc.dtype)
+    prec = _precision(qc.dtype)
+    _bwd_dkdv_kernel[(triton.cdiv(Sc, bn), B * Hkv)](
+        qc, kc, vc, doc, lsec, deltac, dk_acc, dv_acc,
+        *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *lsec.stride(), *dk_acc.stride(),
+        Tc, Sc, D, Hkv, H // Hkv, q_pos0, k_pos0, scale,
+        CAUSAL=causal, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+    )
+    _bwd_dq_kernel[(triton.cdiv(Tc, bm), B * H)](
+        qc, kc, vc, doc, lsec, deltac, dq_acc,
+        *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *lsec.stride(), *dq_acc.stride(),
+        Tc, Sc, D, H, H // Hkv, q_pos0, k_pos0, scale,
+        CAUSAL=causal, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+    )
+
+
+def triton_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None,
+                             chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Same contract as :func:`.chunked.chunked_attention_forward`, with Triton pair kernels.
+
+    ``q`` ``[B, Hq, T, D]``, ``k``/``v`` ``[B, Hkv, S, D]`` (fp16/bf16/fp32, CUDA) →
+    ``out`` ``[B, Hq, T, D]`` (input dtype), ``lse`` ``[B, Hq, T]`` (fp32).
+    """
+    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_forward")
+    B, Hq, T, D = q.shape
+    S = k.shape[2]
+    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    for qs in range(0, T, chunk_size):
+        qe = min(qs + chunk_size, T)
+        o_acc = torch.empty((B, Hq, qe - qs, D), dtype=torch.float32, device=q.device)
+        lse_acc = lse[:, :, qs:qe]
+        for ks in range(0, S, chunk_size):
+            if causal and ks > qe - 1:
+                break
+            ke = min(ks + chunk_size, S)
+            launch_fwd_pair(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], o_acc, lse_acc,
+                            q_pos0=qs, k_pos0=ks, causal=causal, scale=scale, has_prev=ks > 0)
+        out[:, :, qs:qe] = o_acc
+    return out, lse
+
+
+def attention_delta(dout: Tensor, out: Tensor, dlse: Tensor | None, chunk_size: int) -> Tensor:
+    """``delta = rowsum(dout · out) − dlse`` in fp32, ``[B, Hq, T]``, computed chunk by chunk."""
+    B, Hq, T, _ = out.shape
+    delta = torch.empty((B, Hq, T), dtype=torch.float32, device=out.device)
+    for s in range(0, T, chunk_size):
+        e = min(s + chunk_size, T)
+        delta[:, :, s:e] = (dout[:, :, s:e].float() * out[:, :, s:e].float()).sum(-1)
+    if dlse is not None:
+        delta -= dlse.float()
+    return delta
+
+
+def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+                              causal: bool, scale: float | None, chunk_size: int,
+                              dlse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Same contract as :func:`.chunked.chunked_attention_backward`, with Triton pair kernels.
+
+    Outer loop over key chunks (their ``dk``/``dv`` are final after it), inner loop over the
+    query chunks that see them; ``dq`` accumulates in fp32 over the whole sequence.
+    """
+    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_backward")
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    lse = lse.float()
+    delta = attention_delta(dout, out, dlse, chunk_size)
+    if delta.stride() != lse.stride():
+        lse = lse.contiguous()
+    dq_acc = torch.zeros((B, Hq, T, D), dtype=torch.float32, device=q.device)
+    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=v.device)
+    for ks in range(0, S, chunk_size):
+        ke = min(ks + chunk_size, S)
+        dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=torch.float32, device=q.device)
+        dv_acc = torch.zeros_like(dk_acc)
+        q_start = (ks // chunk_size) * chunk_size if causal else 0
+        for qs in range(q_start, T, chunk_size):
+            qe = min(qs + chunk_size, T)
+            launch_bwd_pair(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], dout[:, :, qs:qe],
+                            lse[:, :, qs:qe], delta[:, :, qs:qe], dq_acc[:, :, qs:qe], dk_acc, dv_acc,
+                            q_pos0=qs, k_pos0=ks, causal=causal, scale=scale)
+        dk[:, :, ks:ke] = dk_acc
+        dv[:, :, ks:ke] = dv_acc
+    return dq_acc.to(q.dtype), dk, dv
