@@ -1,0 +1,179 @@
+"""``torch.library`` registration of the selective scan: ``longctx::selective_scan_fwd/_bwd``.
+
+Schemas::
+
+    longctx::selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C,
+        Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? h0,
+        int chunk_size, str mode, int window) -> (Tensor y, Tensor final_state, Tensor boundary_states)
+
+    longctx::selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C,
+        Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? h0,
+        Tensor boundary_states, Tensor dy, Tensor? dfinal, int chunk_size, str mode,
+        int window) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC,
+                        Tensor dD, Tensor dz, Tensor ddelta_bias, Tensor dh0)
+
+``chunk_size = 0`` is the canonical "not planned yet" value (what
+``longctx_compiler.nn.selective_scan_fn`` puts in a captured graph); it runs with
+:data:`DEFAULT_CHUNK`. ``mode`` is ``"exact"`` or ``"truncated"``; ``window`` is the
+truncation window T̄ (ignored, conventionally 0, in exact mode). The forward's inputs and the
+``[B, D, M, N]`` boundary states are all that the registered autograd formula reads, so they
+are all AOTAutograd saves. ``boundary_states`` is not differentiable. Gradients of omitted
+optional inputs come back from the bwd op as zeros (a custom op returns a fixed list of
+tensors) and are dropped by the autograd formula.
+
+Device branch inside the op bodies: CPU tensors run the chunked torch implementation,
+CUDA tensors the Triton kernels (``triton.py``), imported only then.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._args import compute_dtype
+from .chunked import selective_scan_chunked_bwd, selective_scan_chunked_fwd
+
+__all__ = ["DEFAULT_CHUNK", "selective_scan_fwd", "selective_scan_bwd"]
+
+#: Chunk length used when the graph carries the "not planned" value ``chunk_size = 0``.
+DEFAULT_CHUNK = 256
+
+
+def _chunk(chunk_size: int) -> int:
+    return DEFAULT_CHUNK if chunk_size == 0 else chunk_size
+
+
+def _impl(device: torch.device):
+    if device.type == "cuda":
+        from . import triton as triton_impl
+
+        return triton_impl.selective_scan_triton_fwd, triton_impl.selective_scan_triton_bwd
+    return selective_scan_chunked_fwd, selective_scan_chunked_bwd
+
+
+@torch.library.custom_op("longctx::selective_scan_fwd", mutates_args=())
+def selective_scan_fwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    h0: Optional[Tensor],
+    chunk_size: int,
+    mode: str,
+    window: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward: ``(y [B, D, T], final_state [B, D, N], boundary_states [B, D, M, N])``."""
+    fwd, _ = _impl(u.device)
+    y, final, boundary = fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size=_chunk(chunk_size))
+    # Fresh contiguous outputs: what the fake kernel promises.
+    return y.contiguous(), final.contiguous(), boundary.contiguous()
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode, window):
+    bsz, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    q = _chunk(chunk_size)
+    # Shape arithmetic only, so a symbolic T stays symbolic: M = ceil(T / Q).
+    nchunks = (seqlen + q - 1) // q
+    cdt = compute_dtype(u, A, D, delta_bias, h0)
+    y = u.new_empty(u.shape)
+    final = u.new_empty((bsz, dim, dstate), dtype=cdt)
+    boundary = u.new_empty((bsz, dim, nchunks, dstate), dtype=cdt)
+    return y, final, boundary
+
+
+@torch.library.custom_op("longctx::selective_scan_bwd", mutates_args=())
+def selective_scan_bwd(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+    h0: Optional[Tensor],
+    boundary_states: Tensor,
+    dy: Tensor,
+    dfinal: Optional[Tensor],
+    chunk_size: int,
+    mode: str,
+    window: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward: ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)``, zeros for omitted inputs."""
+    _, bwd = _impl(u.device)
+    grads = bwd(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, dy, dfinal,
+        chunk_size=_chunk(chunk_size), mode=mode, window=window if mode == "truncated" else None,
+    )
+    du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = grads
+    bsz, dim, _ = u.shape
+    dstate = A.shape[1]
+    if dD is None:
+        dD = u.new_zeros((dim,))
+    if dz is None:
+        dz = torch.zeros_like(u)
+    if ddb is None:
+        ddb = u.new_zeros((dim,))
+    if dh0 is None:
+        dh0 = u.new_zeros((bsz, dim, dstate))
+    return tuple(t.contiguous() for t in (du, ddelta, dA, dB, dC, dD, dz, ddb, dh0))
+
+
+@selective_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, dy, dfinal, chunk_size, mode, window):
+    bsz, dim, _ = u.shape
+    dstate = A.shape[1]
+
+    def like(t, shape=None):
+        # Contiguous, in the input's dtype: what the real op returns.
+        return u.new_empty(tuple(t.shape) if shape is None else shape, dtype=u.dtype if t is None else t.dtype)
+
+    return (
+        like(u), like(delta), like(A), like(B), like(C),
+        like(D, None if D is not None else (dim,)),
+        like(z, None if z is not None else tuple(u.shape)),
+        like(delta_bias, None if delta_bias is not None else (dim,)),
+        like(h0, None if h0 is not None else (bsz, dim, dstate)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode, window = inputs
+    _, _, boundary = output
+    # Exactly the inputs and the M·D·N boundary states: this is the whole saved set.
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, boundary)
+    ctx.delta_softplus = delta_softplus
+    ctx.chunk_size = chunk_size
+    ctx.mode = mode
+    ctx.window = window
+    ctx.mark_non_differentiable(boundary)
+
+
+def _backward(ctx, dy, dfinal, _dboundary):
+    u, delta, A, B, C, D, z, delta_bias, h0, boundary = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = torch.ops.longctx.selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, h0, boundary,
+        dy, dfinal, ctx.chunk_size, ctx.mode, ctx.window,
+    )
+    return (
+        du, ddelta, dA, dB, dC,
+        None if D is None else dD,
+        None if z is None else dz,
+        None if delta_bias is None else ddb,
+        None,
+        None if h0 is None else dh0,
+        None, None, None,
+    )
+
+
+selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
