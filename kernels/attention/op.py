@@ -203,7 +203,8 @@ def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size):
             qc, lsec = (p.wait() for p in next_q)
             if jdx + 1 < len(q_starts):
                 next_q = fetch_q(q_starts[jdx + 1])
-            launch_bwd_pair(qc, kc, vc, dout[:, :, qs:qe], lsec, delta[:, :, qs:qe].contiguous(),
+            # The lse/delta kernels read both with one set of strides: give both the dense layout.
+            launch_bwd_pair(qc, kc, vc, dout[:, :, qs:qe], lsec.contiguous(), delta[:, :, qs:qe].contiguous(),
                             dq_acc[:, :, qs:qe], dk_acc, dv_acc, q_pos0=qs, k_pos0=ks, causal=causal, scale=scale)
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc

@@ -25,7 +25,8 @@ SCRIPT = textwrap.dedent(
     import torch.nn.functional as F
     from longctx_compiler.kernels.attention.reference import attention_reference_with_lse
     from longctx_compiler.kernels.attention.triton import triton_attention_forward, triton_attention_backward
-    from longctx_compiler.kernels.attention import chunked_attention
+    from longctx_compiler.kernels.attention import op as attn_op
+    from longctx_compiler.runtime import HostPool
     from longctx_compiler.testing import make_tensor, assert_within_dtype_rule, relative_error
 
     def grads(out, lse, q, k, v, dout, dlse):
@@ -58,6 +59,13 @@ SCRIPT = textwrap.dedent(
         assert o.dtype == torch.float32 and l.dtype == torch.float32
         for name, cand, base, ref in zip(("out", "lse", "dq", "dk", "dv"), (o, l, *g), (bo, bl, *bg), (ro, rl, *rg)):
             assert_within_dtype_rule(cand, base, ref, name=f"{name} {(B, Hq, Hkv, T, S, D, c, causal)}")
+        # The streamed offload backward (double-buffered prefetch loop used on CUDA), fed from
+        # a CPU host pool: prefetches are views there, the loop and kernels are the same.
+        pool = HostPool()
+        hs = {n: pool.offload(t) for n, t in zip(("q", "k", "v", "out", "lse"), (q.detach(), k.detach(), v.detach(), o, l))}
+        g_off = attn_op._offload_backward_cuda(dout.float(), hs, pool, dlse.float(), causal, 1.0 / D ** 0.5, c)
+        for a, b in zip(g_off, g):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     print("TRITON_INTERPRET_OK", len(cases))
     """
 )
