@@ -20,7 +20,9 @@ _REGISTRY: list[tuple[int, int, str, Callable[[], "Pass"]]] = []
 
 # Modules holding built-in passes; imported on first use so that importing the package
 # stays cheap and a pass module can import the kernels it needs.
-_BUILTIN_MODULES: tuple[str, ...] = ()
+_BUILTIN_MODULES: tuple[str, ...] = (
+    "longctx_compiler.passes.attention",
+)
 
 
 def register_pass(stage: str, order: int) -> Callable[[type], type]:
