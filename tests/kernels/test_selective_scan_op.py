@@ -1,0 +1,275 @@
+"""Op-level properties of longctx::selective_scan (CPU: the chunked torch path)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from longctx_compiler.kernels.selective_scan import (
+    selective_scan,
+    selective_scan_chunked_bwd,
+    selective_scan_chunked_fwd,
+    selective_scan_reference,
+)
+from longctx_compiler.testing import EXACT_RTOL, assert_exact, assert_within_dtype_rule, make_tensor, strategies
+
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"]
+
+
+def make_inputs(seed, bsz, dim, dstate, seqlen, groups, *, with_d, with_z, with_bias, with_h0, dtype=torch.float64):
+    """Leaf tensors (None for omitted optionals); A negative, delta small, as in Mamba."""
+    gen = torch.Generator().manual_seed(seed)
+    bc = (bsz, groups, dstate, seqlen) if groups else (bsz, dstate, seqlen)
+    t = {
+        "u": make_tensor((bsz, dim, seqlen), seed=gen, dtype=dtype),
+        "delta": make_tensor((bsz, dim, seqlen), seed=gen, dtype=dtype, low=-0.5, high=0.8),
+        "A": make_tensor((dim, dstate), seed=gen, dtype=dtype, low=-2.0, high=-0.05),
+        "B": make_tensor(bc, seed=gen, dtype=dtype),
+        "C": make_tensor(bc, seed=gen, dtype=dtype),
+        "D": make_tensor((dim,), seed=gen, dtype=dtype) if with_d else None,
+        "z": make_tensor((bsz, dim, seqlen), seed=gen, dtype=dtype) if with_z else None,
+        "delta_bias": make_tensor((dim,), seed=gen, dtype=dtype, low=-0.5, high=0.5) if with_bias else None,
+        "h0": make_tensor((bsz, dim, dstate), seed=gen, dtype=dtype) if with_h0 else None,
+    }
+    for v in t.values():
+        if v is not None:
+            v.requires_grad_(True)
+    return t
+
+
+def grads_of(fn, inputs, softplus, gen_seed):
+    """Run fn → (y, final); loss = <y, dy> + <final, dh>; return outputs and all input grads."""
+    y, final = fn(**inputs, delta_softplus=softplus)
+    gen = torch.Generator().manual_seed(gen_seed)
+    dy = make_tensor(y.shape, seed=gen, dtype=torch.float64).to(y.dtype)
+    dh = make_tensor(final.shape, seed=gen, dtype=torch.float64).to(final.dtype)
+    loss = (y * dy).sum() + (final * dh).sum()
+    leaves = {k: v for k, v in inputs.items() if v is not None}
+    g = torch.autograd.grad(loss, list(leaves.values()))
+    return y, final, dict(zip(leaves, g))
+
+
+def op_fn(chunk, **kw):
+    return lambda **a: selective_scan(**a, return_final_state=True, chunk_size=chunk, **kw)
+
+
+def ref_fn(**a):
+    return selective_scan_reference(**a, return_final_state=True)
+
+
+dims = st.fixed_dictionaries(
+    {
+        "bsz": st.integers(1, 2),
+        "dim": st.sampled_from([1, 2, 4]),
+        "dstate": st.integers(1, 4),
+        "seqlen": st.sampled_from([1, 2, 5, 7, 8, 13]),
+        "chunk": strategies.chunk_sizes(1, 10),
+        "grouped": st.booleans(),
+        "with_d": st.booleans(),
+        "with_z": st.booleans(),
+        "with_bias": st.booleans(),
+        "with_h0": st.booleans(),
+        "softplus": st.booleans(),
+    }
+)
+
+
+@settings(deadline=None, max_examples=25)
+@given(cfg=dims, seed=strategies.seeds())
+def test_exact_float64_matches_reference(cfg, seed):
+    # Covers T < chunk, T not a multiple of the chunk, T = 1, grouped B/C, every optional.
+    groups = (cfg["dim"] // 2 or 1) if cfg["grouped"] else 0
+    inputs = make_inputs(seed, cfg["bsz"], cfg["dim"], cfg["dstate"], cfg["seqlen"], groups,
+                         with_d=cfg["with_d"], with_z=cfg["with_z"], with_bias=cfg["with_bias"], with_h0=cfg["with_h0"])
+    y_r, f_r, g_r = grads_of(ref_fn, inputs, cfg["softplus"], seed + 1)
+    y_c, f_c, g_c = grads_of(op_fn(cfg["chunk"]), inputs, cfg["softplus"], seed + 1)
+    assert_exact(y_c, y_r, name="y")
+    assert_exact(f_c, f_r, name="final_state")
+    assert set(g_c) == set(g_r)
+    for k in g_r:
+        assert_exact(g_c[k], g_r[k], name=f"d{k}")
+
+
+def test_gradcheck_public_function():
+    inputs = make_inputs(3, 1, 2, 2, 5, 0, with_d=True, with_z=True, with_bias=True, with_h0=True)
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def f(*xs):
+        return selective_scan(**dict(zip(names, xs)), delta_softplus=True, return_final_state=True, chunk_size=2)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs[k] for k in names))
+    grouped = make_inputs(4, 1, 4, 2, 4, 2, with_d=False, with_z=False, with_bias=False, with_h0=False)
+    g_names = [k for k, v in grouped.items() if v is not None]
+    assert torch.autograd.gradcheck(lambda *xs: selective_scan(**dict(zip(g_names, xs)), chunk_size=3), tuple(grouped[k] for k in g_names))
+
+
+def _windowed_vjp_sum(inputs, softplus, window, dy, dh):
+    """Σ_s VJP of (y_s, and the final state as an output at s = T-1) restricted to input times
+    i with s - window < i ≤ s, by autograd on a per-time copy of every shared parameter.
+
+    Inputs entering step i: u_i, delta_i, B_i, the bias and A as used at step i, and h0 (at
+    i = 0). C, D, z act locally on the output and are returned unrestricted.
+    """
+    u, delta, A, B, C = (inputs[k].detach() for k in ("u", "delta", "A", "B", "C"))
+    D, z, bias, h0 = (None if inputs[k] is None else inputs[k].detach() for k in ("D", "z", "delta_bias", "h0"))
+    bsz, dim, T = u.shape
+    dstate = A.shape[1]
+    A_t = A.expand(T, dim, dstate).clone().requires_grad_(True)
+    bias_t = (torch.zeros(T, dim, dtype=u.dtype) if bias is None else bias.expand(T, dim).clone()).requires_grad_(True)
+    h0_ = (torch.zeros(bsz, dim, dstate, dtype=u.dtype) if h0 is None else h0).clone().requires_grad_(True)
+    u_, delta_, B_ = (x.clone().requires_grad_(True) for x in (u, delta, B))
+    Bg = B_ if B_.dim() == 4 else B_[:, None]
+    Cg = C if C.dim() == 4 else C[:, None]
+    rep = dim // Bg.shape[1]
+    h = h0_
+    ys = []
+    for t in range(T):
+        dt = delta_[:, :, t] + bias_t[t]
+        dt = F.softplus(dt) if softplus else dt
+        h = torch.exp(dt[..., None] * A_t[t]) * h + (dt * u_[:, :, t])[..., None] * Bg[:, :, :, t].repeat_interleave(rep, 1)
+        ys.append((h * Cg[:, :, :, t].repeat_interleave(rep, 1)).sum(-1))
+    y = torch.stack(ys, -1)
+    if D is not None:
+        y = y + D[:, None] * u_
+    if z is not None:
+        y = y * F.silu(z)
+    leaves = [u_, delta_, A_t, B_, bias_t, h0_]
+    total = [torch.zeros_like(x) for x in leaves]
+    for s in range(T):
+        loss = (y[..., s] * dy[..., s]).sum() + ((h * dh).sum() if s == T - 1 else 0)
+        gs = torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
+        keep = torch.tensor([s - window < i <= s for i in range(T)])
+        for k, g in enumerate(gs):
+            if g is None:
+                continue
+            if k in (0, 1, 3):  # time is the last dim
+                g = g * keep.to(g.dtype)
+            elif k in (2, 4):  # per-time copies: time is the first dim
+                g = g * keep.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+            elif not keep[0]:  # h0 enters at i = 0
+                g = torch.zeros_like(g)
+            total[k] += g
+    du, ddelta, dA_t, dB, dbias_t, dh0 = total
+    return {"u": du, "delta": ddelta, "A": dA_t.sum(0), "B": dB, "delta_bias": dbias_t.sum(0), "h0": dh0}
+
+
+@settings(deadline=None, max_examples=15)
+@given(
+    seqlen=st.integers(2, 6), window=st.integers(1, 6), chunk=strategies.chunk_sizes(1, 4),
+    grouped=st.booleans(), opts=st.booleans(), seed=strategies.seeds(),
+)
+def test_truncated_equals_windowed_vjp_sum(seqlen, window, chunk, grouped, opts, seed):
+    inputs = make_inputs(seed, 2, 2, 3, seqlen, 2 if grouped else 0, with_d=opts, with_z=opts, with_bias=opts, with_h0=True)
+    y_t, f_t, g_t = grads_of(op_fn(chunk, mode="truncated", window=window), inputs, opts, seed + 1)
+    _, _, g_exact = grads_of(ref_fn, inputs, opts, seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    dy = make_tensor(y_t.shape, seed=gen, dtype=torch.float64)
+    dh = make_tensor(f_t.shape, seed=gen, dtype=torch.float64)
+    expected = _windowed_vjp_sum(inputs, opts, window, dy, dh)
+    for k, g in g_t.items():
+        # State-flowing gradients are truncated; C, D, z are local and stay exact.
+        want = expected[k] if k in expected else g_exact[k]
+        assert_exact(g, want, name=f"d{k} (window={window}, T={seqlen})")
+    if window >= seqlen:
+        for k in g_t:
+            assert_exact(g_t[k], g_exact[k], name=f"d{k} window>=T")
+
+
+@settings(deadline=None, max_examples=10)
+@given(seqlen=st.sampled_from([3, 16, 33]), chunk=strategies.chunk_sizes(2, 16), seed=strategies.seeds(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_low_precision_within_dtype_rule(seqlen, chunk, seed, dtype):
+    # Inputs are rounded to the low dtype once; the float64 reference runs on those values.
+    low = make_inputs(seed, 2, 4, 4, seqlen, 0, with_d=True, with_z=True, with_bias=True, with_h0=False, dtype=dtype)
+    ref_in = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in low.items()}
+    y64, f64, g64 = grads_of(ref_fn, ref_in, True, seed + 1)
+    yb, fb, gb = grads_of(ref_fn, low, True, seed + 1)
+    yc, fc, gc = grads_of(op_fn(chunk), low, True, seed + 1)
+    assert yc.dtype == dtype and fc.dtype == torch.float32
+    assert_within_dtype_rule(yc, yb, y64, name="y")
+    assert_within_dtype_rule(fc, fb, f64, name="final_state")
+    for k in g64:
+        assert gc[k].dtype == dtype
+        assert_within_dtype_rule(gc[k], gb[k], g64[k], name=f"d{k}")
+
+
+def test_opcheck():
+    full = make_inputs(5, 2, 4, 3, 7, 2, with_d=True, with_z=True, with_bias=True, with_h0=True)
+    bare = make_inputs(6, 1, 2, 2, 5, 0, with_d=False, with_z=False, with_bias=False, with_h0=False)
+    op = torch.ops.longctx.selective_scan_fwd.default
+    a = full
+    torch.library.opcheck(op, (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True, a["h0"], 3, "exact", 0))
+    b = bare
+    torch.library.opcheck(op, (b["u"], b["delta"], b["A"], b["B"], b["C"], None, None, None, False, None, 2, "truncated", 2))
+    torch.library.opcheck(op, (b["u"], b["delta"], b["A"], b["B"], b["C"], None, None, None, False, None, 0, "exact", 0))
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.max_numel:
+                self.max_numel, self.op = t.numel(), func
+        return out
+
+
+@pytest.mark.parametrize("mode,window", [("exact", None), ("truncated", 5)])
+def test_no_per_step_state_tensor(mode, window):
+    # T ≫ Q: the per-step states would be B·D·T·N numbers; nothing that large may appear.
+    bsz, dim, dstate, T, Q = 1, 4, 8, 256, 16
+    a = make_inputs(7, bsz, dim, dstate, T, 2, with_d=True, with_z=True, with_bias=True, with_h0=True)
+    a = {k: None if v is None else v.detach() for k, v in a.items()}
+    dy = torch.randn(bsz, dim, T, dtype=torch.float64)
+    dh = torch.randn(bsz, dim, dstate, dtype=torch.float64)
+    with _MaxNumel() as meter:
+        y, final, boundary = selective_scan_chunked_fwd(**a, delta_softplus=True, chunk_size=Q)
+        selective_scan_chunked_bwd(**a, delta_softplus=True, boundary_states=boundary, dy=dy, dfinal=dh, chunk_size=Q, mode=mode, window=window)
+    assert boundary.shape == (bsz, dim, T // Q, dstate)
+    assert meter.max_numel < bsz * dim * T * dstate, (meter.max_numel, meter.op)
+    # The largest tensors are the [B, D, T] / [B, G, N, T] inputs-sized ones.
+    assert meter.max_numel <= max(bsz * dim * T, bsz * 2 * dstate * T)
+
+
+def test_saved_tensors_are_inputs_and_boundary_states():
+    a = make_inputs(8, 1, 2, 3, 40, 0, with_d=True, with_z=False, with_bias=False, with_h0=False)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = selective_scan(**a, chunk_size=8)
+    assert (1, 2, 5, 3) in saved  # boundary states [B, D, M, N]
+    assert all(s in {(1, 2, 40), (2, 3), (1, 3, 40), (2,), (1, 2, 5, 3)} for s in saved), saved
+    y.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "change,exc",
+    [
+        (lambda a: a.update(u=a["u"][0]), ValueError),
+        (lambda a: a.update(delta=a["delta"][..., :-1]), ValueError),
+        (lambda a: a.update(A=a["A"][:, None]), ValueError),
+        (lambda a: a.update(B=a["B"][:, :1]), ValueError),
+        (lambda a: a.update(D=torch.ones(3, dtype=torch.float64)), ValueError),
+        (lambda a: a.update(u=a["u"].float()), TypeError),
+        (lambda a: a.update(u=a["u"].long()), TypeError),
+        (lambda a: a.update(chunk_size=0), ValueError),
+        (lambda a: a.update(mode="approx"), ValueError),
+        (lambda a: a.update(mode="truncated"), ValueError),
+        (lambda a: a.update(window=3), ValueError),
+    ],
+)
+def test_bad_arguments_raise(change, exc):
+    a = {k: v.detach() for k, v in make_inputs(9, 1, 2, 3, 4, 0, with_d=False, with_z=False, with_bias=False, with_h0=False).items() if v is not None}
+    change(a)
+    with pytest.raises(exc):
+        selective_scan(**a)
