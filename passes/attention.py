@@ -217,7 +217,6 @@ class ChunkedAttentionPass(Pass):
                 raise CantApply(f"mask not proven causal: {why}") from None
             d["causal"] = True
             d["mask_proven_causal"] = True
-        d["groups"] = hq // hkv
         d["offload"] = ctx.config.attention.offload
 
     # -- apply -------------------------------------------------------------------------------
@@ -226,6 +225,7 @@ class ChunkedAttentionPass(Pass):
         graph = gm.graph
         k, v = strip_repeat_kv(d["k"]), strip_repeat_kv(d["v"])
         d["repeat_kv_removed"] = k is not d["k"]
+        d["groups"] = example_value(d["q"]).shape[1] // example_value(k).shape[1]
         head_dim = example_value(d["q"]).shape[3]
         scale = float(d["scale"]) if d["scale"] is not None else 1.0 / math.sqrt(head_dim)
         cfg = ctx.config.attention
