@@ -229,6 +229,12 @@ class ChunkedAttentionPass(Pass):
         head_dim = example_value(d["q"]).shape[3]
         scale = float(d["scale"]) if d["scale"] is not None else 1.0 / math.sqrt(head_dim)
         cfg = ctx.config.attention
+        if cfg.offload and cfg.host_pool_bytes is not None:
+            # The offload ops keep their copies in the process-wide pool; its budget is the
+            # user's bound on host memory (a clear HostMemoryError past it, never a swap storm).
+            from longctx_compiler.runtime import get_default_pool
+
+            get_default_pool().max_bytes = cfg.host_pool_bytes
         op = torch.ops.longctx.chunked_attention_fwd_offload.default if cfg.offload else torch.ops.longctx.chunked_attention_fwd.default
         with graph.inserting_before(match.anchor):
             res = insert_call(graph, op, (d["q"], k, v, bool(d["causal"]), scale, cfg.chunk_size))

@@ -57,7 +57,7 @@ def _fmt(n: int) -> str:
     return f"{n} B"
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: buffers live in a WeakSet
 class _Buffer:
     """One host allocation: a flat tensor, and the CUDA event of its last pending copy."""
 
@@ -161,6 +161,9 @@ class HostPool:
         self.max_bytes = max_bytes
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self._free: dict[tuple[int, torch.dtype], list[_Buffer]] = defaultdict(list)
+        # Every buffer the pool owns (handed out or cached), so memory meters can tell the
+        # host tier apart from device allocations on CPU, where both are CPU memory.
+        self._owned: "weakref.WeakSet[_Buffer]" = weakref.WeakSet()
         self._lock = threading.RLock()
         self._in_use = 0
         self._reserved = 0
@@ -182,6 +185,11 @@ class HostPool:
     @property
     def peak_bytes(self) -> int:
         return self._peak
+
+    def data_ptrs(self) -> set[int]:
+        """Start addresses of every host buffer the pool holds (in use or cached)."""
+        with self._lock:
+            return {b.data.untyped_storage().data_ptr() for b in self._owned}
 
     def reset_peak(self) -> None:
         """Restart peak tracking from the current ``bytes_in_use``."""
@@ -217,6 +225,7 @@ class HostPool:
                     )
                 data = torch.empty(int(numel), dtype=dtype, pin_memory=self.pin_memory)
                 buf = _Buffer(data)
+                self._owned.add(buf)
                 self._reserved += need
             self._in_use += need
             self._peak = max(self._peak, self._in_use)

@@ -92,6 +92,21 @@ def test_offload_keeps_gradients_and_releases_host_copies():
     assert pool.live_groups == 0 and pool.bytes_in_use == 0
 
 
+def test_host_pool_budget_is_enforced_with_a_clear_error():
+    from longctx_compiler.runtime import HostMemoryError
+
+    pool = get_default_pool()
+    saved_limit = pool.max_bytes
+    try:
+        opt = optimized(llama(), offload=True, host_pool_bytes=1024)
+        ids = ids_for(20, 5)
+        with pytest.raises(HostMemoryError, match="budget"):
+            opt(ids, labels=ids)
+    finally:
+        pool.max_bytes = saved_limit
+        pool.clear()
+
+
 def test_refusals_leave_the_graph_alone_with_reasons():
     # dropout in training: a chunked op would draw a different random mask
     opt = optimized(llama(attention_dropout=0.1))

@@ -98,3 +98,15 @@ def test_default_pool_and_bad_arguments():
     with pytest.raises(TypeError):
         HostPool().offload([1, 2])
     assert HostPool().pin_memory == torch.cuda.is_available()
+
+
+def test_data_ptrs_names_every_buffer_in_use_or_cached():
+    pool = HostPool()
+    a = pool.offload(torch.arange(16, dtype=torch.float32))
+    b = pool.offload(torch.arange(8, dtype=torch.float64))
+    ptrs = pool.data_ptrs()
+    assert a.host.untyped_storage().data_ptr() in ptrs and b.host.untyped_storage().data_ptr() in ptrs
+    a.release()
+    assert len(pool.data_ptrs()) == 2  # released buffers stay cached, still the pool's
+    pool.empty_cache()
+    assert pool.data_ptrs() == {b.host.untyped_storage().data_ptr()}
