@@ -207,14 +207,17 @@ class HostPool:
         need = _nbytes(numel, dtype)
         with self._lock:
             free = self._free.get(key)
-            if free:
+            # The budget bounds what live offloaded tensors hold, whether the buffer is new or
+            # reused from the cache (the budget may have been lowered since it was cached).
+            over_budget = self.max_bytes is not None and self._in_use + need > self.max_bytes
+            if free and not over_budget:
                 buf = free.pop()
                 self.reuse_count += 1
             else:
                 if self.max_bytes is not None and self._reserved + need > self.max_bytes:
                     # Cached buffers of other sizes are only a cache: drop them before failing.
                     self._trim(self._reserved + need - self.max_bytes)
-                if self.max_bytes is not None and self._reserved + need > self.max_bytes:
+                if self.max_bytes is not None and (over_budget or self._reserved + need > self.max_bytes):
                     raise HostMemoryError(
                         f"host pool budget exceeded: need {_fmt(need)} more for a buffer of {numel} x {dtype}, "
                         f"but {_fmt(self._in_use)} of the {_fmt(self.max_bytes)} budget is held by live "

@@ -110,3 +110,12 @@ def test_data_ptrs_names_every_buffer_in_use_or_cached():
     assert len(pool.data_ptrs()) == 2  # released buffers stay cached, still the pool's
     pool.empty_cache()
     assert pool.data_ptrs() == {b.host.untyped_storage().data_ptr()}
+
+
+def test_lowered_budget_applies_to_cached_buffers_too():
+    pool = HostPool()
+    h = pool.offload(torch.zeros(256))
+    h.release()  # now cached, 1 KiB reserved
+    pool.max_bytes = 512
+    with pytest.raises(HostMemoryError, match="budget"):
+        pool.offload(torch.zeros(256))
