@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.fx.node import map_aggregate
 
 __all__ = ["example_value", "propagate_example_value", "arg", "is_call", "strip_repeat_kv", "insert_call"]
@@ -45,7 +46,7 @@ def propagate_example_value(node: fx.Node) -> None:
     """
     args = map_aggregate(node.args, example_value)
     kwargs = map_aggregate(node.kwargs, example_value)
-    fakes = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+    fakes = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
     # The inputs' own fake mode, not the ambient one: the backend runs inside a tracing
     # context whose mode may differ from the one Dynamo recorded the values in.
     mode = next((t.fake_mode for t in fakes if hasattr(t, "fake_mode")), None)
