@@ -19,12 +19,12 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from longctx_compiler.backend import LongctxBackend, PassFailure
+from longctx_compiler.capture import capture_context
 from longctx_compiler.config import Config
 from longctx_compiler.report import RewriteReport
 
@@ -66,7 +66,8 @@ class _Compiled:
         before = self._lc_backend.compile_count
         pending = self._lc_backend.start_report()
         try:
-            out = self._lc_compiled(*args, **kwargs)
+            with capture_context(self._lc_config):
+                out = self._lc_compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             # Dynamo wraps errors raised by a backend; with strict=True the user asked for our
             # error, so surface it unwrapped.
@@ -211,9 +212,9 @@ def optimize(
         raise TypeError("this object is already optimized; optimize the original (its .original) instead")
     if isinstance(target, torch.nn.Module):
         return OptimizedModule(target, cfg)
-    if callable(target) and (inspect.isfunction(target) or inspect.ismethod(target) or callable(target)):
-        if isinstance(target, type):
-            raise TypeError(f"optimize() takes a model instance or a function, not the class {target.__name__}; instantiate it first")
+    if isinstance(target, type):
+        raise TypeError(f"optimize() takes a model instance or a function, not the class {target.__name__}; instantiate it first")
+    if callable(target):
         return OptimizedFunction(target, cfg)
     raise TypeError(f"optimize() takes an nn.Module or a callable, got {type(target).__name__}")
 
@@ -238,6 +239,6 @@ def explain(target: Callable[..., Any] | torch.nn.Module, *args: Any, config: Co
     report = backend.start_report()
     _mark_sequence_dynamic(cfg, args, kwargs)
     compiled = torch.compile(target, backend=backend)
-    with torch.no_grad():
+    with torch.no_grad(), capture_context(cfg):
         compiled(*args, **kwargs)
     return report

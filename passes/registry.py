@@ -22,6 +22,8 @@ _REGISTRY: list[tuple[int, int, str, Callable[[], "Pass"]]] = []
 # stays cheap and a pass module can import the kernels it needs.
 _BUILTIN_MODULES: tuple[str, ...] = (
     "longctx_compiler.passes.attention",
+    "longctx_compiler.passes.scan_to_selective_scan",
+    "longctx_compiler.passes.adjoint_sharded_scan",
 )
 
 
