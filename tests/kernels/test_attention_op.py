@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import pytest
@@ -15,6 +16,7 @@ from longctx_compiler.kernels.attention import (
     chunked_attention_backward,
     chunked_attention_forward,
 )
+from longctx_compiler.kernels.attention import chunked as attn_chunked
 from longctx_compiler.kernels.attention import op as attn_op
 from longctx_compiler.kernels.attention.reference import attention_reference_with_lse
 from longctx_compiler.runtime import get_default_pool
@@ -42,6 +44,17 @@ def attention_cases(draw, max_len: int = 24):
     )
 
 
+@contextlib.contextmanager
+def cpu_path(use_kernel: bool):
+    """Run the CPU implementation through ATen's flash kernel per chunk pair, or the generic path."""
+    saved = attn_chunked.USE_CPU_KERNEL
+    attn_chunked.USE_CPU_KERNEL = use_kernel
+    try:
+        yield
+    finally:
+        attn_chunked.USE_CPU_KERNEL = saved
+
+
 def _inputs(c, dtype):
     q = make_tensor((c["B"], c["Hq"], c["T"], c["D"]), seed=c["seed"], dtype=dtype, requires_grad=True)
     k = make_tensor((c["B"], c["Hkv"], c["S"], c["D"]), seed=c["seed"] + 1, dtype=dtype, requires_grad=True)
@@ -57,8 +70,13 @@ def _out_and_grads(fn, q, k, v):
 
 
 @settings(deadline=None, max_examples=25)
-@given(c=attention_cases(), offload=st.booleans())
-def test_float64_exact_against_reference(c, offload):
+@given(c=attention_cases(), offload=st.booleans(), kernel=st.booleans())
+def test_float64_exact_against_reference(c, offload, kernel):
+    with cpu_path(kernel):
+        _check_float64_exact(c, offload)
+
+
+def _check_float64_exact(c, offload):
     q, k, v = _inputs(c, torch.float64)
     ref = _out_and_grads(lambda q, k, v: attention_reference(q, k, v, causal=c["causal"], scale=c["scale"]), q, k, v)
     got = _out_and_grads(
@@ -70,8 +88,13 @@ def test_float64_exact_against_reference(c, offload):
 
 
 @settings(deadline=None, max_examples=20)
-@given(c=attention_cases(), dtype=strategies.low_precision_dtypes(include_bf16=True))
-def test_low_precision_dtype_rule(c, dtype):
+@given(c=attention_cases(), dtype=strategies.low_precision_dtypes(include_bf16=True), kernel=st.booleans())
+def test_low_precision_dtype_rule(c, dtype, kernel):
+    with cpu_path(kernel):
+        _check_low_precision(c, dtype)
+
+
+def _check_low_precision(c, dtype):
     q64, k64, v64 = _inputs(c, torch.float64)
     q, k, v = _inputs(c, dtype)
     ref = _out_and_grads(lambda q, k, v: attention_reference(q, k, v, causal=c["causal"], scale=c["scale"]), q64, k64, v64)
