@@ -10,7 +10,7 @@ config with random weights, the data is generated). It
 4. prints the rewrite report and writes its drawing (DOT, and SVG when Graphviz is present).
 
     python examples/train_long_context.py                       # defaults
-    python examples/train_long_context.py --seq-len 8192 --offload --steps 20
+    python examples/train_long_context.py --seq-len 8192 --no-offload --steps 20
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=512, help="attention chunk (tokens)")
-    p.add_argument("--offload", action="store_true", help="keep attention tensors on the host between forward and backward")
+    p.add_argument("--no-offload", dest="offload", action="store_false",
+                   help="keep attention tensors on the device between forward and backward (default: host pool)")
     p.add_argument("--backend", default="inductor", choices=lc.config.BACKENDS)
     p.add_argument("--out", default="out/demo", help="path prefix for the drawing and the JSON summary")
     p.add_argument("--seed", type=int, default=0)

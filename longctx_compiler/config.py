@@ -49,13 +49,17 @@ class AttentionConfig:
             O(chunk_size²) per head instead of O(T²); on a GPU, chunks of 8K-64K tokens hide
             host transfers behind compute.
         offload: keep each layer's q/k/v/output/log-sum-exp in pinned host memory between
-            forward and backward (prefetched back chunk by chunk).
+            forward and backward (prefetched back chunk by chunk). On by default: fused
+            SDPA kernels already avoid the ``[T, T]`` matrix and save exactly q/k/v/out/lse,
+            so moving those to the host is where chunked attention saves device memory.
+            Turn it off when host memory is scarce; hand-written attention (which
+            materialises ``[T, T]``) still gains without it.
         host_pool_bytes: upper bound on host memory the offload pool may hold (None: no bound).
     """
 
     enabled: bool = True
     chunk_size: int = 1024
-    offload: bool = False
+    offload: bool = True
     host_pool_bytes: int | None = None
 
     def __post_init__(self) -> None:

@@ -33,7 +33,7 @@ def test_cli_rejects_bad_factory(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_and_reports(tmp_path):
     res = run([str(ROOT / "examples" / "train_long_context.py"), "--backend", "aot_eager", "--seq-len", "256",
-               "--steps", "2", "--chunk-size", "64", "--offload", "--out", str(tmp_path / "demo")], tmp_path)
+               "--steps", "2", "--chunk-size", "64", "--out", str(tmp_path / "demo")], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "demo.json").read_text())
     assert len(summary["report"]["rewrites"]) == 2

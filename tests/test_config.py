@@ -40,7 +40,7 @@ def test_invalid_values_raise_clear_errors(build, error, words):
 
 def test_replace_updates_nested_fields():
     cfg = Config().replace(attention={"chunk_size": 64}, backend="aot_eager")
-    assert cfg.attention.chunk_size == 64 and cfg.attention.offload is False
+    assert cfg.attention.chunk_size == 64 and cfg.attention.offload is True
     assert cfg.backend == "aot_eager"
     assert SSMConfig(mode="truncated", window=16).window == 16
 

@@ -35,7 +35,7 @@ def ids_for(t, seed, batch=2):
 
 
 def optimized(model, **attention):
-    return lc.optimize(model, backend="aot_eager", strict=True, attention={"chunk_size": 8, **attention})
+    return lc.optimize(model, backend="aot_eager", strict=True, attention={"chunk_size": 8, "offload": False, **attention})
 
 
 @pytest.mark.parametrize("attn, rtol", [("sdpa", EXACT_RTOL), ("eager", 1e-5)])

@@ -13,7 +13,7 @@ from longctx_compiler.testing import EXACT_RTOL, assert_within_dtype_rule, make_
 
 
 def opt(fn, chunk=4, **kw):
-    return lc.optimize(fn, backend="aot_eager", strict=True, attention={"chunk_size": chunk}, sequence_dim=2, **kw)
+    return lc.optimize(fn, backend="aot_eager", strict=True, attention={"chunk_size": chunk, "offload": False}, sequence_dim=2, **kw)
 
 
 def qkv(b, hq, hkv, t, d, seed, dtype=torch.float64):
