@@ -80,7 +80,27 @@ class _Compiled:
         return out
 
 
-class OptimizedModule(torch.nn.Module):
+class _Views:
+    """What both wrappers show the user: the latest report, the config, the compile count."""
+
+    _lc: _Compiled
+
+    @property
+    def report(self) -> RewriteReport:
+        """The :class:`RewriteReport` of the latest compilation."""
+        return self._lc._lc_report
+
+    @property
+    def longctx_config(self) -> Config:
+        return self._lc._lc_config
+
+    @property
+    def compile_count(self) -> int:
+        """Graphs compiled so far (a changed sequence length adds none)."""
+        return self._lc._lc_backend.compile_count
+
+
+class OptimizedModule(_Views, torch.nn.Module):
     """An ``nn.Module`` that runs the wrapped module through the longctx compiler.
 
     It *is* the original module as far as training code can tell: the same parameter
@@ -90,7 +110,7 @@ class OptimizedModule(torch.nn.Module):
 
     Attributes:
         report: the :class:`RewriteReport` of the latest compilation.
-        config: the :class:`Config` in use.
+        longctx_config: the :class:`Config` in use (``config`` stays the wrapped model's).
         compile_count: graphs compiled so far (a changed sequence length adds none).
     """
 
@@ -107,22 +127,10 @@ class OptimizedModule(torch.nn.Module):
 
     # -- what the user inspects -------------------------------------------------------------
     @property
-    def report(self) -> RewriteReport:
-        return self._lc._lc_report
-
-    @property
     def config(self) -> Any:  # type: ignore[override]
         # ``config`` on a Hugging Face model is its model config; keep that meaning.
         inner = self._orig_mod
         return getattr(inner, "config") if hasattr(inner, "config") else self._lc._lc_config
-
-    @property
-    def longctx_config(self) -> Config:
-        return self._lc._lc_config
-
-    @property
-    def compile_count(self) -> int:
-        return self._lc._lc_backend.compile_count
 
     @property
     def original(self) -> torch.nn.Module:
@@ -154,7 +162,7 @@ class OptimizedModule(torch.nn.Module):
         return f"OptimizedModule({self._orig_mod.__class__.__name__}, backend={self._lc._lc_config.backend!r})"
 
 
-class OptimizedFunction:
+class OptimizedFunction(_Views):
     """A function compiled through the longctx compiler; ``.report`` as for modules."""
 
     def __init__(self, fn: Callable[..., Any], config: Config) -> None:
@@ -163,18 +171,6 @@ class OptimizedFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._lc._lc_call(args, kwargs)
-
-    @property
-    def report(self) -> RewriteReport:
-        return self._lc._lc_report
-
-    @property
-    def longctx_config(self) -> Config:
-        return self._lc._lc_config
-
-    @property
-    def compile_count(self) -> int:
-        return self._lc._lc_backend.compile_count
 
 
 def optimize(
