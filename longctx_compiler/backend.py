@@ -18,7 +18,6 @@ import logging
 import warnings
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.fx as fx
 
 from longctx_compiler.config import Config

@@ -38,7 +38,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .reference import accumulation_dtype, validate_qkv
+from .reference import validate_qkv
 
 __all__ = ["triton_attention_forward", "triton_attention_backward", "interpreting"]
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._args import as_grouped, compute_dtype, effective_delta, validate
+from ._args import as_grouped, compute_dtype, validate
 from .chunked import MODES
 
 __all__ = ["selective_scan_triton_fwd", "selective_scan_triton_bwd"]

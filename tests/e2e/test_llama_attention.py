@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import longctx_compiler as lc
+from lm_helpers import ids_for, lm_call, loss_of
 from longctx_compiler.runtime import get_default_pool
 from longctx_compiler.testing import EXACT_RTOL, assert_gradients_match, relative_error
 
@@ -20,18 +21,6 @@ def llama(attn="sdpa", layers=2, dtype=torch.float64, seed=0, **extra):
         num_key_value_heads=2, vocab_size=64, max_position_embeddings=512, attn_implementation=attn, **extra,
     )
     return transformers.LlamaForCausalLM(cfg).to(dtype)
-
-
-def loss_of(out):
-    return out.loss
-
-
-def lm_call(model, ids):
-    return model(ids, labels=ids)
-
-
-def ids_for(t, seed, batch=2):
-    return torch.randint(0, 64, (batch, t), generator=torch.Generator().manual_seed(seed))
 
 
 def optimized(model, **attention):

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import longctx_compiler as lc
+from lm_helpers import ids_for, lm_call, loss_of
 from longctx_compiler.capture import capture_context, captured_functions
 from longctx_compiler.nn import TinyMambaLM
 from longctx_compiler.testing import EXACT_RTOL, assert_gradients_match, relative_error
@@ -25,18 +26,6 @@ def mamba(assoc, dtype=torch.float64, seed=0, layers=2):
         hidden_size=32, state_size=8, num_hidden_layers=layers, vocab_size=64, use_associative_scan=assoc,
     )
     return transformers.MambaForCausalLM(cfg).to(dtype)
-
-
-def loss_of(out):
-    return out.loss
-
-
-def lm_call(model, ids):
-    return model(ids, labels=ids)
-
-
-def ids_for(t, seed, batch=2):
-    return torch.randint(0, 64, (batch, t), generator=torch.Generator().manual_seed(seed))
 
 
 def optimized(model, **ssm):

@@ -20,7 +20,7 @@ from longctx_compiler.kernels.attention import chunked as attn_chunked
 from longctx_compiler.kernels.attention import op as attn_op
 from longctx_compiler.kernels.attention.reference import attention_reference_with_lse
 from longctx_compiler.runtime import get_default_pool
-from longctx_compiler.testing import EXACT_RTOL, assert_exact, assert_within_dtype_rule, make_tensor, strategies
+from longctx_compiler.testing import assert_exact, assert_within_dtype_rule, make_tensor, strategies
 
 
 @st.composite

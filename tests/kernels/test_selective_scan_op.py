@@ -13,7 +13,7 @@ from longctx_compiler.kernels.selective_scan import (
     selective_scan_chunked_fwd,
     selective_scan_reference,
 )
-from longctx_compiler.testing import EXACT_RTOL, assert_exact, assert_within_dtype_rule, make_tensor, strategies
+from longctx_compiler.testing import assert_exact, assert_within_dtype_rule, make_tensor, strategies
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"]
 
