@@ -16,7 +16,7 @@ Schemas::
 ``longctx_compiler.nn.selective_scan_fn`` puts in a captured graph); it runs with
 :data:`DEFAULT_CHUNK`. ``mode`` is ``"exact"`` or ``"truncated"``; ``window`` is the
 truncation window T̄ (ignored, conventionally 0, in exact mode). The forward's inputs and the
-``[B, D, M, N]`` boundary states are all that the registered autograd formula reads, so they
+``[B, D, M·N]`` boundary states (M·N flattened, see ``selective_scan_fwd``) are all that the registered autograd formula reads, so they
 are all AOTAutograd saves. ``boundary_states`` is not differentiable. Gradients of omitted
 optional inputs come back from the bwd op as zeros (a custom op returns a fixed list of
 tensors) and are dropped by the autograd formula.
@@ -69,11 +69,16 @@ def selective_scan_fwd(
     mode: str,
     window: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward: ``(y [B, D, T], final_state [B, D, N], boundary_states [B, D, M, N])``."""
+    """Forward: ``(y [B, D, T], final_state [B, D, N], boundary_states [B, D, M·N])``.
+
+    The boundary states travel flattened over (chunk, state): a separate length-``M`` dim
+    would be 1 for every ``T <= Q``, and shape checks on a size-1 dim make the compiler
+    specialise on it (a second graph for short sequences). ``M·N`` is never 1 for ``N > 1``.
+    """
     fwd, _ = _impl(u.device)
     y, final, boundary = fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size=_chunk(chunk_size))
     # Fresh contiguous outputs: what the fake kernel promises.
-    return y.contiguous(), final.contiguous(), boundary.contiguous()
+    return y.contiguous(), final.contiguous(), boundary.reshape(boundary.shape[0], boundary.shape[1], -1).contiguous()
 
 
 @selective_scan_fwd.register_fake
@@ -86,7 +91,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode,
     cdt = compute_dtype(u, A, D, delta_bias, h0)
     y = u.new_empty(u.shape)
     final = u.new_empty((bsz, dim, dstate), dtype=cdt)
-    boundary = u.new_empty((bsz, dim, nchunks, dstate), dtype=cdt)
+    boundary = u.new_empty((bsz, dim, nchunks * dstate), dtype=cdt)
     return y, final, boundary
 
 
@@ -111,6 +116,8 @@ def selective_scan_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)``, zeros for omitted inputs."""
     _, bwd = _impl(u.device)
+    # [B, D, M·N] as the forward op returned it -> [B, D, M, N] for the kernels.
+    boundary_states = boundary_states.view(boundary_states.shape[0], boundary_states.shape[1], -1, A.shape[1])
     grads = bwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, dy, dfinal,
         chunk_size=_chunk(chunk_size), mode=mode, window=window if mode == "truncated" else None,
