@@ -259,7 +259,7 @@ def chunked_attention_backward(
 # ----------------------------------------------------------------------------------------
 # CPU fast path: the same chunk schedule, each chunk pair computed by ATen's CPU flash
 # attention kernel (vectorised C++, already tiled internally) instead of matmul + exp in
-# Python-level torch ops; about 10-30x faster per pair on CPU. A pair is either fully
+# Python-level torch ops (about 3x faster for T = 2K, chunk 512 on a 2-core CPU). A pair is either fully
 # visible or the aligned diagonal block (T == S, equal chunking), which the kernel's own
 # top-left causal mask covers exactly; anything else uses the generic path above.
 #
