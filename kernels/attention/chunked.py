@@ -29,10 +29,11 @@ from torch import Tensor
 
 from .reference import accumulation_dtype, validate_qkv
 
-__all__ = ["chunked_attention_forward", "chunked_attention_backward", "chunk_pairs", "merge_partial"]
+__all__ = ["chunked_attention_forward", "chunked_attention_backward", "chunk_pairs", "merge_partial", "check_arguments"]
 
 
-def _check_common(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int, name: str) -> float:
+def check_arguments(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int, name: str) -> float:
+    """Validate the arguments shared by every chunked-attention entry point; return the scale."""
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
@@ -138,7 +139,7 @@ def chunked_attention_forward(
         ``out`` ``[B, Hq, T, D]`` in the input dtype and ``lse`` ``[B, Hq, T]`` in the
         accumulation dtype (float32 for 16/32-bit inputs, float64 for float64).
     """
-    scale = _check_common(q, k, v, causal, scale, chunk_size, "chunked_attention_forward")
+    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_forward")
     if _cpu_kernel_applies(q, k, causal):
         return _forward_cpu_kernel(q, k, v, causal, scale, chunk_size)
     B, Hq, T, D = q.shape
@@ -211,7 +212,7 @@ def chunked_attention_backward(
         ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``; ``dq`` is accumulated in
         the accumulation dtype and cast once at the end.
     """
-    scale = _check_common(q, k, v, causal, scale, chunk_size, "chunked_attention_backward")
+    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_backward")
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"chunked_attention_backward: dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if lse.shape != q.shape[:3]:

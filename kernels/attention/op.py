@@ -31,7 +31,6 @@ dropped without backward), so every forward is matched by exactly one release, a
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Optional
 
@@ -41,8 +40,8 @@ from torch import Tensor
 
 from longctx_compiler.runtime.host_pool import get_default_pool
 
-from .chunked import chunked_attention_backward, chunked_attention_forward
-from .reference import accumulation_dtype, validate_qkv
+from .chunked import check_arguments, chunked_attention_backward, chunked_attention_forward
+from .reference import accumulation_dtype
 
 __all__ = ["chunked_attention"]
 
@@ -284,18 +283,11 @@ def chunked_attention(
     Returns:
         ``[B, Hq, T, D]`` in the input dtype. Differentiable in ``q``, ``k``, ``v``.
     """
-    if not isinstance(causal, bool):
-        raise TypeError(f"chunked_attention: causal must be a bool, got {type(causal).__name__}")
     if not isinstance(offload, bool):
         raise TypeError(f"chunked_attention: offload must be a bool, got {type(offload).__name__}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunked_attention: chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunked_attention: chunk_size must be >= 1, got {chunk_size}")
-    validate_qkv(q, k, v, scale=scale, name="chunked_attention")
+    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention")
     if q.is_cuda and q.shape[-1] > 256 and q.dtype != torch.float64:
         raise ValueError(f"chunked_attention: head dim {q.shape[-1]} > 256 is not supported on CUDA")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if offload:
         return chunked_attention_fwd_offload(q, k, v, causal, scale, chunk_size)[0]
     return chunked_attention_fwd(q, k, v, causal, scale, chunk_size)[0]
