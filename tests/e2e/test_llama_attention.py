@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import longctx_compiler as lc
-from lm_helpers import ids_for, lm_call, loss_of
+from lm_helpers import ids_for, lm_call, loss_and_grads, loss_of, worst_gradient_error
 from longctx_compiler.runtime import get_default_pool
-from longctx_compiler.testing import EXACT_RTOL, assert_gradients_match, relative_error
+from longctx_compiler.testing import EXACT_RTOL, assert_gradients_match
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,15 +138,8 @@ def test_inductor_within_twice_plain_compile_error():
     plain.compile(backend="inductor")
     opt = lc.optimize(llama(), attention={"chunk_size": 8})
     ids = ids_for(24, 4)
-
-    def grads(m):
-        m.zero_grad(set_to_none=True)
-        loss = m(ids, labels=ids).loss
-        loss.backward()
-        return [loss.detach()] + [p.grad.clone() for p in m.parameters()]
-
-    ref = grads(eager)
-    plain_err = max(relative_error(a, b) for a, b in zip(grads(plain), ref))
-    ours_err = max(relative_error(a, b) for a, b in zip(grads(opt), ref))
+    ref = loss_and_grads(eager, ids)
+    plain_err = worst_gradient_error(plain, ref, ids)
+    ours_err = worst_gradient_error(opt, ref, ids)
     assert opt.report.count("chunked_attention") == 2
     assert ours_err <= 2 * plain_err + 1e-12, (ours_err, plain_err)
