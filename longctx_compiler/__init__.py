@@ -8,7 +8,7 @@ hands the rest to TorchInductor. ``explain`` shows what would be rewritten; ``vi
 import logging as _logging
 
 from longctx_compiler.api import OptimizedFunction, OptimizedModule, explain, optimize
-from longctx_compiler.config import AttentionConfig, Config, SSMConfig
+from longctx_compiler.config import AttentionConfig, Config, LMLossConfig, SSMConfig
 from longctx_compiler.report import Refusal, Rewrite, RewriteReport
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "Config",
     "AttentionConfig",
     "SSMConfig",
+    "LMLossConfig",
     "RewriteReport",
     "Rewrite",
     "Refusal",

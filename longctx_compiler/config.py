@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["AttentionConfig", "SSMConfig", "Config", "BACKENDS"]
+__all__ = ["AttentionConfig", "SSMConfig", "LMLossConfig", "Config", "BACKENDS"]
 
 #: Backends ``optimize`` can hand the rewritten graph to.
 #: ``"inductor"`` generates code (Triton on GPU, C++ on CPU); ``"aot_eager"`` runs the same
@@ -84,12 +84,17 @@ class SSMConfig:
             (the paper's truncated adjoint: each output's gradient reaches back only
             ``window`` steps through the state; biased, opt-in by name only).
         window: the truncation window T̄ (required with ``mode="truncated"``, refused otherwise).
+        recompute_blocks: recompute the token-wise work of every block that holds a rewritten
+            scan (norm, projections, convolution, gate) in backward instead of saving it, so
+            a block keeps only its input for backward (O(T·hidden) per layer instead of about
+            ten ``[T, D_inner]`` activations). Costs one extra forward of those blocks.
     """
 
     enabled: bool = True
     chunk_size: int = 256
     mode: str = "exact"
     window: int | None = None
+    recompute_blocks: bool = True
 
     def __post_init__(self) -> None:
         _check_bool("SSMConfig", "enabled", self.enabled)
@@ -102,6 +107,26 @@ class SSMConfig:
             _check_positive_int("SSMConfig", "window", self.window)
         elif self.window is not None:
             raise ValueError('SSMConfig.window only applies to mode="truncated"; exact mode has no window')
+        _check_bool("SSMConfig", "recompute_blocks", self.recompute_blocks)
+
+
+@dataclass(frozen=True)
+class LMLossConfig:
+    """Sequence-tiled language-model head + cross-entropy.
+
+    Attributes:
+        enabled: run the LM-loss rewrite at all.
+        chunk_size: tokens per tile. The loss is computed tile by tile from the hidden
+            states and the head weight, so backward never holds ``[T, vocab]`` logits or
+            their gradient: O(chunk_size · vocab) working memory instead of O(T · vocab).
+    """
+
+    enabled: bool = True
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_bool("LMLossConfig", "enabled", self.enabled)
+        _check_positive_int("LMLossConfig", "chunk_size", self.chunk_size)
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,7 @@ class Config:
     Attributes:
         attention: :class:`AttentionConfig`.
         ssm: :class:`SSMConfig`.
+        lm_loss: :class:`LMLossConfig`.
         backend: ``"inductor"`` (default) or ``"aot_eager"`` (same passes, no code generation).
         strict: raise when a pass fails instead of falling back to the un-rewritten graph.
         sequence_dim: the dimension of tensor inputs that is the sequence (1 for ``[B, T]``
@@ -122,6 +148,7 @@ class Config:
 
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     ssm: SSMConfig = field(default_factory=SSMConfig)
+    lm_loss: LMLossConfig = field(default_factory=LMLossConfig)
     backend: str = "inductor"
     strict: bool = False
     sequence_dim: int | None = 1
@@ -129,7 +156,7 @@ class Config:
 
     def __post_init__(self) -> None:
         # Sub-configs may be given as mappings for convenience: Config(attention={"chunk_size": 64}).
-        for name, cls in (("attention", AttentionConfig), ("ssm", SSMConfig)):
+        for name, cls in (("attention", AttentionConfig), ("ssm", SSMConfig), ("lm_loss", LMLossConfig)):
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 object.__setattr__(self, name, _build(cls, value, f"Config.{name}"))
