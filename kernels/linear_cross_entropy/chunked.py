@@ -1,0 +1,110 @@
+"""Sequence-tiled LM head + cross-entropy in plain torch: the implementation of the op.
+
+Shapes (see ``reference.py``): ``h [N, H]``, ``weight [V, H]``, ``bias [V]`` or None,
+``labels [N]`` int64, optional precomputed ``logits [N, V]``; ``lse [N]`` in the
+accumulation dtype (float32, float64 for float64 inputs).
+
+Memory: the largest temporaries are one tile's logits and their gradient, ``[C, V]`` in the
+accumulation dtype for ``C = chunk_size`` tokens, plus the ``[V, H]`` weight-gradient
+accumulator; never ``[N, V]``. The Python loops run ``⌈N / C⌉`` iterations; everything inside
+a tile is vectorised (two matmuls, a log-sum-exp, a gather and a scatter).
+
+Numerics: tile logits are ``F.linear`` in the input dtype, then upcast, exactly as
+``transformers`` computes logits before its ``.float()``; a forward given precomputed logits
+and a forward computing them itself therefore see the same numbers, and backward recomputes
+the same tile logits it used. The loss sum is accumulated in float64 (a scalar), the weight and
+bias gradients in the accumulation dtype across tiles (cast to the weight's dtype at the end);
+``dh`` is written tile by tile, its matmul run in the weight's dtype like the original
+``linear``'s backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import accumulation_dtype
+
+__all__ = ["linear_cross_entropy_forward", "linear_cross_entropy_backward", "tiles"]
+
+
+def tiles(n: int, chunk_size: int):
+    """``(start, end)`` of each tile of ``chunk_size`` rows covering ``range(n)``."""
+    for s in range(0, n, chunk_size):
+        yield s, min(s + chunk_size, n)
+
+
+def _tile_logits(h: Tensor, weight: Tensor, bias: Tensor | None, s: int, e: int, acc: torch.dtype) -> Tensor:
+    return F.linear(h[s:e], weight, bias).to(acc)
+
+
+def linear_cross_entropy_forward(
+    h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, logits: Tensor | None,
+    ignore_index: int, reduction: str, chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """``(loss, lse)``: the scalar loss and the per-token log-sum-exp ``[N]``, tile by tile.
+
+    ``logits`` (``[N, V]``), when given, are the already-computed ``F.linear(h, weight, bias)``
+    and are read tile by tile instead of multiplying again; they carry no gradient.
+    """
+    acc = accumulation_dtype(h.dtype)
+    n = h.shape[0]
+    lse = torch.empty((n,), dtype=acc, device=h.device)
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    for s, e in tiles(n, chunk_size):
+        z = logits[s:e].to(acc) if logits is not None else _tile_logits(h, weight, bias, s, e, acc)
+        y = labels[s:e]
+        valid = y != ignore_index
+        lse_t = torch.logsumexp(z, dim=-1)
+        target = z.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
+        total += torch.where(valid, lse_t - target, 0).sum(dtype=torch.float64)
+        lse[s:e] = lse_t
+    if reduction == "mean":
+        # 0 / 0 = NaN when every label is ignored, as F.cross_entropy gives.
+        total = total / (labels != ignore_index).sum()
+    return total.to(acc), lse
+
+
+def linear_cross_entropy_backward(
+    dloss: Tensor | None, dlse: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+    lse: Tensor, ignore_index: int, reduction: str, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(dh, dweight, dbias)`` from the loss cotangent (and an optional ``lse`` cotangent).
+
+    Per tile, with ``P = exp(z − lse)`` from the recomputed logits ``z``::
+
+        dz = c_i · (P − onehot(y_i))   (+ dlse_i · P)
+
+    where ``c_i`` is the loss cotangent (divided by the number of non-ignored tokens for
+    ``"mean"``) and ``0`` for ignored tokens, so no NaN appears even when every label is
+    ignored (``F.cross_entropy``'s gradient is zero there too).
+    """
+    acc = accumulation_dtype(h.dtype)
+    n, V = h.shape[0], weight.shape[0]
+    valid_all = labels != ignore_index
+    if dloss is None:
+        g = torch.zeros((), dtype=acc, device=h.device)
+    else:
+        g = dloss.to(acc)
+    if reduction == "mean":
+        # inf when nothing is valid; masked to 0 below for every (ignored) row.
+        g = g / valid_all.sum().to(acc)
+    dh = torch.empty_like(h)
+    dw = torch.zeros((V, h.shape[1]), dtype=acc, device=h.device)
+    db = torch.zeros((V,), dtype=acc, device=h.device) if bias is not None else None
+    for s, e in tiles(n, chunk_size):
+        z = _tile_logits(h, weight, bias, s, e, acc)
+        y = labels[s:e]
+        valid = valid_all[s:e]
+        p = torch.exp(z - lse[s:e].unsqueeze(1))
+        coef = torch.where(valid, g, torch.zeros((), dtype=acc, device=h.device))
+        dz = p * coef.unsqueeze(1)
+        dz.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -coef.unsqueeze(1))
+        if dlse is not None:
+            dz += p * dlse[s:e].to(acc).unsqueeze(1)
+        dh[s:e] = torch.matmul(dz.to(weight.dtype), weight).to(h.dtype)
+        dw.addmm_(dz.t(), h[s:e].to(acc))
+        if db is not None:
+            db += dz.sum(0)
+    return dh, dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
