@@ -86,13 +86,35 @@ class LongctxBackend:
     def _delegate(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         if not self.compile:
             return gm.forward
-        if self.config.backend == "inductor":
-            from torch._inductor.compile_fx import compile_fx
+        with _quiet_checkpoint_policy_warning():
+            if self.config.backend == "inductor":
+                from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(gm, list(example_inputs))
-        from torch._dynamo.backends.registry import lookup_backend
+                return compile_fx(gm, list(example_inputs))
+            from torch._dynamo.backends.registry import lookup_backend
 
-        return lookup_backend("aot_eager")(gm, list(example_inputs))
+            return lookup_backend("aot_eager")(gm, list(example_inputs))
+
+
+class _quiet_checkpoint_policy_warning(logging.Filter):
+    """Drops torch's "context_fn is passed to torch.utils.checkpoint" warning while we compile.
+
+    The warning asks the author of a checkpoint region with a selective policy to make sure
+    the region has no in-place ops. Our regions are built by
+    :mod:`longctx_compiler.passes.recompute_ssm_blocks`, which refuses blocks with in-place
+    ops, so the warning would only tell the user about a check we already made.
+    """
+
+    _logger = logging.getLogger("torch._higher_order_ops.wrap")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "context_fn is passed to torch.utils.checkpoint" not in record.getMessage()
+
+    def __enter__(self) -> None:
+        self._logger.addFilter(self)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeFilter(self)
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
