@@ -1,0 +1,441 @@
+"""LM head + cross-entropy → sequence-tiled ``longctx::linear_cross_entropy``.
+
+The spelling of ``transformers``' causal LMs (``ForCausalLMLoss``: logits upcast, labels
+padded and shifted, ``fixed_cross_entropy``)::
+
+    before:  logits = linear(h, W)                    # [B, T, V]   (also returned)
+             x = logits.float().view(-1, V)           # [B·T, V]    float32 copy
+             loss = cross_entropy(x, labels, ignore_index=-100, reduction="mean")
+    after:   logits = linear(h, W)                    # kept only for its other users
+             res = longctx.linear_cross_entropy_fwd(h.reshape(-1, H), W, None, labels,
+                                                    logits.detach().view(-1, V), -100, "mean", C)
+             loss = res[0].to(float32)
+
+When nothing else uses the logits, the ``linear`` disappears and the op gets no logits: it
+computes them tile by tile itself, so the ``[B·T, V]`` logits never exist. When something
+does (``transformers`` returns them), the op reads the already-computed logits for its
+forward value (no second matmul); either way its backward recomputes each tile's logits
+from ``h`` and ``W`` and saves only ``h, W, bias, labels`` and the per-token log-sum-exp:
+nothing ``[B·T, V]`` (logits, log-softmax, their gradient) is kept for backward.
+
+Recognised between the head and the loss (in any order): dtype casts to a float type
+(``.float()``, ``.to(float32)``, ...), ``.contiguous()``, reshapes that keep the vocabulary as
+the last dimension (``view(-1, V)``, ``flatten``), and basic indexing that leaves the
+vocabulary dimension alone — the classic shift ``logits[..., :-1, :]`` — which is replayed on
+``h`` (a row of logits depends on the same row of ``h`` only). The head is ``linear(h, W[, b])``
+or ``h @ M`` with a 2-D ``M`` (``h @ W.T``: then ``W = Mᵀ``). A reduction ``"sum"`` followed
+by a division (``num_items_in_batch``) keeps the division in the graph.
+
+What makes the rewrite exact (refused otherwise, with the reason): plain class-index targets
+(int64), no class weights, ``label_smoothing == 0``, reduction ``"mean"`` or ``"sum"``,
+nothing else between the head and the loss (a soft-capping ``tanh``, a scale, a mask...),
+the logits never modified in place, ``h``/``W``/bias of one float dtype equal to the head's
+output dtype (so no autocast region), a static vocabulary and hidden size.
+
+Precision: the op computes each tile's logits with ``F.linear`` in the input dtype, then in
+float32 (float64 for float64 inputs) — at least the precision of ``.float()`` followed by the
+loss; for a float64 model whose ``.float()`` rounds the logits *down* to float32 the op stays
+in float64 and its loss is cast to the original (float32) loss dtype.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+# Importing the kernels registers the torch.library ops the rewrite inserts.
+import longctx_compiler.kernels.linear_cross_entropy  # noqa: F401
+from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
+from longctx_compiler.passes.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value
+from longctx_compiler.passes.registry import register_pass
+
+__all__ = ["TiledLMLossPass"]
+
+OP = torch.ops.longctx.linear_cross_entropy_fwd.default
+
+_CROSS_ENTROPY = (F.cross_entropy, torch.nn.functional.cross_entropy)
+_LINEAR = (F.linear, torch._C._nn.linear)
+_MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
+_CASTS = ("to", "type", "float", "double", "half", "bfloat16", "long", "int", "short", "bool", "char", "byte")
+_RESHAPES = (torch.reshape, "view", "reshape")
+_FLATTEN = (torch.flatten, "flatten")
+_TRANSPOSE_2D = ("t", torch.t)
+# Users through which a tensor is still the same memory (for the in-place check).
+_ALIASING_METHODS = {
+    "view", "reshape", "contiguous", "to", "type", "float", "double", "half", "bfloat16", "flatten", "transpose", "t",
+    "permute", "expand", "expand_as", "squeeze", "unsqueeze", "narrow", "select", "split", "chunk", "unbind",
+    "as_strided", "detach", "view_as", "reshape_as", "unflatten", "movedim", "swapaxes", "swapdims", "unfold",
+    "diagonal", "real", "imag",
+}
+_ALIASING_FUNCTIONS = {
+    operator.getitem, torch.reshape, torch.flatten, torch.transpose, torch.t, torch.permute, torch.squeeze,
+    torch.unsqueeze, torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.as_strided,
+    torch.detach, torch.movedim, torch.swapaxes, torch.diagonal, getattr,
+}
+_INPLACE_OPERATORS = {
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# How far past an unrecognised op we look for an LM head before deciding the loss is not ours.
+_LOOKBACK = 6
+
+
+@register_pass("rewrite", order=100)
+class TiledLMLossPass(Pass):
+    """``cross_entropy(linear(h, W, b) [cast/view/shift], labels)`` → ``longctx::linear_cross_entropy_fwd``."""
+
+    name = "tiled_lm_loss"
+    kind = "linear+cross_entropy -> linear_cross_entropy"
+
+    def enabled(self, ctx: PassContext) -> bool:
+        return ctx.config.lm_loss.enabled
+
+    def kind_of(self, match: Match) -> str:
+        kept = " (logits kept)" if match.data.get("logits_kept") else ""
+        return f"{match.data['head_kind']}+cross_entropy -> linear_cross_entropy{kept}"
+
+    def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
+        d = match.data
+        return {
+            "chunk_size": ctx.config.lm_loss.chunk_size,
+            "reduction": d.get("reduction"),
+            "ignore_index": d.get("ignore_index"),
+            "vocab": d.get("V"),
+            "hidden": d.get("H"),
+            "bias": d.get("bias") is not None,
+            "logits_kept": d.get("logits_kept"),
+            "shift_slice": any(kind == "index" for _, kind in d.get("steps", ())),
+            "saved": "h, weight, bias, labels, lse [N]",
+        }
+
+    # -- match ------------------------------------------------------------------------------
+    def match(self, gm: fx.GraphModule, ctx: PassContext) -> Iterable[Match]:
+        for node in gm.graph.nodes:
+            if is_call(node, *_CROSS_ENTROPY):
+                m = self._match_loss(node)
+                if m is not None:
+                    yield m
+
+    def _match_loss(self, ce: fx.Node) -> Match | None:
+        """Walk back from the loss's input through casts/reshapes/indexing to the head."""
+        steps: list[tuple[fx.Node, str]] = []
+        cur = arg(ce, 0, "input")
+        while isinstance(cur, fx.Node) and _head_kind(cur) is None:
+            kind = _step_kind(cur)
+            if kind is None:
+                head = _find_head_upstream(cur)
+                if head is None:
+                    # No LM head in sight: some other loss, not ours to judge.
+                    return None
+                what = cur.target if cur.op == "call_method" else getattr(cur.target, "__name__", str(cur.target))
+                return Match(
+                    anchor=head, nodes=[ce, *[n for n, _ in steps], cur],
+                    data={"refuse": f"`{what}` ({cur.name}) between the LM head ({head.name}) and the loss: only casts, "
+                                    "reshapes and slicing are exact to move into the tiled loss (soft-capping or scaling is not)"},
+                )
+            steps.append((cur, kind))
+            cur = cur.args[0]
+        if not isinstance(cur, fx.Node):
+            return None
+        head = cur
+        data = {"ce": ce, "head": head, "head_kind": _head_kind(head), "steps": list(reversed(steps))}
+        return Match(anchor=head, nodes=[ce, *[n for n, _ in steps], head], data=data)
+
+    # -- check -------------------------------------------------------------------------------
+    def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
+        d = match.data
+        if "refuse" in d:
+            raise CantApply(d["refuse"])
+        ce, head = d["ce"], d["head"]
+        self._check_loss_arguments(ce, d)
+        self._check_head(head, d)
+        V, H = d["V"], d["H"]
+
+        labels = example_value(d["labels"])
+        if not isinstance(labels, torch.Tensor):
+            raise CantApply("the labels are not a tensor")
+        if labels.dtype.is_floating_point:
+            raise CantApply("soft (probability) targets: only class-index labels are supported")
+        if labels.dtype != torch.int64 or labels.dim() != 1:
+            raise CantApply(f"labels must be 1-D int64 class indices, got {labels.dim()}-D {labels.dtype}")
+        x = example_value(arg(ce, 0, "input"))
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise CantApply("the loss's input is not 2-D [tokens, vocab] (class dimension elsewhere)")
+        if not x.dtype.is_floating_point:
+            raise CantApply(f"the loss's input has non-float dtype {x.dtype}")
+
+        prev = example_value(head)
+        for node, kind in d["steps"]:
+            out = example_value(node)
+            if not isinstance(out, torch.Tensor):
+                raise CantApply(f"unknown value for {node.name}")
+            if kind == "cast":
+                if out.dtype not in _FLOATS:
+                    raise CantApply(f"the logits are cast to the non-float dtype {out.dtype} ({node.name})")
+                if out.device != prev.device or out.shape != prev.shape:
+                    raise CantApply(f"{node.name} moves the logits to another device or changes their shape")
+            elif kind == "index":
+                _check_index(node, prev)
+            elif kind == "reshape":
+                shape = _reshape_args(node)
+                if shape is None or not all(isinstance(s, (int, fx.Node)) for s in shape):
+                    raise CantApply(f"{node.name} is not a plain reshape")
+            elif kind == "flatten":
+                _check_flatten(node, prev)
+            if out.dim() == 0 or not _same_size(out.shape[-1], V) or not _same_size(prev.shape[-1], V):
+                raise CantApply(f"{node.name} does not keep the vocabulary ({V}) as the last dimension")
+            prev = out
+
+        _check_no_inplace(head)
+        d["removed"] = _removable(ce, [n for n, _ in reversed(d["steps"])] + [head])
+        d["logits_kept"] = head not in d["removed"]
+        # The report's "nodes replaced": what actually disappears.
+        match.nodes = [n for n in match.nodes if n in d["removed"]]
+
+    def _check_loss_arguments(self, ce: fx.Node, d: dict) -> None:
+        if arg(ce, 2, "weight") is not None:
+            raise CantApply("class weights: the tiled loss computes the unweighted cross-entropy")
+        if arg(ce, 3, "size_average") is not None or arg(ce, 5, "reduce") is not None:
+            raise CantApply("legacy size_average/reduce arguments")
+        reduction = arg(ce, 6, "reduction", "mean")
+        if reduction not in ("mean", "sum"):
+            raise CantApply(f"reduction={reduction!r}: per-token losses are [tokens] and leave nothing to tile away (use 'mean' or 'sum')")
+        smoothing = arg(ce, 7, "label_smoothing", 0.0)
+        if not isinstance(smoothing, (int, float)) or smoothing != 0:
+            raise CantApply(f"label_smoothing={smoothing!r}: only the plain cross-entropy is implemented")
+        ignore_index = arg(ce, 4, "ignore_index", -100)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise CantApply("ignore_index is only known at run time")
+        d.update(reduction=reduction, ignore_index=ignore_index, labels=arg(ce, 1, "target"))
+
+    def _check_head(self, head: fx.Node, d: dict) -> None:
+        if d["head_kind"] == "linear":
+            h, w, b = head.args[0], arg(head, 1, "weight"), arg(head, 2, "bias")
+            wt = None
+        else:
+            h, m = head.args[0], head.args[1]
+            b = None
+            w, wt = _untranspose(m), None
+            if w is None:
+                w, wt = None, m
+        hv, outv = example_value(h), example_value(head)
+        wv = example_value(w if w is not None else wt)
+        bv = example_value(b)
+        if not all(isinstance(t, torch.Tensor) for t in (hv, wv, outv)) or (b is not None and not isinstance(bv, torch.Tensor)):
+            raise CantApply("unknown values for the LM head's operands")
+        if hv.dtype not in _FLOATS:
+            raise CantApply(f"the hidden states have non-float dtype {hv.dtype}")
+        if hv.dim() < 2 or wv.dim() != 2:
+            raise CantApply(f"the head is not [.., H] x [V, H] (got {hv.dim()}-D hidden states, {wv.dim()}-D weight)")
+        dtypes = {hv.dtype, wv.dtype, outv.dtype} | ({bv.dtype} if b is not None else set())
+        if len(dtypes) != 1:
+            raise CantApply(f"mixed dtypes in the LM head ({sorted(map(str, dtypes))}): autocast or a cast inside the head")
+        V, H = (wv.shape[1], wv.shape[0]) if wt is not None else (wv.shape[0], wv.shape[1])
+        if isinstance(V, torch.SymInt) or isinstance(H, torch.SymInt):
+            raise CantApply("the vocabulary or hidden size is dynamic")
+        if b is not None and (bv.dim() != 1 or bv.shape[0] != V):
+            raise CantApply(f"a bias of shape {tuple(bv.shape)} is not [V] = [{V}]")
+        if not _same_size(hv.shape[-1], H) or not _same_size(outv.shape[-1], V):
+            raise CantApply("the LM head's shapes do not line up")
+        d.update(h=h, weight=w, weight_t=wt, bias=b, V=int(V), H=int(H))
+
+    # -- apply -------------------------------------------------------------------------------
+    def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
+        d = match.data
+        graph = gm.graph
+        ce, head = d["ce"], d["head"]
+        before = set(graph.nodes)
+        with graph.inserting_before(ce):
+            weight = d["weight"] if d["weight"] is not None else insert_call(graph, torch.t, (d["weight_t"],))
+            h = _replay(graph, d["h"], d["steps"], d["H"])
+            logits = None
+            if d["logits_kept"]:
+                logits = _replay(graph, insert_call(graph, torch.detach, (head,)), d["steps"], d["V"])
+            res = insert_call(graph, OP, (h, weight, d["bias"], d["labels"], logits, d["ignore_index"], d["reduction"], ctx.config.lm_loss.chunk_size))
+            loss = getitem(graph, res, 0)
+            want = example_value(ce)
+            if isinstance(want, torch.Tensor) and example_value(loss).dtype != want.dtype:
+                loss = graph.call_method("to", (loss, want.dtype))
+                propagate_example_value(loss)
+        ce.replace_all_uses_with(loss)
+        for n in d["removed"]:
+            if not n.users:
+                graph.erase_node(n)
+        return [n for n in graph.nodes if n not in before]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _head_kind(node: fx.Node) -> str | None:
+    if is_call(node, *_LINEAR):
+        return "linear"
+    if is_call(node, *_MATMUL) and len(node.args) == 2:
+        m = example_value(node.args[1])
+        if isinstance(m, torch.Tensor) and m.dim() == 2:
+            return "matmul"
+    return None
+
+
+def _step_kind(node: fx.Node) -> str | None:
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_method" and node.target in _CASTS:
+        return "cast"
+    if node.op == "call_method" and node.target == "contiguous":
+        return "contiguous"
+    if is_call(node, operator.getitem):
+        return "index"
+    if is_call(node, *_RESHAPES):
+        return "reshape"
+    if is_call(node, *_FLATTEN):
+        return "flatten"
+    return None
+
+
+def _find_head_upstream(node: fx.Node) -> fx.Node | None:
+    frontier, seen = [node], set()
+    for _ in range(_LOOKBACK):
+        nxt = []
+        for n in frontier:
+            for a in n.all_input_nodes:
+                if a in seen:
+                    continue
+                seen.add(a)
+                if _head_kind(a) is not None:
+                    return a
+                nxt.append(a)
+        frontier = nxt
+    return None
+
+
+def _untranspose(m: fx.Node) -> fx.Node | None:
+    """``W`` when ``m`` is ``W.T`` / ``W.t()`` / ``W.transpose(0, 1)`` of a 2-D ``W``, else None."""
+    if not isinstance(m, fx.Node):
+        return None
+    base = None
+    if is_call(m, *_TRANSPOSE_2D):
+        base = m.args[0]
+    elif is_call(m, getattr) and m.args[1] in ("T", "mT"):
+        base = m.args[0]
+    elif is_call(m, "transpose", torch.transpose) and sorted(d % 2 for d in m.args[1:3] if isinstance(d, int)) == [0, 1]:
+        base = m.args[0]
+    elif is_call(m, "permute", torch.permute) and tuple(m.args[1:] if len(m.args) > 2 else m.args[1]) in ((1, 0), (-1, -2), (1, -2), (-1, 0)):
+        base = m.args[0]
+    bv = example_value(base)
+    return base if isinstance(bv, torch.Tensor) and bv.dim() == 2 else None
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b)) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else a == b
+
+
+def _reshape_args(node: fx.Node) -> tuple | None:
+    if "shape" in node.kwargs or "size" in node.kwargs:
+        shape = node.kwargs.get("shape", node.kwargs.get("size"))
+    elif len(node.args) == 2 and isinstance(node.args[1], (tuple, list, torch.Size)):
+        shape = node.args[1]
+    else:
+        shape = node.args[1:]
+    return tuple(shape) if len(shape) else None
+
+
+def _flatten_dims(node: fx.Node, rank: int) -> tuple[int, int]:
+    start = arg(node, 1, "start_dim", 0)
+    end = arg(node, 2, "end_dim", -1)
+    if not isinstance(start, int) or not isinstance(end, int):
+        raise CantApply(f"{node.name}: flatten dims only known at run time")
+    return start % rank if rank else 0, end % rank if rank else 0
+
+
+def _check_flatten(node: fx.Node, prev: torch.Tensor) -> None:
+    _, end = _flatten_dims(node, prev.dim())
+    if end == prev.dim() - 1:
+        raise CantApply(f"{node.name} flattens the vocabulary dimension")
+
+
+def _check_index(node: fx.Node, prev: torch.Tensor) -> None:
+    """Basic indexing (ints, slices, ``...``) that leaves the last (vocabulary) dim whole."""
+    idx = node.args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    for i in idx:
+        basic = i is Ellipsis or isinstance(i, (int, slice)) or (isinstance(i, fx.Node) and isinstance(example_value(i), (int, torch.SymInt)))
+        if not basic:
+            raise CantApply(f"{node.name}: indexing of the logits with {type(i).__name__} (only ints, slices and ... are replayed on h)")
+    if sum(i is Ellipsis for i in idx) > 1:
+        raise CantApply(f"{node.name}: more than one Ellipsis")
+    full = slice(None, None, None)
+    if Ellipsis in idx:
+        after = idx[idx.index(Ellipsis) + 1:]
+        last = after[-1] if after else full
+    else:
+        last = idx[-1] if len(idx) == prev.dim() else full
+    if not (isinstance(last, slice) and last == full):
+        raise CantApply(f"{node.name}: the indexing selects vocabulary entries ({last!r})")
+
+
+def _check_no_inplace(head: fx.Node) -> None:
+    """Refuse when the logits (or any view of them) are modified in place anywhere."""
+    todo, seen = [head], {head}
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if _is_inplace(u, n):
+                what = u.target if u.op == "call_method" else getattr(u.target, "__name__", str(u.target))
+                raise CantApply(f"the logits are modified in place by `{what}` ({u.name}): the tiled loss recomputes them from h and W")
+            if u not in seen and (
+                (u.op == "call_method" and u.target in _ALIASING_METHODS) or (u.op == "call_function" and u.target in _ALIASING_FUNCTIONS)
+            ):
+                seen.add(u)
+                todo.append(u)
+
+
+def _is_inplace(user: fx.Node, value: fx.Node) -> bool:
+    if user.kwargs.get("out") is value:
+        return True
+    first = user.args[0] if user.args else None
+    if first is not value:
+        return False
+    if user.op == "call_method":
+        name = str(user.target)
+        return name.endswith("_") and not name.startswith("_")
+    if user.op == "call_function":
+        if user.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(user.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_")
+    return False
+
+
+def _removable(ce: fx.Node, chain: list[fx.Node]) -> list[fx.Node]:
+    """The loss and the chain nodes (loss-side first) that die with it: a node survives when
+    something outside the dying set uses it, and then so does everything upstream of it."""
+    dead = [ce]
+    for n in chain:
+        if all(u in dead for u in n.users):
+            dead.append(n)
+        else:
+            break
+    return dead
+
+
+def _replay(graph: fx.Graph, x: fx.Node, steps: list[tuple[fx.Node, str]], last: int) -> fx.Node:
+    """Apply the index/reshape steps that led from the logits to the loss's input to ``x``
+    (``h`` with last dim ``H``, or the logits themselves), skipping casts and copies; ends 2-D."""
+    for node, kind in steps:
+        if kind == "index":
+            x = insert_call(graph, operator.getitem, (x, node.args[1]))
+        elif kind == "reshape":
+            shape = _reshape_args(node)
+            x = insert_call(graph, torch.reshape, (x, (*shape[:-1], last)))
+        elif kind == "flatten":
+            start, end = _flatten_dims(node, example_value(x).dim())
+            x = insert_call(graph, torch.flatten, (x, start, end))
+    if example_value(x).dim() != 2:
+        x = insert_call(graph, torch.reshape, (x, (-1, last)))
+    return x

@@ -1,0 +1,321 @@
+"""The tiled LM-loss pass on small hand-written modules: the spellings it rewrites (plain,
+transformers' padded labels, the classic shift slice, ``h @ W.T``, logits also returned),
+exactness in float64, one compile for many lengths, and every refusal with its reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import longctx_compiler as lc
+from longctx_compiler.testing import EXACT_RTOL, assert_gradients_match, make_tensor, relative_error
+
+PASS = "tiled_lm_loss"
+H, V = 6, 11
+
+
+def opt(module, chunk=4, **kw):
+    return lc.optimize(module, backend="aot_eager", strict=True, lm_loss={"chunk_size": chunk}, **kw)
+
+
+def inputs(b, t, seed, *, ignore=True, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    h = make_tensor((b, t, H), seed=g, dtype=dtype, low=-2, high=2, requires_grad=True)
+    labels = torch.randint(0, V, (b, t), generator=g)
+    if ignore:
+        labels[torch.rand(b, t, generator=g) < 0.25] = -100
+    return h, labels
+
+
+def pair(cls, *args, **kw):
+    """The eager module and an optimized copy with the same parameters."""
+    torch.manual_seed(0)
+    eager = cls(*args, **kw)
+    cand = cls(*args, **kw)
+    cand.load_state_dict(eager.state_dict())
+    return eager, cand
+
+
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class PlainLoss(torch.nn.Module):
+    """``cross_entropy(lm_head(h).view(-1, V), labels.view(-1))`` in the model's dtype."""
+
+    def __init__(self, bias=False, reduction="mean", dtype=torch.float64):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(H, V, bias=bias, dtype=dtype)
+        self.reduction = reduction
+
+    def forward(self, h, labels):
+        logits = self.lm_head(h)
+        return F.cross_entropy(logits.view(-1, V), labels.view(-1), reduction=self.reduction)
+
+
+class HFStyleLoss(torch.nn.Module):
+    """``transformers``' ForCausalLMLoss spelling: upcast, pad+shift the labels, flatten; with
+    ``num_items`` the loss is summed and divided. ``cast`` picks the upcast (``"float"`` is
+    transformers' own; ``"double"`` keeps a float64 model exact)."""
+
+    def __init__(self, cast="double", num_items=False, return_logits=False, dtype=torch.float64):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(H, V, bias=False, dtype=dtype)
+        self.cast, self.num_items, self.return_logits = cast, num_items, return_logits
+
+    def forward(self, h, labels):
+        logits = self.lm_head(h)
+        x = logits.float() if self.cast == "float" else logits.to(torch.float64)
+        labels = F.pad(labels, (0, 1), value=-100)
+        shift = labels[..., 1:].contiguous()
+        x = x.view(-1, V)
+        shift = shift.view(-1)
+        if self.num_items:
+            n = (shift != -100).sum()
+            loss = F.cross_entropy(x, shift, ignore_index=-100, reduction="sum") / n
+        else:
+            loss = F.cross_entropy(x, shift, ignore_index=-100, reduction="mean")
+        return (loss, logits) if self.return_logits else loss
+
+
+class ShiftSliceLoss(torch.nn.Module):
+    """The classic shift spelling: slice the logits, ``.contiguous()``, ``view(-1, V)``."""
+
+    def __init__(self, bias=True, transposed_matmul=False, return_logits=False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(make_tensor((V, H), seed=1))
+        self.bias = torch.nn.Parameter(make_tensor((V,), seed=2)) if bias else None
+        self.transposed_matmul, self.return_logits = transposed_matmul, return_logits
+
+    def forward(self, h, labels):
+        logits = h @ self.weight.T if self.transposed_matmul else F.linear(h, self.weight, self.bias)
+        shift_logits = logits[..., :-1, :].contiguous()
+        shift_labels = labels[..., 1:].contiguous()
+        loss = F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+        return (loss, logits) if self.return_logits else loss
+
+
+def loss_and_logits(out):
+    # Both outputs carry gradient: the loss and a fixed non-uniform weighting of the logits.
+    loss, logits = out
+    w = torch.linspace(0.5, 1.5, logits.numel(), dtype=logits.dtype).reshape(logits.shape)
+    return loss + (logits * w).sum()
+
+
+def graph_targets(om):
+    return [n.target for n in om.report.graphs[0].after.nodes]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_plain_linear_cross_entropy_exact_and_one_compile(bias, reduction):
+    eager, cand = pair(PlainLoss, bias, reduction)
+    om = opt(cand, chunk=5)
+
+    @settings(max_examples=6, deadline=None)
+    @given(t=st.integers(2, 23), seed=st.integers(0, 2**16), ignore=st.booleans())
+    def prop(t, seed, ignore):
+        h, labels = inputs(2, t, seed, ignore=ignore)
+        report = assert_gradients_match(eager, om, [h, labels], loss_fn=first)
+        assert report.errors["loss"][0] <= EXACT_RTOL
+        assert om.report.count(PASS) == 1
+
+    prop()
+    # lengths below, above and not a multiple of the tile share one graph
+    assert om.compile_count == 1
+    rw = om.report.rewrites[0]
+    assert rw.kind == "linear+cross_entropy -> linear_cross_entropy"
+    assert rw.details["chunk_size"] == 5 and rw.details["reduction"] == reduction and rw.details["bias"] == bias
+    assert rw.details["logits_kept"] is False
+    # the head is gone: no [N, V] logits are ever computed
+    targets = graph_targets(om)
+    assert "torch.nn.linear" not in targets and "longctx.linear_cross_entropy_fwd.default" in targets
+    assert rw.site.startswith("lm_head")
+
+
+@pytest.mark.parametrize("num_items", [False, True])
+def test_transformers_padded_labels_spelling_exact(num_items):
+    eager, cand = pair(HFStyleLoss, "double", num_items)
+    om = opt(cand)
+    for t, seed in ((9, 0), (4, 1), (17, 2)):
+        h, labels = inputs(2, t, seed)
+        report = assert_gradients_match(eager, om, [h, labels], loss_fn=first)
+        assert report.errors["loss"][0] <= EXACT_RTOL
+    assert om.compile_count == 1 and om.report.count(PASS) == 1
+    assert om.report.rewrites[0].details["reduction"] == ("sum" if num_items else "mean")
+    if num_items:
+        # the division by num_items_in_batch stays in the graph
+        assert "operator.truediv" in graph_targets(om)
+
+
+def test_float32_upcast_of_a_float64_model_keeps_float64_gradients():
+    # transformers' `.float()` rounds a float64 model's logits down to float32. The op stays in
+    # float64 (at least the original precision): gradients equal a float64 loss exactly, the
+    # loss keeps the original float32 dtype, and both are within float32 round-off of eager.
+    eager, cand = pair(HFStyleLoss, "float")
+    exact_ref = HFStyleLoss("double")
+    exact_ref.load_state_dict(eager.state_dict())
+    om = opt(cand)
+    h, labels = inputs(2, 13, 5)
+    out = om(h, labels)
+    assert out.dtype == torch.float32
+    params = [cand.lm_head.weight, h]
+    got = torch.autograd.grad(out, params)
+    want = torch.autograd.grad(exact_ref(h, labels), [exact_ref.lm_head.weight, h])
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64 and relative_error(g, w) <= EXACT_RTOL
+    assert relative_error(out, exact_ref(h, labels)) <= torch.finfo(torch.float32).eps
+    assert_gradients_match(eager, om, [h, labels], loss_fn=first, rtol=1e-5)
+    assert om.report.count(PASS) == 1
+
+
+@pytest.mark.parametrize("transposed_matmul, bias", [(False, False), (False, True), (True, False)], ids=["linear", "linear+bias", "h@W.T"])
+def test_shift_slice_spelling_exact(transposed_matmul, bias):
+    eager, cand = pair(ShiftSliceLoss, bias, transposed_matmul)
+    om = opt(cand, chunk=3)
+    for t, seed in ((7, 0), (3, 1), (12, 2)):
+        h, labels = inputs(2, t, seed)
+        assert_gradients_match(eager, om, [h, labels], loss_fn=first)
+    assert om.compile_count == 1 and om.report.count(PASS) == 1
+    rw = om.report.rewrites[0]
+    assert rw.details["shift_slice"] and rw.kind.startswith("matmul" if transposed_matmul else "linear")
+
+
+@pytest.mark.parametrize("module", ["hf", "shift"])
+def test_logits_also_returned_are_kept_and_not_recomputed_in_forward(module):
+    eager, cand = pair(HFStyleLoss, "double", False, True) if module == "hf" else pair(ShiftSliceLoss, True, False, True)
+    om = opt(cand, chunk=4)
+    for t, seed in ((10, 0), (5, 1), (19, 2)):
+        h, labels = inputs(2, t, seed)
+        report = assert_gradients_match(eager, om, [h, labels], loss_fn=loss_and_logits)
+        # and the loss alone (its gradient flows only through the op's recomputed tiles)
+        assert_gradients_match(eager, om, [h, labels], loss_fn=first)
+        assert report.errors["loss"][0] <= EXACT_RTOL
+    assert om.compile_count == 1 and om.report.count(PASS) == 1
+    rw = om.report.rewrites[0]
+    assert rw.details["logits_kept"] and rw.kind.endswith("(logits kept)")
+    # one head matmul in the graph (for the returned logits), none added by the rewrite
+    targets = graph_targets(om)
+    assert targets.count("torch.nn.linear") == 1 and any(str(t).endswith(".detach") for t in targets)
+
+
+def test_loss_through_nn_cross_entropy_module():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(H, V, dtype=torch.float64)
+            self.loss = torch.nn.CrossEntropyLoss(ignore_index=3, reduction="sum")
+
+        def forward(self, h, labels):
+            return self.loss(self.lm_head(h).flatten(0, 1), labels.flatten())
+
+    eager, cand = pair(M)
+    om = opt(cand)
+    h, labels = inputs(3, 8, 0, ignore=False)
+    labels[0, :3] = 3
+    assert_gradients_match(eager, om, [h, labels], loss_fn=first)
+    assert om.report.count(PASS) == 1 and om.report.rewrites[0].details["ignore_index"] == 3
+
+
+def _soft_cap(logits, labels):
+    logits = torch.tanh(logits / 30.0) * 30.0
+    return F.cross_entropy(logits.view(-1, V), labels.view(-1))
+
+
+def _inplace(logits, labels):
+    logits[..., 0] = -1.0
+    return F.cross_entropy(logits.view(-1, V), labels.view(-1))
+
+
+def _inplace_method(logits, labels):
+    logits.mul_(2.0)
+    return F.cross_entropy(logits.view(-1, V), labels.view(-1))
+
+
+def _vocab_slice(logits, labels):
+    return F.cross_entropy(logits[..., : V - 1].reshape(-1, V - 1), labels.view(-1).clamp(max=V - 2))
+
+
+REFUSALS = {
+    "label_smoothing": (lambda x, y: F.cross_entropy(x.view(-1, V), y.view(-1), label_smoothing=0.1), "label_smoothing"),
+    "class weights": (lambda x, y: F.cross_entropy(x.view(-1, V), y.view(-1), weight=torch.linspace(0.5, 2, V, dtype=x.dtype)), "class weights"),
+    "reduction none": (lambda x, y: F.cross_entropy(x.view(-1, V), y.view(-1), reduction="none").sum(), "reduction='none'"),
+    "soft targets": (lambda x, y: F.cross_entropy(x.view(-1, V), F.one_hot(y.view(-1).clamp(min=0), V).to(x.dtype)), "soft"),
+    "soft-capping": (_soft_cap, "between the LM head"),
+    "in-place": (_inplace, "modified in place"),
+    "vocabulary slice": (_vocab_slice, "selects vocabulary entries"),
+    "class dim": (lambda x, y: F.cross_entropy(x.transpose(1, 2), y), "between the LM head"),
+}
+
+
+class LossOnHead(torch.nn.Module):
+    def __init__(self, loss):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(H, V, bias=False, dtype=torch.float64)
+        self.loss = loss
+
+    def forward(self, h, labels):
+        return self.loss(self.lm_head(h), labels)
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refusals_leave_the_loss_alone_with_the_reason(case):
+    loss, reason = REFUSALS[case]
+    eager, cand = pair(LossOnHead, loss)
+    om = opt(cand)
+    h, labels = inputs(2, 9, 3, ignore=case not in ("soft targets", "vocabulary slice"))
+    assert_gradients_match(eager, om, [h, labels], loss_fn=first)
+    assert om.report.count(PASS) == 0
+    refusals = [r for r in om.report.refusals if r.pass_name == PASS]
+    assert len(refusals) == 1 and reason in refusals[0].reason, [r.reason for r in om.report.refusals]
+
+
+@pytest.mark.xfail(reason="passes/base.py's dead-code elimination treats every call_method as pure and drops an "
+                   "unused `logits.mul_(...)` after the first pass, before this pass can see (and refuse) it; the "
+                   "optimized model then differs from eager with or without this pass", strict=False)
+def test_inplace_method_on_logits_is_refused():
+    eager, cand = pair(LossOnHead, _inplace_method)
+    om = opt(cand)
+    h, labels = inputs(2, 9, 3)
+    assert_gradients_match(eager, om, [h, labels], loss_fn=first)
+    assert om.report.count(PASS) == 0
+
+
+def test_autocast_head_is_refused():
+    eager, cand = pair(PlainLoss, False, "mean", torch.float32)
+
+    def run(m):
+        def f(h, labels):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return m(h, labels)
+        return f
+
+    om = lc.optimize(run(cand), backend="aot_eager", strict=True)
+    h, labels = inputs(2, 9, 4, dtype=torch.float32)
+    torch.testing.assert_close(om(h, labels), run(eager)(h, labels))
+    assert om.report.count(PASS) == 0
+    assert any("mixed dtypes" in r.reason for r in om.report.refusals if r.pass_name == PASS)
+
+
+def test_other_losses_are_not_matched():
+    def f(x, labels):
+        return F.cross_entropy(torch.sin(x).view(-1, V), labels.view(-1))
+
+    om = lc.optimize(f, backend="aot_eager", strict=True)
+    x = make_tensor((2, 5, V), seed=0, requires_grad=True)
+    om(x, torch.randint(0, V, (2, 5)))
+    assert om.report.count(PASS) == 0 and not om.report.refusals
+
+
+def test_disabled_config_and_chunk_size():
+    eager, cand = pair(PlainLoss)
+    om = lc.optimize(cand, backend="aot_eager", lm_loss={"enabled": False})
+    h, labels = inputs(2, 7, 0)
+    om(h, labels)
+    assert om.report.count() == 0 and not om.report.refusals
+    om = lc.optimize(eager, backend="aot_eager", lm_loss={"chunk_size": 3})
+    om(h, labels)
+    assert om.report.rewrites[0].details["chunk_size"] == 3
