@@ -1,13 +1,18 @@
-"""The attention benchmark runs end to end on the smallest settings and writes valid JSON.
+"""The benchmarks run end to end on the smallest settings and write valid JSON; the exact
+allocation meter the SSM benchmark uses (``benchmarks/alloc_meter``) counts what it should.
 
-Not a timed test and not a benchmark: it only checks that the script, its subprocess
-isolation, the result file and the plot work (numbers are not judged here).
+The benchmark runs are not timed tests and not benchmarks: they only check that the scripts,
+their subprocess isolation, the result files and the plots work (numbers are not judged).
+The allocation-meter checks do judge numbers: they run in a child process with the shim
+preloaded (``LD_PRELOAD``) and are skipped, with the reason, when no C compiler is found.
 """
 
 import json
 import math
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 REPO = Path(__file__).resolve().parent.parent
+KIB, MIB = 1 << 10, 1 << 20
 
 
 def test_attention_benchmark_smallest_settings(tmp_path):
@@ -60,3 +66,105 @@ def test_isolated_runs_record_status_instead_of_failing():
     assert step["status"] == TIMEOUT and step["timeout_kind"] == "measured"
     err = run_isolated("benchmarks.common", "sleep_worker", {"no_such_arg": 1}, timeout_s=60)
     assert err["status"] == "error" and "TypeError" in err["error"]
+
+
+# ------------------------------------------------------------------------------ allocation meter
+def _meter_env() -> dict:
+    from benchmarks import alloc_meter
+
+    if alloc_meter.find_compiler() is None:
+        pytest.skip("no C compiler ($CC, cc, gcc, clang): the LD_PRELOAD allocation meter cannot be built")
+    env = dict(os.environ)
+    env.update(alloc_meter.child_env())
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def _run_with_meter(code: str, timeout: float) -> dict:
+    """Run ``code`` in a child with the meter preloaded; it prints one JSON line last."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=_meter_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_alloc_meter_not_preloaded_is_a_clear_error():
+    from benchmarks import alloc_meter
+
+    if "alloc_meter-" in os.environ.get("LD_PRELOAD", ""):
+        pytest.skip("this test process itself runs with the meter preloaded")
+    assert not alloc_meter.is_active()
+    with pytest.raises(alloc_meter.MeterUnavailable, match="not preloaded"):
+        alloc_meter.AllocPeak()
+
+
+def test_alloc_meter_known_cases():
+    r = _run_with_meter("""
+        import concurrent.futures, ctypes, json
+        import torch
+        from benchmarks import alloc_meter as am
+        MiB = 1 << 20
+        out = {"threshold": am.threshold()}
+
+        with am.AllocPeak() as m:                      # one tensor, kept alive
+            x = torch.empty(10 * MiB, dtype=torch.uint8)
+        out["alive"] = [m.peak_bytes, m.end_bytes]
+        del x
+
+        with am.AllocPeak() as m:                      # allocate/free: peak = largest live set
+            for i in range(1, 6):
+                t = torch.empty(i * MiB, dtype=torch.uint8)
+                del t
+            keep = [torch.empty(MiB, dtype=torch.uint8) for _ in range(3)]
+            big = torch.empty(4 * MiB, dtype=torch.uint8)
+            del big
+        out["loop"] = [m.peak_bytes, m.end_bytes]
+        del keep
+
+        libc = ctypes.CDLL(None)                       # the C entry points (resolve to the shim)
+        libc.malloc.restype = libc.calloc.restype = libc.realloc.restype = ctypes.c_void_p
+        libc.aligned_alloc.restype = libc.memalign.restype = ctypes.c_void_p
+        libc.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        base = am.current()
+        p = libc.malloc(100_000); a = am.current() - base
+        p = libc.realloc(p, 3_000_000); b = am.current() - base
+        p = libc.realloc(p, 5_000); c = am.current() - base
+        q = libc.calloc(1000, 1000); d = am.current() - base
+        r_ = libc.aligned_alloc(4096, 1 << 16); e = am.current() - base
+        s = libc.memalign(64, 1 << 16); f = am.current() - base
+        h = ctypes.c_void_p(); libc.posix_memalign(ctypes.byref(h), 64, 1 << 16); g = am.current() - base
+        small = libc.malloc(512); sm = am.current() - base
+        for ptr in (p, q, r_, s, h.value, small):
+            libc.free(ptr)
+        out["c_api"] = [a, b, c, d, e, f, g, sm, am.current() - base]
+
+        def work(k):                                   # thread safety: counts return to the start
+            for i in range(3000):
+                t = torch.empty(1024 + 17 * i + k, dtype=torch.uint8)
+                del t
+        # Pool threads are started (and their per-thread state allocated) before measuring;
+        # the pool starts threads lazily, so two rounds.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for _ in range(2):
+                list(pool.map(work, range(4)))
+            with am.AllocPeak() as m:
+                list(pool.map(work, range(4)))
+        out["threads"] = [m.peak_bytes, m.end_bytes]
+        print(json.dumps(out))
+    """, timeout=120)
+    assert r["threshold"] == 1024
+    for v in r["alive"]:   # +10 MiB, plus glibc's rounding of an mmap-served block to a page
+        assert 10 * MIB <= v <= 10 * MIB + 8 * KIB, r
+    peak, end = r["loop"]
+    assert 7 * MIB <= peak <= 7 * MIB + 4 * KIB and 3 * MIB <= end <= 3 * MIB + 4 * KIB, r
+    a, b, c, d, e, f, g, sm, end = r["c_api"]
+    assert 100_000 <= a <= 100_000 + 64
+    assert b - a >= 2_900_000 and b <= a + 3_000_000 + 8 * KIB          # realloc up: the old block left
+    assert 5_000 <= c <= 5_000 + 64                                     # realloc down
+    assert 1_000_000 <= d - c <= 1_000_000 + 8 * KIB                    # calloc
+    for lo, hi in ((d, e), (e, f), (f, g)):                             # aligned_alloc, memalign, posix_memalign
+        assert (1 << 16) <= hi - lo <= (1 << 16) + 8 * KIB, r
+    assert sm == g and end == 0, r                                      # 512 B: below the threshold; all freed
+    peak, end = r["threads"]
+    assert end == 0 and 1024 <= peak <= 4 * (1024 + 17 * 3000 + 4) + 4 * 64, r
