@@ -118,7 +118,10 @@ class RecomputeSSMBlocksPass(Pass):
                 if n.op in ("call_function", "call_method", "call_module") and any(k == key for k, _ in _module_stack(n))
             ]
             nodes.sort(key=order.__getitem__)
-            yield Match(anchor=s, nodes=nodes, data={"path": path, "scan": s})
+            # The report names the block: anchor on its first node that belongs to the block
+            # itself rather than to a submodule (the scan sits in the mixer).
+            anchor = next((n for n in nodes if _module_stack(n)[-1][0] == key), s)
+            yield Match(anchor=anchor, nodes=nodes, data={"path": path, "scan": s})
 
     # -- check ------------------------------------------------------------------------------
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
