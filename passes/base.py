@@ -108,6 +108,10 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, rec
     for p in passes:
         if not p.enabled(ctx):
             continue
+        # Dynamo hands over a graph without dead code, so a node nobody reads is there for its
+        # side effect (``h.mul_(2)`` as a statement): dead-code elimination after the rewrite
+        # may only remove what the rewrite itself orphaned.
+        unread = {n for n in gm.graph.nodes if not n.users}
         # Matches are collected before any rewrite so a pass never sees its own output.
         matches = list(p.match(gm, ctx))
         for m in matches:
@@ -132,15 +136,18 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, rec
                 Rewrite(p.name, p.kind_of(m), site, replaced, [n.name for n in created], p.describe(m, ctx), record.index)
             )
             log.info("%s rewrote %s (%d nodes -> %d nodes)", p.name, site, len(replaced), len(created))
-        gm.graph.eliminate_dead_code(is_impure_node=_keep_impure)
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n in unread or _keep_impure(n))
         gm.graph.lint()
         gm.recompile()
     return gm
 
 
 def _keep_impure(node: fx.Node) -> bool:
-    # Dead-code elimination after a rewrite only removes what the rewrite orphaned; nodes
-    # with side effects (in-place ops, RNG, asserts) stay.
+    # Nodes with side effects stay even when a rewrite orphaned them: what torch.fx knows
+    # to be impure (RNG, asserts, mutating ops by schema) and in-place tensor methods, which
+    # fx does not flag (``Node.is_impure`` is False for every ``call_method``).
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("__"):
+        return True
     return node.is_impure()
 
 

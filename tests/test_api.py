@@ -147,3 +147,17 @@ def test_logging_goes_to_the_library_logger(caplog):
     with caplog.at_level(logging.INFO, logger="longctx_compiler"):
         lc.explain(lambda x: F.silu(x), make_tensor((3,), seed=6), config=cfg(SiluToCustomOp()))
     assert any("test_silu_to_custom_op rewrote" in r.getMessage() for r in caplog.records)
+
+
+def test_statements_kept_for_their_side_effect_survive_the_passes():
+    # ``h.mul_(2)`` as a statement has no users in the graph; the dead-code elimination
+    # that follows each pass must not drop it (a silently wrong result otherwise).
+    def f(x):
+        h = x.clone()
+        h.mul_(2.0)
+        h[0] = 5.0
+        return x + h
+
+    x = torch.randn(3, dtype=torch.float64)
+    opt = lc.optimize(f, backend="aot_eager", strict=True)
+    torch.testing.assert_close(opt(x), f(x), rtol=0, atol=0)
