@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from longctx_compiler.backend import LongctxBackend, PassFailure
+from longctx_compiler.backend import LongctxBackend, PassFailure, quiet_checkpoint_policy_warning
 from longctx_compiler.capture import capture_context
 from longctx_compiler.config import Config
 from longctx_compiler.report import RewriteReport
@@ -235,6 +235,6 @@ def explain(target: Callable[..., Any] | torch.nn.Module, *args: Any, config: Co
     report = backend.start_report()
     _mark_sequence_dynamic(cfg, args, kwargs)
     compiled = torch.compile(target, backend=backend)
-    with torch.no_grad(), capture_context(cfg):
+    with torch.no_grad(), capture_context(cfg), quiet_checkpoint_policy_warning():
         compiled(*args, **kwargs)
     return report

@@ -25,7 +25,7 @@ from longctx_compiler.passes.base import PassContext, run_passes
 from longctx_compiler.passes.registry import pipeline
 from longctx_compiler.report import RewriteReport, snapshot
 
-__all__ = ["LongctxBackend", "PassFailure"]
+__all__ = ["LongctxBackend", "PassFailure", "quiet_checkpoint_policy_warning"]
 
 log = logging.getLogger("longctx_compiler")
 
@@ -86,7 +86,7 @@ class LongctxBackend:
     def _delegate(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         if not self.compile:
             return gm.forward
-        with _quiet_checkpoint_policy_warning():
+        with quiet_checkpoint_policy_warning():
             if self.config.backend == "inductor":
                 from torch._inductor.compile_fx import compile_fx
 
@@ -96,7 +96,7 @@ class LongctxBackend:
             return lookup_backend("aot_eager")(gm, list(example_inputs))
 
 
-class _quiet_checkpoint_policy_warning(logging.Filter):
+class quiet_checkpoint_policy_warning(logging.Filter):
     """Drops torch's "context_fn is passed to torch.utils.checkpoint" warning while we compile.
 
     The warning asks the author of a checkpoint region with a selective policy to make sure

@@ -86,7 +86,7 @@ class RecomputeSSMBlocksPass(Pass):
     """Wrap each block around an adjoint-sharded scan in an activation-checkpoint region."""
 
     name = "recompute_ssm_blocks"
-    kind = "block around selective_scan -> recomputed in backward (checkpoint region)"
+    kind = "ssm block -> recomputed in backward"
 
     def enabled(self, ctx: PassContext) -> bool:
         return ctx.config.ssm.enabled and ctx.config.ssm.recompute_blocks
