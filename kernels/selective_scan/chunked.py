@@ -1,33 +1,39 @@
 """Chunked (adjoint-sharded) selective scan in plain torch: the CPU path of the op.
 
 Time is cut into ``M = ⌈T/Q⌉`` chunks of length ``Q`` (the tail is padded with ``Δ = 0``,
-i.e. identity steps ``ā = 1, b = 0``). Chunks are processed in **groups** of ``K``
-consecutive chunks (a contiguous token range; only the last group is padded). Every Python
-loop runs over the ``Q`` positions of a chunk, processing all ``K`` chunks of a group (and
-all batches/channels) at once on ``[B, D, K, N]`` tensors, or over chunks for the boundary
-scans: O(Q · ⌈M/K⌉ + M) iterations, never O(T).
-
-Forward keeps the chunk-end states ``[B, D, M, N]`` only. Backward recomputes the states
-inside every chunk from those, and needs no per-step ``[B, D, T, N]`` tensor because the
+i.e. identity steps ``ā = 1, b = 0``); the forward saves the state at every chunk end
+(``[B, D, M, N]``), and the backward needs no per-step ``[B, D, T, N]`` tensor because the
 gradient of the log-decay is obtained by a telescoping sum (README.md, "log-decay
 gradient")::
 
-    z_t := μ_t ā_t h_{t-1} = Σ_{k ≥ t} (v_k h_k − μ_k b_k)   (+ the chunk-end term ν_m H_m)
+    z_t := μ_t ā_t h_{t-1} = Σ_{k ≥ t} (v_k h_k − μ_k b_k)   (+ the segment-end term ν H)
 
 whose forward-pass half (``v_k h_k``, needs ``h``) and reverse-pass half (``μ_k b_k``,
 needs ``μ``) are accumulated in separate sweeps.
 
-Working memory is bounded by a group, not by ``T``: the per-position scalars (Δ, its
-chunk-local cumulative sum, the adjoint input's scalar factor, ``e_k``, y, ...) exist only
-for the group being processed, in the group's step layout, built from slices of the inputs;
-results are written into preallocated outputs by slice assignment. What grows with ``T`` is
-the outputs themselves and ``[B, D, M, N]``-sized chunk-boundary data (``N/Q`` of a
-``[B, D, T]`` tensor per copy). The group size is a trade: a group of ``K`` chunks costs
-about ``7 · B·D·K·Q`` float64 numbers in the backward, and each loop iteration works on
-``B·D·K·N`` numbers, so a small group means many small (interpreter-bound) torch calls; see
-:data:`GROUP_TOKENS`.
+**Groups.** Chunks are processed in groups of ``K`` consecutive chunks (a contiguous token
+range; only the last group is padded), one group at a time: left to right in the forward,
+right to left in the backward, each group visited once and handed the state (forward) or
+adjoint carry (backward) at its edge by its neighbour. Every per-position quantity (Δ, its
+cumulative sums, the adjoint input's scalar factor, ``e_k``, y, the gradients before the
+cast, ...) exists only for the group being processed, built from slices of the inputs;
+results are written into preallocated outputs by slice assignment. Working memory is
+therefore O(B·D·K·Q), independent of T (what grows with T are the outputs and the
+``[B, D, M, N]`` boundary states).
 
-Step tensors use a ``[Q, B, D, K]`` ("position-major") layout so that the slice a loop
+**Sub-chunks.** Inside a group the sweeps run over sub-chunks of ``P`` steps (``P`` divides
+``Q``, ``P ≤ max(``:data:`SUB_CHUNK` ``, N)``): every Python loop runs over the ``P`` positions of a
+sub-chunk, processing all ``J = K·Q/P`` sub-chunks of the group (and all batches/channels)
+at once on ``[B, D, J, N]`` tensors, or over the ``J`` sub-chunks for the scans that link
+them. A group's sub-chunk entering states are recomputed from the saved state at the
+group's start (Sweep 1 + a forward scan), exactly as the saved chunk-boundary states
+themselves are computed in the forward. Short sweeps over many sub-chunks keep each torch
+call large (``B·D·J·N`` numbers) with a small group, where sweeping whole chunks of a small
+group would make thousands of tiny, interpreter-bound calls. It is the same algorithm with
+a finer schedule, so the gradients are the same up to float64 round-off (smaller, in fact:
+the telescoping sums run over ``P`` instead of ``Q`` steps).
+
+Step tensors use a ``[P, B, D, J]`` ("position-major") layout so that the slice a loop
 iteration reads is contiguous.
 """
 
@@ -40,90 +46,106 @@ import torch.nn.functional as F
 
 from ._args import as_grouped, compute_dtype, validate
 
-__all__ = ["selective_scan_chunked_fwd", "selective_scan_chunked_bwd", "MODES", "GROUP_TOKENS"]
+__all__ = ["selective_scan_chunked_fwd", "selective_scan_chunked_bwd", "MODES", "GROUP_TOKENS", "SUB_CHUNK"]
 
 #: Gradient modes: ``"exact"`` (the true gradient) and ``"truncated"`` (the paper's windowed
 #: adjoint, an approximation that must be asked for by name).
 MODES = ("exact", "truncated")
 
-#: Default group size in tokens: a group holds ``max(1, GROUP_TOKENS // Q)`` chunks.
-#: Working memory per call is O(B·D·GROUP_TOKENS) (plus ``[B, D, M, N]`` boundary data),
-#: independent of T; the number of Python loop iterations is about ``3Q·⌈M/K⌉ + M`` in the
-#: backward (``2Q·⌈M/K⌉ + M`` forward). Smaller groups cost time: at B·D = 64, N = 16 one
-#: iteration's torch calls are interpreter-bound below a few thousand elements.
-GROUP_TOKENS = 1024
+#: Default group size in tokens: a group holds ``K = max(1, GROUP_TOKENS // Q)`` chunks.
+#: Working memory of one call is about ``c · B·D·K·Q`` float64 numbers (c ≈ 10 in the
+#: backward, 4 in the forward, for ``P ≥ N``; README.md, "Memory"), independent of T.
+#: 256 keeps the backward's working memory at B·D = 64 near 1.2 MiB while every torch call
+#: still works on ``B·D·J·N`` = 16K numbers (measured: the CPU time of a training step's
+#: scan is then within a few percent of processing all chunks at once).
+GROUP_TOKENS = 256
+
+#: Longest sub-chunk (target): the sweeps inside a group run over ``P`` steps, ``P`` the
+#: largest divisor of ``Q`` not above the target (``P = Q`` for ``Q ≤`` target, and also
+#: when ``Q`` has no divisor in ``[target/4, target]``, e.g. a large prime: correct, slower).
+#: The target is ``max(SUB_CHUNK, N)``, so that a ``[B, D, J, N]`` state tensor is no
+#: larger than a ``[P, B, D, J]`` step tensor. Python loop iterations per group: about
+#: ``4P + 2J`` (backward), ``2P + J`` (forward), each on ``[B, D, J, N]`` tensors with
+#: ``J = K·Q/P``; about four such state tensors are alive at a time.
+SUB_CHUNK = 16
 
 
 class _Layout:
-    """Reshapes between sequence layout and the chunked, position-major step layout of one group.
+    """Reshapes between sequence layout and the position-major step layout of one group.
 
-    A group covers ``ntok`` tokens starting at a chunk boundary: ``M = ⌈ntok/Q⌉`` chunks of
-    ``Q`` positions, the positions past ``ntok`` (only in the last group) padded.
+    A group covers ``ntok`` tokens starting at a chunk boundary, cut into ``J = ⌈ntok/P⌉``
+    sub-chunks of ``P`` positions; the positions past ``ntok`` (only in the last group) are
+    padded. Step tensors are ``[P, B, D, J]`` (scalars) and ``[P, B, G, J, N]`` (B/C).
     """
 
-    def __init__(self, bsz: int, dim: int, ntok: int, dstate: int, groups: int, chunk: int):
+    def __init__(self, bsz: int, dim: int, ntok: int, dstate: int, groups: int, sub: int):
         self.bsz, self.dim, self.ntok, self.dstate, self.groups = bsz, dim, ntok, dstate, groups
-        self.Q = chunk
-        self.M = math.ceil(ntok / chunk)
-        self.pad = self.M * chunk - ntok
+        self.P = sub
+        self.J = math.ceil(ntok / sub)
+        self.pad = self.J * sub - ntok
         self.rep = dim // groups
 
     def steps(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``[B, D, n]`` (``n ≤ M·Q``) → ``[Q, B, D, M]`` in ``dtype``, zero past ``n``; one copy."""
-        out = x.new_empty((self.Q, x.shape[0], x.shape[1], self.M), dtype=dtype or x.dtype)
+        """``[B, D, n]`` (``n ≤ J·P``) → ``[P, B, D, J]`` in ``dtype``, zero past ``n``; one copy."""
+        out = x.new_empty((self.P, x.shape[0], x.shape[1], self.J), dtype=dtype or x.dtype)
         self._fill(out, x, lambda v: v.permute(3, 0, 1, 2), lambda v: v.permute(2, 0, 1))
         return out
 
     def steps_bc(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``[B, G, N, n]`` (``n ≤ M·Q``) → ``[Q, B, G, M, N]`` in ``dtype``, zero past ``n``."""
-        out = x.new_empty((self.Q, self.bsz, self.groups, self.M, self.dstate), dtype=dtype or x.dtype)
+        """``[B, G, N, n]`` (``n ≤ J·P``) → ``[P, B, G, J, N]`` in ``dtype``, zero past ``n``."""
+        out = x.new_empty((self.P, self.bsz, self.groups, self.J, self.dstate), dtype=dtype or x.dtype)
         self._fill(out, x, lambda v: v.permute(4, 0, 1, 3, 2), lambda v: v.permute(3, 0, 1, 2))
         return out
 
     def _fill(self, out, x, full_view, tail_view):
-        # ``out`` is [Q, ..., M(, N)] with the chunk index at dim 3 (after Q, B, D|G).
+        # ``out`` is [P, B, D|G, J(, N)]: the sub-chunk index is dim 3.
         n = x.shape[-1]
-        full, rest = divmod(n, self.Q)
+        full, rest = divmod(n, self.P)
         if full:
-            out[:, :, :, :full].copy_(full_view(x[..., : full * self.Q].unflatten(-1, (full, self.Q))))
-        if full < self.M:
+            out[:, :, :, :full].copy_(full_view(x[..., : full * self.P].unflatten(-1, (full, self.P))))
+        if full < self.J:
             tail = out[:, :, :, full:]
             tail.zero_()
             if rest:
-                tail[:rest, :, :, 0].copy_(tail_view(x[..., full * self.Q :]))
+                tail[:rest, :, :, 0].copy_(tail_view(x[..., full * self.P :]))
 
     def write(self, out: torch.Tensor, xQ: torch.Tensor) -> None:
         """``out[B, D, ntok]`` (a slice of a sequence-layout output) ``←`` step-layout ``xQ``, cast."""
-        full, rest = divmod(self.ntok, self.Q)
+        full, rest = divmod(self.ntok, self.P)
         if full:
-            out[..., : full * self.Q].unflatten(-1, (full, self.Q)).copy_(xQ[..., :full].permute(1, 2, 3, 0))
+            out[..., : full * self.P].unflatten(-1, (full, self.P)).copy_(xQ[..., :full].permute(1, 2, 3, 0))
         if rest:
-            out[..., full * self.Q :].copy_(xQ[:rest, :, :, full].permute(1, 2, 0))
+            out[..., full * self.P :].copy_(xQ[:rest, :, :, full].permute(1, 2, 0))
 
     def write_bc(self, out: torch.Tensor, xQ: torch.Tensor) -> None:
-        """``out[B, G, N, ntok]`` ``←`` ``xQ[Q, B, G, M, N]``, cast."""
-        full, rest = divmod(self.ntok, self.Q)
+        """``out[B, G, N, ntok]`` ``←`` ``xQ[P, B, G, J, N]``, cast."""
+        full, rest = divmod(self.ntok, self.P)
         if full:
-            out[..., : full * self.Q].unflatten(-1, (full, self.Q)).copy_(xQ[:, :, :, :full].permute(1, 2, 4, 3, 0))
+            out[..., : full * self.P].unflatten(-1, (full, self.P)).copy_(xQ[:, :, :, :full].permute(1, 2, 4, 3, 0))
         if rest:
-            out[..., full * self.Q :].copy_(xQ[:rest, :, :, full].permute(1, 2, 3, 0))
+            out[..., full * self.P :].copy_(xQ[:rest, :, :, full].permute(1, 2, 3, 0))
 
     def zero_pad(self, xQ: torch.Tensor) -> torch.Tensor:
-        """Zero the padded positions of a step-layout ``[Q, B, D, M]`` tensor (in place)."""
+        """Zero the padded positions of a step-layout ``[P, B, D, J]`` tensor (in place)."""
         if self.pad:
-            xQ[self.Q - self.pad :, :, :, -1] = 0
+            xQ[self.P - self.pad :, :, :, -1] = 0
         return xQ
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
-        """Group values ``[B, G, M, N]`` → something broadcastable to ``[B, D, M, N]``."""
+        """Per-group values ``[B, G, J, N]`` → something broadcastable to ``[B, D, J, N]``."""
         if self.groups == 1 or self.rep == 1:
             # G = 1 broadcasts over D as is; G = D is already per channel: no copy.
             return x
-        return x[:, :, None].expand(self.bsz, self.groups, self.rep, self.M, self.dstate).reshape(self.bsz, self.dim, self.M, self.dstate)
+        return x[:, :, None].expand(self.bsz, self.groups, self.rep, self.J, self.dstate).reshape(self.bsz, self.dim, self.J, self.dstate)
 
     def reduce_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Per-channel ``[B, D, M, N]`` → per-group sums written to ``out[B, G, M, N]``."""
-        torch.sum(x.view(self.bsz, self.groups, self.rep, self.M, self.dstate), 2, out=out)
+        """Per-channel ``[B, D, J, N]`` → per-group sums written to ``out[B, G, J, N]``."""
+        if self.rep == 1:
+            out.copy_(x)
+        elif self.groups == 1:
+            torch.sum(x, 1, keepdim=True, out=out)
+        else:
+            torch.sum(x.view(self.bsz, self.groups, self.rep, self.J, self.dstate), 2, out=out)
 
 
 def _check_chunk(chunk_size: int) -> int:
@@ -139,6 +161,15 @@ def _group_chunks(chunk: int, group_chunks: int | None) -> int:
     if not isinstance(group_chunks, int) or isinstance(group_chunks, bool) or group_chunks < 1:
         raise ValueError(f"selective_scan: group_chunks must be a positive int or None, got {group_chunks!r}")
     return group_chunks
+
+
+def _sub_chunk(chunk: int, dstate: int) -> int:
+    """Sub-chunk length ``P``: see :data:`SUB_CHUNK`."""
+    target = max(SUB_CHUNK, dstate)
+    if chunk <= target:
+        return chunk
+    best = max(d for d in range(1, target + 1) if chunk % d == 0)
+    return best if best >= target // 4 else chunk
 
 
 def _groups(seqlen: int, chunk: int, per_group: int) -> list[tuple[int, int, int, int]]:
@@ -174,10 +205,11 @@ def selective_scan_chunked_fwd(
     """Chunked forward. Shapes as :func:`selective_scan_reference`.
 
     Groups of ``group_chunks`` chunks (default ``max(1, GROUP_TOKENS // chunk_size)``) are
-    processed left to right: Sweep 1 gives the group's chunk-local end states, the boundary
-    scan continues over the group's chunks from the previous group's last state, Sweep 2
-    emits y into the preallocated output. Working memory: a few ``[Q, B, D, K]`` step
-    tensors of the group, not ``[B, D, T]`` ones.
+    processed left to right. In a group: Sweep 1 gives the sub-chunk-local end states, a
+    scan over the group's sub-chunks (from the state the previous group ended with) gives
+    every sub-chunk's entering state and records the chunk-end states, Sweep 2 emits y into
+    the preallocated output. Working memory: a few ``[P, B, D, J]`` step tensors and
+    ``[B, D, J, N]`` states of one group (``J·P`` = the group's tokens), not ``[B, D, T]``.
 
     Returns:
         ``(y, final_state, boundary_states)``: ``y [B, D, T]`` in u's dtype,
@@ -188,6 +220,8 @@ def selective_scan_chunked_fwd(
     dims = validate(u, delta, A, B, C, D, z, delta_bias, h0)
     Q = _check_chunk(chunk_size)
     K = _group_chunks(Q, group_chunks)
+    P = _sub_chunk(Q, A.shape[-1])
+    per = Q // P  # sub-chunks per chunk
     bsz, dim, T, N = dims.batch, dims.dim, dims.seqlen, dims.dstate
     M = math.ceil(T / Q)
     cdt = compute_dtype(u, A, D, delta_bias, h0)
@@ -200,31 +234,35 @@ def selective_scan_chunked_fwd(
 
     def group(c0: int, c1: int, t0: int, t1: int, carry: torch.Tensor) -> torch.Tensor:
         """Forward of chunks [c0, c1); ``carry`` is the state entering chunk c0. Returns the
-        state after chunk c1-1. (A function, so the group's buffers die before the next.)"""
-        lay = _Layout(bsz, dim, t1 - t0, N, dims.groups, Q)
+        state after chunk c1-1. (A function, so the group's buffers die before the next's.)"""
+        lay = _Layout(bsz, dim, t1 - t0, N, dims.groups, P)
         _, dtQ = _delta_steps(lay, delta[..., t0:t1], bias, delta_softplus, cdt)
         duQ = dtQ * lay.steps(u[..., t0:t1])
         BQ = lay.steps_bc(Bg[..., t0:t1], cdt)
         dt4, du4, Bs = dtQ.unsqueeze(-1).unbind(0), duQ.unsqueeze(-1).unbind(0), BQ.unbind(0)
 
         def step(q: int, h: torch.Tensor) -> torch.Tensor:
-            return torch.exp(dt4[q] * Ar) * h + du4[q] * lay.expand(Bs[q])
+            return (dt4[q] * Ar).exp_().mul_(h).addcmul_(du4[q], lay.expand(Bs[q]))
 
-        # Sweep 1: chunk-local states from zero, all chunks of the group at once; only the
-        # chunk ends are kept.
-        h = u.new_zeros((bsz, dim, lay.M, N), dtype=cdt)
-        for q in range(Q):
+        # Sweep 1: sub-chunk-local states from zero, all sub-chunks of the group at once;
+        # only their ends are kept.
+        h = u.new_zeros((bsz, dim, lay.J, N), dtype=cdt)
+        for q in range(P):
             h = step(q, h)
-        # Whole-chunk decay Π ā = exp(A · ΣΔ): one exp of a sum, no division anywhere; it
-        # underflows to 0 for long strongly-decaying chunks, which is the right value.
-        chunk_decay = torch.exp(dtQ.sum(0)[..., None] * Ar)
-        # Boundary scan over the group's chunks: H_m = P_m · H_{m-1} + h_local_m.
-        enter = carry
-        for m in range(lay.M):
-            carry = chunk_decay[:, :, m] * carry + h[:, :, m]
-            boundary[:, :, c0 + m] = carry
-        # Sweep 2: true states from each chunk's entering state; emit y.
-        h = torch.cat([enter[:, :, None], boundary[:, :, c0 : c1 - 1]], dim=2)
+        # Whole-sub-chunk decay Π ā = exp(A · ΣΔ): one exp of a sum, no division anywhere;
+        # it underflows to 0 for long strongly-decaying stretches, which is the right value.
+        decay = torch.exp(dtQ.sum(0)[..., None] * Ar)
+        # Scan over sub-chunks: H_j = P_j · H_{j-1} + h_local_j; chunk ends are recorded.
+        h_in = torch.empty_like(h)
+        for j in range(lay.J):
+            h_in[:, :, j] = carry
+            carry = decay[:, :, j] * carry + h[:, :, j]
+            if (j + 1) % per == 0 or j == lay.J - 1:
+                boundary[:, :, c0 + j // per] = carry
+        del h, decay
+        # Sweep 2: true states from each sub-chunk's entering state; emit y.
+        h = h_in
+        del h_in
         CQ = lay.steps_bc(Cg[..., t0:t1], cdt)
         yQ = torch.empty_like(dtQ)
         for q, (Cq, yq) in enumerate(zip(CQ.unbind(0), yQ.unbind(0))):
@@ -278,11 +316,14 @@ def selective_scan_chunked_bwd(
     """Chunked adjoint backward.
 
     Groups of ``group_chunks`` chunks (default ``max(1, GROUP_TOKENS // chunk_size)``) are
-    processed right to left, each visited once: Sweep L gives the chunk-local adjoint
-    carries ``L_m`` of the group's chunks, the length-M reverse scan over chunks continues
-    through them (ν, and dh0 after the first group), then Sweep F and Sweep R write du,
-    ddelta, dB, dC, dz into preallocated outputs and accumulate dA, dD, ddelta_bias. The
-    result does not depend on the grouping beyond float64 round-off of re-associated sums.
+    processed right to left, each visited once, on sub-chunks of ``P`` steps: Sweep L gives
+    the sub-chunk-local adjoint carries ``L_j``; Sweep 1 and a forward scan from the saved
+    state entering the group give every sub-chunk's entering state; the reverse scan over
+    the group's sub-chunks, continued from the group to the right, gives ν (and dh0 after
+    the first group); Sweep F and Sweep R write du, ddelta, dB, dC, dz into preallocated
+    outputs and accumulate dA, dD, ddelta_bias. Working memory: about ten ``[B, D]`` ×
+    group-tokens float64 tensors, independent of T. The result does not depend on the
+    grouping beyond float64 round-off of re-associated sums.
 
     Args:
         u … h0: the forward's inputs (shapes as :func:`selective_scan_reference`).
@@ -303,6 +344,7 @@ def selective_scan_chunked_bwd(
     dims = validate(u, delta, A, B, C, D, z, delta_bias, h0)
     Q = _check_chunk(chunk_size)
     K = _group_chunks(Q, group_chunks)
+    P = _sub_chunk(Q, A.shape[-1])
     if mode not in MODES:
         raise ValueError(f"selective_scan: mode must be one of {MODES}, got {mode!r}")
     if mode == "truncated" and (window is None or int(window) < 1):
@@ -321,11 +363,12 @@ def selective_scan_chunked_bwd(
     truncated = mode == "truncated" and int(window) < T
     W = int(window) if truncated else 0
 
-    # The log-decay gradient is a telescoping sum over a chunk, whose round-off grows like
-    # eps · Q / (decay horizon) for fast-decaying states (README.md, "numerics"). On the CPU
-    # the backward therefore works in float64 whatever the input dtype: more precise than
-    # plain PyTorch in float32 at about twice the arithmetic cost. Raw inputs (u, dy, z, B,
-    # C) are widened exactly; everything derived from them is float64.
+    # The log-decay gradient is a telescoping sum over a (sub-)chunk, whose round-off grows
+    # like eps · P / (decay horizon) for fast-decaying states (README.md, "numerics"). On
+    # the CPU the backward therefore works in float64 whatever the input dtype: more precise
+    # than plain PyTorch in float32 at about twice the arithmetic cost. Raw inputs (u, dy,
+    # z, B, C) are widened exactly where they are used (u stays in its dtype in the group's
+    # step tensor: mixed-dtype ops promote exactly); everything derived from them is float64.
     cdt = torch.float64 if u.device.type == "cpu" else compute_dtype(u, A, D, delta_bias, h0)
     A_c = A.to(cdt)
     Ar = A_c.view(1, dim, 1, N)
@@ -334,7 +377,6 @@ def selective_scan_chunked_bwd(
     h0c = None if h0 is None else h0.to(cdt)
     dfc = None if dfinal is None else dfinal.to(cdt)
     Bg, Cg = as_grouped(B), as_grouped(C)
-    m_last, q_last = divmod(T - 1, Q)
 
     # Outputs, preallocated in the inputs' dtypes; every group writes its token range.
     du = u.new_empty(u.shape)
@@ -347,13 +389,13 @@ def selective_scan_chunked_bwd(
     ddb = None if delta_bias is None else A_c.new_zeros(dim)
 
     def delta_seq(lo: int, hi: int) -> torch.Tensor:
-        """Δ over tokens [lo, hi) in sequence layout, zero-padded to whole chunks."""
-        lay = _Layout(bsz, dim, hi - lo, N, G, Q)
+        """Δ over tokens [lo, hi) (lo a chunk start), ``[B, D, chunks, Q]`` zero-padded."""
+        nch = math.ceil((hi - lo) / Q)
         x = delta[..., lo:hi].to(cdt)
         if bias is not None:
             x = x + bias[:, None]
         d = F.softplus(x) if delta_softplus else x
-        return F.pad(d, (0, lay.M * Q - (hi - lo))).unflatten(-1, (lay.M, Q))
+        return F.pad(d, (0, nch * Q - (hi - lo))).unflatten(-1, (nch, Q))
 
     if truncated:
         # Leaving term of the windowed adjoint at t: Π_{j=t+1}^{t+W} ā_j · C_{t+W} g_{t+W},
@@ -369,7 +411,6 @@ def selective_scan_chunked_bwd(
         chunk_prefix = F.pad(totals.cumsum(-1), (1, 0))  # [B, D, M+1]: Σ Δ before chunk c
         del totals
         t_leave = T - 1 - W  # where the final-state cotangent leaves the window (≥ 0)
-        m_leave, q_leave = divmod(t_leave, Q)
 
         def prefix(lo: int, n: int) -> torch.Tensor:
             """P(t) for t in [lo, lo + n) (all < T), ``[B, D, n]``."""
@@ -378,27 +419,30 @@ def selective_scan_chunked_bwd(
             return p.flatten(-2)[..., lo - c0 * Q : lo - c0 * Q + n]
 
     def group(c0: int, c1: int, t0: int, t1: int, nxt: torch.Tensor) -> torch.Tensor:
-        """Backward of chunks [c0, c1); ``nxt`` is the adjoint carry ν entering chunk c1-1
-        from the right. Returns the carry entering chunk c0-1 (dh0 after chunk 0). A
-        function, so that all of the group's buffers die before the next group's exist."""
-        lay = _Layout(bsz, dim, t1 - t0, N, G, Q)
-        Mg = lay.M
+        """Backward of chunks [c0, c1); ``nxt`` is the adjoint carry ν entering token t1-1
+        from the right (ā_{t1} μ_{t1}). Returns the carry entering token t0-1 (dh0 for
+        t0 = 0). A function, so that all of the group's buffers die before the next's exist."""
+        lay = _Layout(bsz, dim, t1 - t0, N, G, P)
+        J = lay.J
         xQ, dtQ = _delta_steps(lay, delta[..., t0:t1], bias, delta_softplus, cdt)
         del xQ  # recomputed at the end: one buffer less during the sweeps
-        # Chunk-local cumulative Δ, S_q = Σ_{j ≤ q in chunk} Δ_j: weights of the log-decay
-        # gradient telescoping (bounded by one chunk, so no long-range cancellation).
-        SQ = dtQ.cumsum(0)
+        # Sub-chunk-local cumulative Δ, S_q = Σ_{j ≤ q in sub-chunk} Δ_j, are the weights of
+        # the log-decay gradient telescoping (bounded by P steps: no long-range cancellation).
+        # They are running sums in the sweeps (forward in F, S_end − Σ_{j>q} Δ_j in R), not
+        # a stored step tensor; the two differ by round-off of order eps · S_end, the order
+        # of the telescoping's own round-off.
+        S_end = dtQ.sum(0).unsqueeze_(-1)  # [B, D, J, 1]
         uQ = lay.steps(u[..., t0:t1])  # u's dtype: widened exactly where it is used
-        duQ_in = dtQ * uQ
         # g = ∂L/∂(y before the gate).
         gQ = lay.steps(dy[..., t0:t1], cdt)
         if z is not None:
             gQ.mul_(F.silu(lay.steps(z[..., t0:t1], cdt)))
         BQ = lay.steps_bc(Bg[..., t0:t1], cdt)
         CQ = lay.steps_bc(Cg[..., t0:t1], cdt)
-        dt4, S4, du4, g4 = (x.unsqueeze(-1).unbind(0) for x in (dtQ, SQ, duQ_in, gQ))
-        Bs, Cs = BQ.unbind(0), CQ.unbind(0)
-        has_last = c1 == M  # T-1 lies in the last chunk, which is in the last group
+        dt4, g4 = (x.unsqueeze(-1).unbind(0) for x in (dtQ, gQ))
+        dts, us, Bs, Cs = dtQ.unbind(0), uQ.unbind(0), BQ.unbind(0), CQ.unbind(0)
+        # (sub-chunk, position) of the last token T-1 if it is in this group.
+        j_last, q_last = divmod(T - 1 - t0, P) if c1 == M else (-1, -1)
 
         if truncated:
             n = max(0, min(t1, T - W) - t0)  # positions t of the group with t + W < T
@@ -408,81 +452,125 @@ def selective_scan_chunked_bwd(
             CshQ = lay.steps_bc(Cg[..., t0 + W : t0 + W + n], cdt)
             wQ = lay.steps(prefix(t0 + W, n).sub_(prefix(t0, n)) if n else dy.new_empty((bsz, dim, 0)), cdt)
             w4, gsh4, Cshs = wQ.unsqueeze(-1).unbind(0), gshQ.unsqueeze(-1).unbind(0), CshQ.unbind(0)
-            leave = None
-            if dfc is not None and c0 <= m_leave < c1:
-                leave = torch.exp(wQ[q_leave, :, :, m_leave - c0, None] * A_c) * dfc
+            leave, j_leave, q_leave = None, -1, -1
+            if dfc is not None and t0 <= t_leave < t1:
+                j_leave, q_leave = divmod(t_leave - t0, P)
+                leave = torch.exp(wQ[q_leave, :, :, j_leave, None] * A_c) * dfc
 
         def adjoint_input(q: int) -> torch.Tensor:
-            """v at in-chunk position q for the group's chunks, ``[B, D, K, N]`` (fresh):
-            μ_t = v_t + ā_{t+1} μ_{t+1}."""
+            """v at in-sub-chunk position q for the group's sub-chunks, ``[B, D, J, N]``
+            (fresh): μ_t = v_t + ā_{t+1} μ_{t+1}."""
             v = lay.expand(Cs[q]) * g4[q]
             if truncated:
                 v -= torch.exp(w4[q] * Ar) * lay.expand(Cshs[q]) * gsh4[q]
-                if leave is not None and q == q_leave:
-                    v[:, :, m_leave - c0] -= leave
-            if dfc is not None and has_last and q == q_last:
+                if q == q_leave and leave is not None:
+                    v[:, :, j_leave] -= leave
+            if q == q_last and dfc is not None:
                 # The final-state cotangent is an output attached to h_{T-1}.
-                v[:, :, m_last - c0] += dfc
+                v[:, :, j_last] += dfc
             return v
 
-        # Sweep L (reverse, chunk-local adjoint from zero): L_m = ā_{s_m} μ^loc_{s_m}.
-        carry = dtQ.new_zeros((bsz, dim, Mg, N))
-        for q in reversed(range(Q)):
-            carry = torch.exp(dt4[q] * Ar).mul_(adjoint_input(q).add_(carry))
-        # Reverse scan over the group's chunks: ν_{M-1} = 0 (the final-state cotangent is
-        # injected at T-1), ν_{m-1} = L_m + P_m ν_m, P_m = exp(A · ΣΔ over chunk m).
-        chunk_decay = torch.exp(S4[-1] * Ar)
-        nu = torch.empty_like(carry)
-        for m in reversed(range(Mg)):
-            nu[:, :, m] = nxt
-            nxt = carry[:, :, m] + chunk_decay[:, :, m] * nxt
-        del carry, chunk_decay
+        def du_in(q: int) -> torch.Tensor:
+            # Δ u at position q, [B, D, J, 1]: recomputed (a [B, D, J] product) rather than
+            # kept for the group: one step tensor less.
+            return torch.mul(dts[q], us[q]).unsqueeze_(-1)
 
-        # Sweep F (forward): recompute true states from the chunks' entering states; emit y
-        # (for dz), dC, and the forward half of the log-decay telescoping: e_q = Σ_n A v h
-        # (per position, kept for Sweep R) and Σ_q S_q v h (for dA).
-        first = (torch.zeros_like(nxt) if h0c is None else h0c) if c0 == 0 else boundary_states[:, :, c0 - 1].to(cdt)
-        h = torch.cat([first[:, :, None], boundary_states[:, :, c0 : c1 - 1].to(cdt)], dim=2)
+        def step(q: int, h: torch.Tensor) -> torch.Tensor:
+            # h_q = ā_q h_{q-1} + Δ_q u_q B_q, in the buffer of the fresh ā_q.
+            return (dt4[q] * Ar).exp_().mul_(h).addcmul_(du_in(q), lay.expand(Bs[q]))
+
+        # Sweep L (reverse, sub-chunk-local adjoint from zero): L_j = ā_{s_j} μ^loc_{s_j}.
+        # (First: it needs no states, so the group's states are not alive during it.)
+        carry = dtQ.new_zeros((bsz, dim, J, N))
+        for q in reversed(range(P)):
+            carry = (dt4[q] * Ar).exp_().mul_(adjoint_input(q).add_(carry))
+        L = carry
+        del carry
+
+        # Sweep 1 (forward, sub-chunk-local states from zero) and a scan over the group's
+        # sub-chunks from the saved state entering the group: every sub-chunk's entering
+        # state H_in and end state H_end (the latter in Sweep 1's buffer).
+        h = torch.zeros_like(L)
+        for q in range(P):
+            h = step(q, h)
+        decay = torch.exp(S_end * Ar)  # Π ā over each sub-chunk, exp(A · ΣΔ)
+        if c0 == 0:
+            state = torch.zeros_like(nxt) if h0c is None else h0c
+        else:
+            state = boundary_states[:, :, c0 - 1].to(cdt)
+        H_in, H_end = torch.empty_like(h), h
+        for j in range(J):
+            H_in[:, :, j] = state
+            state = decay[:, :, j] * state + H_end[:, :, j]
+            H_end[:, :, j] = state
+        del h, state
+
+        # Reverse scan over the group's sub-chunks: ν_j = carry entering sub-chunk j from the
+        # right, ν_{j-1} = L_j + P_j ν_j, starting from the group's right neighbour (ν = 0
+        # after the last token: the final-state cotangent is injected at T-1). ν overwrites L.
+        nu = L
+        for j in reversed(range(J)):
+            Lj = nu[:, :, j] + decay[:, :, j] * nxt
+            nu[:, :, j] = nxt
+            nxt = Lj
+        del L, decay, Lj
+
+        # Sub-chunk-end terms: z at the position after sub-chunk j is ν_j ⊙ H_end_j; r (below)
+        # starts from Σ_n A_n of it and dA gets S_end · it.
+        z_end = H_end.mul_(nu)
+        acc_dA = S_end * z_end
+        r = z_end.mul_(Ar).sum(-1)
+        del z_end, H_end
+
+        # Sweep F (forward): true states from H_in; emit y (for dz), dC, and the forward half
+        # of the log-decay telescoping: e_q = Σ_n A v h (per position, kept for Sweep R) and
+        # Σ_q S_q v h (for dA).
+        h = H_in
+        del H_in
         yQ, eQ, dCQ = torch.empty_like(dtQ), torch.empty_like(dtQ), torch.empty_like(CQ)
         ys, es, dCs = yQ.unbind(0), eQ.unbind(0), dCQ.unbind(0)
-        acc_dA = torch.zeros_like(h)
-        for q in range(Q):
-            h = torch.addcmul(torch.exp(dt4[q] * Ar).mul_(h), du4[q], lay.expand(Bs[q]))
+        S = torch.zeros_like(dt4[0])
+        for q in range(P):
+            h = step(q, h)
+            S = S + dt4[q]
             torch.sum(h * lay.expand(Cs[q]), -1, out=ys[q])
             lay.reduce_into(g4[q] * h, dCs[q])
             vh = adjoint_input(q).mul_(h)
-            torch.sum(vh * Ar, -1, out=es[q])
-            acc_dA.addcmul_(S4[q], vh)
-        del h, vh
+            acc_dA.addcmul_(S, vh)
+            torch.sum(vh.mul_(Ar), -1, out=es[q])
+            del vh
+        del h
         lay.write_bc(dCg[..., t0:t1], dCQ)
         del dCQ, dCs
 
-        # Sweep R (reverse, true adjoint): μ from ν_m; emit du, dΔ, dB and the reverse half of
-        # the telescoping. r = Σ_n A_n z_{q,n}, started at the chunk end with z = ν_m ⊙ H_m.
-        # du overwrites Δ and dΔ overwrites e at each position once they are consumed.
-        z_end = nu * boundary_states[:, :, c0:c1].to(cdt)
-        r = (z_end * Ar).sum(-1)
+        # Sweep R (reverse, true adjoint): μ from ν; emit du, dΔ, dB and the reverse half of
+        # the telescoping, r = Σ_n A_n z_{q,n}. du overwrites Δ and dΔ overwrites e at each
+        # position once they are consumed. (In-place updates keep ~4 [B, D, J, N] alive.)
         carry = nu
         del nu
         dBQ = torch.empty_like(BQ)
-        dts, us, dBs = dtQ.unbind(0), uQ.unbind(0), dBQ.unbind(0)
-        for q in reversed(range(Q)):
-            a = torch.exp(dt4[q] * Ar)
+        dBs = dBQ.unbind(0)
+        after = torch.zeros_like(S_end)  # Σ_{j > q} Δ_j
+        for q in reversed(range(P)):
             mu = adjoint_input(q).add_(carry)
-            muBv = mu * lay.expand(Bs[q])
-            muB = muBv.sum(-1)
-            mub = muBv.mul_(du4[q])  # μ ⊙ b
-            r.add_(es[q]).sub_((mub * Ar).sum(-1))
+            du_q = du_in(q)
+            S = S_end - after
+            after = after + dt4[q]
+            carry = (dt4[q] * Ar).exp_().mul_(mu)
+            mub = mu * lay.expand(Bs[q])
+            muB = mub.sum(-1)
+            mub.mul_(du_q)  # μ ⊙ b
+            acc_dA.addcmul_(S, mub, value=-1)
+            r.add_(es[q]).sub_(mub.mul_(Ar).sum(-1))
+            del mub
             torch.addcmul(r, muB, us[q], out=es[q])  # dΔ = r + u Σ_n μ B
             torch.mul(muB, dts[q], out=dts[q])  # du (state part) = Δ Σ_n μ B
-            lay.reduce_into(mu * du4[q], dBs[q])
-            acc_dA.addcmul_(S4[q], mub, value=-1)
-            carry = a.mul_(mu)
-        acc_dA.addcmul_(S4[-1], z_end)
+            lay.reduce_into(mu.mul_(du_q), dBs[q])
+            del mu
         dA.add_(acc_dA.sum((0, 2)))
         lay.write_bc(dBg[..., t0:t1], dBQ)
         duQ, ddtQ = dtQ, eQ
-        del a, mu, muBv, mub, carry, acc_dA, z_end, r, dBQ, dBs, BQ, Bs, SQ, S4, duQ_in, du4, dt4, dts, es, dtQ, eQ
+        del du_q, carry, acc_dA, r, dBQ, dBs, BQ, Bs, S, S_end, after, dt4, dts, es, dtQ, eQ
         if truncated:
             del gshQ, CshQ, wQ, w4, gsh4, Cshs
 
