@@ -172,6 +172,22 @@ def test_float32_upcast_of_a_float64_model_keeps_float64_gradients():
     assert om.report.count(PASS) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_models_follow_the_dtype_rule(dtype):
+    # transformers' own spelling in a 16/32-bit model: logits in the model dtype, `.float()`,
+    # loss in float32. Error against float64 at most 2x plain PyTorch's in the same dtype.
+    torch.manual_seed(0)
+    reference = HFStyleLoss("double", return_logits=True)
+    baseline = HFStyleLoss("float", return_logits=True, dtype=dtype)
+    cand = HFStyleLoss("float", return_logits=True, dtype=dtype)
+    baseline.load_state_dict(reference.state_dict())
+    cand.load_state_dict(reference.state_dict())
+    om = opt(cand, chunk=8)
+    h, labels = inputs(2, 29, 7, dtype=dtype)
+    assert_gradients_match(reference, om, [h, labels], loss_fn=first, baseline=baseline)
+    assert om.report.count(PASS) == 1
+
+
 @pytest.mark.parametrize("transposed_matmul, bias", [(False, False), (False, True), (True, False)], ids=["linear", "linear+bias", "h@W.T"])
 def test_shift_slice_spelling_exact(transposed_matmul, bias):
     eager, cand = pair(ShiftSliceLoss, bias, transposed_matmul)
