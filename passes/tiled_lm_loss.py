@@ -8,8 +8,8 @@ padded and shifted, ``fixed_cross_entropy``)::
              loss = cross_entropy(x, labels, ignore_index=-100, reduction="mean")
     after:   logits = linear(h, W)                    # kept only for its other users
              res = longctx.linear_cross_entropy_fwd(h.reshape(-1, H), W, None, labels,
-                                                    logits.detach().view(-1, V), -100, "mean", C)
-             loss = res[0].to(float32)
+                                                    logits.detach().reshape(-1, V), -100, "mean", C)
+             loss = res[0]                            # (.to(float32) in a float64 model)
 
 When nothing else uses the logits, the ``linear`` disappears and the op gets no logits: it
 computes them tile by tile itself, so the ``[B·T, V]`` logits never exist. When something
@@ -177,7 +177,7 @@ class TiledLMLossPass(Pass):
             if kind == "cast":
                 if out.dtype not in _FLOATS:
                     raise CantApply(f"the logits are cast to the non-float dtype {out.dtype} ({node.name})")
-                if out.device != prev.device or out.shape != prev.shape:
+                if out.device != prev.device or out.dim() != prev.dim() or not all(_same_size(a, b) for a, b in zip(out.shape, prev.shape)):
                     raise CantApply(f"{node.name} moves the logits to another device or changes their shape")
             elif kind == "index":
                 _check_index(node, prev)
@@ -204,7 +204,7 @@ class TiledLMLossPass(Pass):
             raise CantApply("legacy size_average/reduce arguments")
         reduction = arg(ce, 6, "reduction", "mean")
         if reduction not in ("mean", "sum"):
-            raise CantApply(f"reduction={reduction!r}: per-token losses are [tokens] and leave nothing to tile away (use 'mean' or 'sum')")
+            raise CantApply(f"reduction={reduction!r}: the tiled op returns a reduced loss ('mean' or 'sum'), not per-token losses")
         smoothing = arg(ce, 7, "label_smoothing", 0.0)
         if not isinstance(smoothing, (int, float)) or smoothing != 0:
             raise CantApply(f"label_smoothing={smoothing!r}: only the plain cross-entropy is implemented")
