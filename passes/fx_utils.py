@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.node import map_aggregate
 
 __all__ = ["example_value", "propagate_example_value", "arg", "is_call", "strip_repeat_kv", "insert_call"]
@@ -52,7 +53,10 @@ def propagate_example_value(node: fx.Node) -> None:
     mode = next((t.fake_mode for t in fakes if hasattr(t, "fake_mode")), None)
     if mode is None:
         return
-    with mode:
+    # The Python dispatcher, as Dynamo uses while tracing: composite ops (pad, ...) then run
+    # their symbolic decompositions instead of C++ kernels that read concrete sizes, which
+    # would pin a dynamic sequence length to the example's value.
+    with mode, enable_python_dispatcher():
         if node.op == "call_function":
             value = node.target(*args, **kwargs)
         elif node.op == "call_method":

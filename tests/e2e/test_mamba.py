@@ -174,3 +174,9 @@ def test_inductor_within_twice_plain_compile_error():
     assert opt.report.count("adjoint_sharded_scan", KIND) == 2
     assert ours_err <= 2 * plain_err + 1e-12, (ours_err, plain_err)
     assert "transformers.models.mamba.modeling_mamba" in sys.modules
+    # Inductor too compiles one graph for every length: the convolution's backward lowering
+    # would pin T (it is rewritten into shifted multiply-adds, see passes/depthwise_conv.py).
+    assert opt.report.count("depthwise_conv") == 2
+    ids = ids_for(37, 5)
+    opt(ids, labels=ids).loss.backward()
+    assert opt.compile_count == 1
