@@ -252,22 +252,26 @@ def selective_scan_chunked_fwd(
         # Whole-sub-chunk decay Π ā = exp(A · ΣΔ): one exp of a sum, no division anywhere;
         # it underflows to 0 for long strongly-decaying stretches, which is the right value.
         decay = torch.exp(dtQ.sum(0)[..., None] * Ar)
-        # Scan over sub-chunks: H_j = P_j · H_{j-1} + h_local_j; chunk ends are recorded.
-        h_in = torch.empty_like(h)
-        for j in range(lay.J):
-            h_in[:, :, j] = carry
-            carry = decay[:, :, j] * carry + h[:, :, j]
-            if (j + 1) % per == 0 or j == lay.J - 1:
-                boundary[:, :, c0 + j // per] = carry
-        del h, decay
+        # Scan over sub-chunks: H_j = P_j · H_{j-1} + h_local_j, in place of h_local (one
+        # torch call per sub-chunk). Chunk ends are sub-chunk ends (P divides Q; the last
+        # sub-chunk ends the last chunk, padded or not).
+        enter = carry
+        for hj, pj in zip(h.unbind(2), decay.unbind(2)):
+            carry = hj.addcmul_(pj, carry)
+        ends = list(range(per - 1, lay.J, per))
+        if not ends or ends[-1] != lay.J - 1:
+            ends.append(lay.J - 1)
+        boundary[:, :, c0:c1] = h[:, :, ends]
+        carry = boundary[:, :, c1 - 1]
+        del hj, pj, decay  # (loop variables are views: they would keep the buffers alive)
         # Sweep 2: true states from each sub-chunk's entering state; emit y.
-        h = h_in
-        del h_in
+        h = torch.cat([enter[:, :, None], h[:, :, :-1]], dim=2)
         CQ = lay.steps_bc(Cg[..., t0:t1], cdt)
         yQ = torch.empty_like(dtQ)
         for q, (Cq, yq) in enumerate(zip(CQ.unbind(0), yQ.unbind(0))):
             h = step(q, h)
             torch.sum(h * lay.expand(Cq), -1, out=yq)
+        del h, CQ, Cq, yq, dtQ, duQ, dt4, du4, Bs, BQ
         if Dq is not None:
             yQ.addcmul_(Dq, lay.steps(u[..., t0:t1]))
         if z is not None:
@@ -457,17 +461,22 @@ def selective_scan_chunked_bwd(
                 j_leave, q_leave = divmod(t_leave - t0, P)
                 leave = torch.exp(wQ[q_leave, :, :, j_leave, None] * A_c) * dfc
 
-        def adjoint_input(q: int) -> torch.Tensor:
-            """v at in-sub-chunk position q for the group's sub-chunks, ``[B, D, J, N]``
-            (fresh): μ_t = v_t + ā_{t+1} μ_{t+1}."""
-            v = lay.expand(Cs[q]) * g4[q]
+        def adjoint_input(q: int, base: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
+            """``base + v`` at in-sub-chunk position q for the group's sub-chunks (fresh,
+            ``[B, D, J, N]``; μ_t = v_t + ā_{t+1} μ_{t+1}), or ``v ⊙ h`` given ``h``: then
+            ``base`` must be ``h ⊙ C`` (computed for y already; saves a product)."""
+            if h is None:
+                v = lay.expand(Cs[q]) * g4[q] if base is None else torch.addcmul(base, lay.expand(Cs[q]), g4[q])
+            else:
+                v = base * g4[q]
             if truncated:
-                v -= torch.exp(w4[q] * Ar) * lay.expand(Cshs[q]) * gsh4[q]
+                leaving = torch.exp(w4[q] * Ar).mul_(lay.expand(Cshs[q])).mul_(gsh4[q])
+                v -= leaving if h is None else leaving.mul_(h)
                 if q == q_leave and leave is not None:
-                    v[:, :, j_leave] -= leave
+                    v[:, :, j_leave] -= leave if h is None else leave * h[:, :, j_leave]
             if q == q_last and dfc is not None:
                 # The final-state cotangent is an output attached to h_{T-1}.
-                v[:, :, j_last] += dfc
+                v[:, :, j_last] += dfc if h is None else dfc * h[:, :, j_last]
             return v
 
         def du_in(q: int) -> torch.Tensor:
@@ -483,7 +492,7 @@ def selective_scan_chunked_bwd(
         # (First: it needs no states, so the group's states are not alive during it.)
         carry = dtQ.new_zeros((bsz, dim, J, N))
         for q in reversed(range(P)):
-            carry = (dt4[q] * Ar).exp_().mul_(adjoint_input(q).add_(carry))
+            carry = (dt4[q] * Ar).exp_().mul_(adjoint_input(q, carry))
         L = carry
         del carry
 
@@ -498,22 +507,24 @@ def selective_scan_chunked_bwd(
             state = torch.zeros_like(nxt) if h0c is None else h0c
         else:
             state = boundary_states[:, :, c0 - 1].to(cdt)
-        H_in, H_end = torch.empty_like(h), h
-        for j in range(J):
-            H_in[:, :, j] = state
-            state = decay[:, :, j] * state + H_end[:, :, j]
-            H_end[:, :, j] = state
-        del h, state
+        H_end = h  # H_j = P_j · H_{j-1} + h_local_j, in place (one torch call per sub-chunk)
+        enter = state
+        for hj, pj in zip(H_end.unbind(2), decay.unbind(2)):
+            state = hj.addcmul_(pj, state)
+        H_in = torch.cat([enter[:, :, None], H_end[:, :, :-1]], dim=2)
+        del h, hj, pj, state, enter
 
         # Reverse scan over the group's sub-chunks: ν_j = carry entering sub-chunk j from the
         # right, ν_{j-1} = L_j + P_j ν_j, starting from the group's right neighbour (ν = 0
-        # after the last token: the final-state cotangent is injected at T-1). ν overwrites L.
-        nu = L
-        for j in reversed(range(J)):
-            Lj = nu[:, :, j] + decay[:, :, j] * nxt
-            nu[:, :, j] = nxt
-            nxt = Lj
-        del L, decay, Lj
+        # after the last token: the final-state cotangent is injected at T-1). In place, L_j
+        # becomes ν_{j-1}.
+        nu_last = nxt
+        for Lj, pj in zip(reversed(L.unbind(2)), reversed(decay.unbind(2))):
+            nxt = Lj.addcmul_(pj, nxt)
+        del Lj, pj, decay
+        nu = torch.cat([L[:, :, 1:], nu_last[:, :, None]], dim=2)
+        nxt = nxt.clone()  # ν_{-1} of the group, handed on: not a view of the group's L
+        del L, nu_last
 
         # Sub-chunk-end terms: z at the position after sub-chunk j is ν_j ⊙ H_end_j; r (below)
         # starts from Σ_n A_n of it and dA gets S_end · it.
@@ -533,9 +544,11 @@ def selective_scan_chunked_bwd(
         for q in range(P):
             h = step(q, h)
             S = S + dt4[q]
-            torch.sum(h * lay.expand(Cs[q]), -1, out=ys[q])
+            hC = h * lay.expand(Cs[q])
+            torch.sum(hC, -1, out=ys[q])
             lay.reduce_into(g4[q] * h, dCs[q])
-            vh = adjoint_input(q).mul_(h)
+            vh = adjoint_input(q, hC, h)
+            del hC
             acc_dA.addcmul_(S, vh)
             torch.sum(vh.mul_(Ar), -1, out=es[q])
             del vh
@@ -552,7 +565,7 @@ def selective_scan_chunked_bwd(
         dBs = dBQ.unbind(0)
         after = torch.zeros_like(S_end)  # Σ_{j > q} Δ_j
         for q in reversed(range(P)):
-            mu = adjoint_input(q).add_(carry)
+            mu = adjoint_input(q, carry)
             du_q = du_in(q)
             S = S_end - after
             after = after + dt4[q]
