@@ -464,11 +464,11 @@ def selective_scan_chunked_bwd(
         def adjoint_input(q: int, base: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
             """``base + v`` at in-sub-chunk position q for the group's sub-chunks (fresh,
             ``[B, D, J, N]``; μ_t = v_t + ā_{t+1} μ_{t+1}), or ``v ⊙ h`` given ``h``: then
-            ``base`` must be ``h ⊙ C`` (computed for y already; saves a product)."""
+            ``base`` must be a fresh ``h ⊙ C`` (computed for y already; it is overwritten)."""
             if h is None:
                 v = lay.expand(Cs[q]) * g4[q] if base is None else torch.addcmul(base, lay.expand(Cs[q]), g4[q])
             else:
-                v = base * g4[q]
+                v = base.mul_(g4[q])
             if truncated:
                 leaving = torch.exp(w4[q] * Ar).mul_(lay.expand(Cshs[q])).mul_(gsh4[q])
                 v -= leaving if h is None else leaving.mul_(h)
@@ -544,10 +544,10 @@ def selective_scan_chunked_bwd(
         for q in range(P):
             h = step(q, h)
             S = S + dt4[q]
+            lay.reduce_into(g4[q] * h, dCs[q])
             hC = h * lay.expand(Cs[q])
             torch.sum(hC, -1, out=ys[q])
-            lay.reduce_into(g4[q] * h, dCs[q])
-            vh = adjoint_input(q, hC, h)
+            vh = adjoint_input(q, hC, h)  # in hC's buffer
             del hC
             acc_dA.addcmul_(S, vh)
             torch.sum(vh.mul_(Ar), -1, out=es[q])
