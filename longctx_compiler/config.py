@@ -119,14 +119,16 @@ class LMLossConfig:
         chunk_size: tokens per tile. The loss is computed tile by tile from the hidden
             states and the head weight, so backward never holds ``[T, vocab]`` logits or
             their gradient: O(chunk_size · vocab) working memory instead of O(T · vocab).
+            None (default): tiles whose logits hold no more numbers than the hidden states
+            ``[T, hidden]`` (``⌈T·hidden / vocab⌉`` tokens), chosen at run time.
     """
 
     enabled: bool = True
-    chunk_size: int = 4096
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_bool("LMLossConfig", "enabled", self.enabled)
-        _check_positive_int("LMLossConfig", "chunk_size", self.chunk_size)
+        _check_positive_int("LMLossConfig", "chunk_size", self.chunk_size, allow_none=True)
 
 
 @dataclass(frozen=True)

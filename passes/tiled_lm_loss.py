@@ -102,7 +102,7 @@ class TiledLMLossPass(Pass):
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
         d = match.data
         return {
-            "chunk_size": ctx.config.lm_loss.chunk_size,
+            "chunk_size": ctx.config.lm_loss.chunk_size or "auto (tile logits no larger than the hidden states)",
             "reduction": d.get("reduction"),
             "ignore_index": d.get("ignore_index"),
             "vocab": d.get("V"),
@@ -256,7 +256,7 @@ class TiledLMLossPass(Pass):
             logits = None
             if d["logits_kept"]:
                 logits = _replay(graph, insert_call(graph, torch.detach, (head,)), d["steps"], d["V"])
-            res = insert_call(graph, OP, (h, weight, d["bias"], d["labels"], logits, d["ignore_index"], d["reduction"], ctx.config.lm_loss.chunk_size))
+            res = insert_call(graph, OP, (h, weight, d["bias"], d["labels"], logits, d["ignore_index"], d["reduction"], _chunk(ctx)))
             loss = getitem(graph, res, 0)
             want = example_value(ce)
             if isinstance(want, torch.Tensor) and example_value(loss).dtype != want.dtype:
@@ -270,6 +270,11 @@ class TiledLMLossPass(Pass):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _chunk(ctx: PassContext) -> int:
+    """The op's tile argument: the configured rows, or 0 (automatic, see ``tile_rows``)."""
+    return ctx.config.lm_loss.chunk_size or 0
+
+
 def _head_kind(node: fx.Node) -> str | None:
     if is_call(node, *_LINEAR):
         return "linear"

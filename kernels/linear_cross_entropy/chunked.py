@@ -26,7 +26,23 @@ from torch import Tensor
 
 from .reference import accumulation_dtype
 
-__all__ = ["linear_cross_entropy_forward", "linear_cross_entropy_backward", "tiles"]
+__all__ = ["linear_cross_entropy_forward", "linear_cross_entropy_backward", "tiles", "tile_rows", "AUTO"]
+
+#: ``chunk_size`` value meaning "choose the tile from the shapes" (see :func:`tile_rows`).
+AUTO = 0
+#: Fewest rows in an automatic tile: below this the Python loop, not memory, dominates.
+MIN_AUTO_ROWS = 64
+
+
+def tile_rows(n: int, hidden: int, vocab: int, chunk_size: int) -> int:
+    """Rows per tile: ``chunk_size``, or for :data:`AUTO` the most rows whose ``[rows, V]``
+    logits hold no more numbers than the ``[N, H]`` hidden states themselves
+    (``⌈N·H / V⌉``, at least :data:`MIN_AUTO_ROWS`). The loss's working memory then stays
+    at the size of its input at every vocabulary and length.
+    """
+    if chunk_size != AUTO:
+        return chunk_size
+    return max(MIN_AUTO_ROWS, -(-n * hidden // max(vocab, 1)))
 
 
 def tiles(n: int, chunk_size: int):
@@ -52,7 +68,7 @@ def linear_cross_entropy_forward(
     n = h.shape[0]
     lse = torch.empty((n,), dtype=acc, device=h.device)
     total = torch.zeros((), dtype=torch.float64, device=h.device)
-    for s, e in tiles(n, chunk_size):
+    for s, e in tiles(n, tile_rows(n, h.shape[1], weight.shape[0], chunk_size)):
         z = logits[s:e].to(acc) if logits is not None else _tile_logits(h, weight, bias, s, e, acc)
         y = labels[s:e]
         valid = y != ignore_index
@@ -93,7 +109,7 @@ def linear_cross_entropy_backward(
     dh = torch.empty_like(h)
     dw = torch.zeros((V, h.shape[1]), dtype=acc, device=h.device)
     db = torch.zeros((V,), dtype=acc, device=h.device) if bias is not None else None
-    for s, e in tiles(n, chunk_size):
+    for s, e in tiles(n, tile_rows(n, h.shape[1], V, chunk_size)):
         z = _tile_logits(h, weight, bias, s, e, acc)
         y = labels[s:e]
         valid = valid_all[s:e]

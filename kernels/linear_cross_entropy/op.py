@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .chunked import linear_cross_entropy_backward, linear_cross_entropy_forward
+from .chunked import AUTO, linear_cross_entropy_backward, linear_cross_entropy_forward
 from .reference import accumulation_dtype, validate_arguments
 
 __all__ = ["linear_cross_entropy"]
@@ -92,7 +92,7 @@ def linear_cross_entropy(
     logits: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(h, weight, bias).float(), labels)`` without ``[N, V]`` saved.
 
@@ -106,7 +106,8 @@ def linear_cross_entropy(
         ignore_index: see ``labels``.
         reduction: ``"mean"`` over the non-ignored tokens (NaN if there are none, with zero
             gradients, as ``F.cross_entropy``) or ``"sum"``.
-        chunk_size: tokens per tile; the largest temporaries are ``[chunk_size, V]``.
+        chunk_size: tokens per tile; the largest temporaries are ``[chunk_size, V]``. None
+            (default): tiles whose logits are no larger than ``h`` (``⌈N·H / V⌉`` rows).
     Returns:
         the scalar loss in float32 (float64 for float64 inputs). Differentiable in ``h``,
         ``weight`` and ``bias``.
@@ -114,4 +115,4 @@ def linear_cross_entropy(
     validate_arguments(h, weight, bias, labels, logits, ignore_index, reduction, chunk_size, "linear_cross_entropy")
     if logits is not None:
         logits = logits.detach()
-    return linear_cross_entropy_fwd(h, weight, bias, labels, logits, ignore_index, reduction, chunk_size)[0]
+    return linear_cross_entropy_fwd(h, weight, bias, labels, logits, ignore_index, reduction, AUTO if chunk_size is None else chunk_size)[0]

@@ -194,3 +194,21 @@ def test_arguments_are_validated_with_a_remedy():
         linear_cross_entropy(h, w, y, chunk_size=0)
     with pytest.raises(ValueError, match="logits"):
         linear_cross_entropy(h, w, y, logits=make_tensor((4, 4), seed=2))
+
+
+def test_automatic_tiles_hold_no_more_logits_than_the_hidden_states():
+    from longctx_compiler.kernels.linear_cross_entropy.chunked import AUTO, MIN_AUTO_ROWS, tile_rows
+
+    assert tile_rows(2048, 32, 256, AUTO) == 256  # [256, 256] logits = [2048, 32] hidden
+    assert tile_rows(10, 4, 1000, AUTO) == MIN_AUTO_ROWS
+    assert tile_rows(2048, 32, 256, 7) == 7
+    # default (automatic) tiles: 300 tokens, H = 8, V = 16 -> two tiles of 150; exact
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(16, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 16, (300,), generator=g)
+    ours = linear_cross_entropy(h, w, y)
+    ref = F.cross_entropy(F.linear(h, w), y)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+    for a, b in zip(torch.autograd.grad(ours, (h, w)), torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
