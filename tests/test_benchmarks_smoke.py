@@ -21,6 +21,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
 KIB, MIB = 1 << 10, 1 << 20
 
 
