@@ -44,7 +44,9 @@ def worst_error(a, b):
 
 def test_llama_float64_aot_eager_exact_and_no_recompile():
     eager = tiny_llama()
-    opt = lc.optimize(tiny_llama(), config=lc.Config(backend="aot_eager", extra_passes=(SiluToCustomOp(),)))
+    # The tiled LM loss stays in float64 where transformers casts the logits to float32 (more
+    # precise than eager, so not equal to it at 1e-10); it has its own tests (test_lm_loss.py).
+    opt = lc.optimize(tiny_llama(), config=lc.Config(backend="aot_eager", extra_passes=(SiluToCustomOp(),), lm_loss={"enabled": False}))
     for t in (16, 23, 40):
         ids = torch.randint(0, 64, (2, t), generator=torch.Generator().manual_seed(t))
         name, err = worst_error(loss_and_grads(opt, ids), loss_and_grads(eager, ids))
