@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .reference import accumulation_dtype, validate_qkv
 
-__all__ = ["chunked_attention_forward", "chunked_attention_backward", "chunk_pairs", "merge_partial", "check_arguments"]
+__all__ = ["chunked_attention_forward", "chunked_attention_backward", "chunk_schedule", "merge_partial", "check_arguments"]
 
 
 def check_arguments(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int, name: str) -> float:
@@ -44,22 +44,23 @@ def check_arguments(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float 
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def chunk_pairs(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: bool = False):
-    """The (query chunk, key chunk) pairs that carry work, as ``((qs, qe), (ks, ke))``.
+def chunk_schedule(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: bool = False):
+    """The chunk pairs that carry work, grouped by the outer chunk.
 
-    Forward order is query-outer/key-inner (``kv_outer=False``), backward order key-outer/
-    query-inner. A causal pair is skipped when its first key ``ks`` is right of its last
-    query ``qe - 1`` (every score of the pair is masked).
+    Yields ``((os, oe), [(is, ie), ...])``: an outer chunk and the inner chunks paired with it,
+    in order. Forward order is query-outer/key-inner (``kv_outer=False``); backward order is
+    key-outer/query-inner, so a key chunk's ``dk``/``dv`` are final after its inner loop. A
+    causal pair is skipped when its first key ``ks`` is right of its last query ``qe - 1``
+    (every score of the pair is masked).
     """
     q_chunks = [(s, min(s + chunk_size, T)) for s in range(0, T, chunk_size)]
     k_chunks = [(s, min(s + chunk_size, S)) for s in range(0, S, chunk_size)]
-    outer, inner = (k_chunks, q_chunks) if kv_outer else (q_chunks, k_chunks)
-    for a in outer:
-        for b in inner:
-            qc, kc = (b, a) if kv_outer else (a, b)
-            if causal and kc[0] > qc[1] - 1:
-                continue
-            yield qc, kc
+    if kv_outer:
+        for ks, ke in k_chunks:
+            yield (ks, ke), [(qs, qe) for qs, qe in q_chunks if not (causal and ks > qe - 1)]
+    else:
+        for qs, qe in q_chunks:
+            yield (qs, qe), [(ks, ke) for ks, ke in k_chunks if not (causal and ks > qe - 1)]
 
 
 def _group_rows(x: Tensor, qs: int, qe: int, hkv: int, dtype: torch.dtype) -> Tensor:
@@ -148,14 +149,10 @@ def chunked_attention_forward(
     acc = accumulation_dtype(q.dtype)
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, T), dtype=acc, device=q.device)
-    for qs in range(0, T, chunk_size):
-        qe = min(qs + chunk_size, T)
+    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal):
         qc = _group_rows(q, qs, qe, Hkv, acc)
         o_acc = lse_acc = None
-        for ks in range(0, S, chunk_size):
-            ke = min(ks + chunk_size, S)
-            if causal and ks > qe - 1:
-                break
+        for ks, ke in key_chunks:
             kc = k[:, :, ks:ke].to(acc)
             vc = v[:, :, ks:ke].to(acc)
             keep = _causal_keep(qs, qe, ks, ke, G, q.device) if causal else None
@@ -227,17 +224,12 @@ def chunked_attention_backward(
     dq_acc = torch.zeros((B, Hq, T, D), dtype=acc, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    for ks in range(0, S, chunk_size):
-        ke = min(ks + chunk_size, S)
+    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True):
         kc = k[:, :, ks:ke].to(acc)
         vc = v[:, :, ks:ke].to(acc)
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=acc, device=q.device)
         dv_acc = torch.zeros_like(dk_acc)
-        # Causal: queries before ks see none of these keys, so the inner loop starts at the
-        # query chunk that contains position ks.
-        q_start = (ks // chunk_size) * chunk_size if causal else 0
-        for qs in range(q_start, T, chunk_size):
-            qe = min(qs + chunk_size, T)
+        for qs, qe in query_chunks:
             qc = _group_rows(q, qs, qe, Hkv, acc)
             doc = _group_rows(dout, qs, qe, Hkv, acc)
             lsec = _group_rows(lse, qs, qe, Hkv, acc).unsqueeze(-1)
@@ -299,15 +291,11 @@ def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
     out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, T), dtype=acc, device=q.device)
-    for qs in range(0, T, chunk_size):
-        qe = min(qs + chunk_size, T)
+    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal):
         # 16-bit inputs are merged in float32: the kernel would round each partial to 16 bits.
         qc = q[:, :, qs:qe].to(acc)
         o_acc = lse_acc = None
-        for ks in range(0, S, chunk_size):
-            ke = min(ks + chunk_size, S)
-            if causal and ks > qe - 1:
-                break
+        for ks, ke in key_chunks:
             diagonal = _pair_is_diagonal(qs, qe, ks, ke, causal)
             o_part, l_part = flash(qc, k[:, :, ks:ke].to(acc), v[:, :, ks:ke].to(acc), 0.0, diagonal, scale=scale)
             if o_acc is None:
@@ -327,14 +315,11 @@ def _backward_cpu_kernel(dout, q, k, v, out, lse, causal: bool, scale: float, ch
     dq_acc = torch.zeros((B, Hq, T, D), dtype=acc, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    for ks in range(0, S, chunk_size):
-        ke = min(ks + chunk_size, S)
+    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True):
         kc, vc = k[:, :, ks:ke].to(acc), v[:, :, ks:ke].to(acc)
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=acc, device=q.device)
         dv_acc = torch.zeros_like(dk_acc)
-        q_start = (ks // chunk_size) * chunk_size if causal else 0
-        for qs in range(q_start, T, chunk_size):
-            qe = min(qs + chunk_size, T)
+        for qs, qe in query_chunks:
             diagonal = _pair_is_diagonal(qs, qe, ks, ke, causal)
             dq_p, dk_p, dv_p = flash_bwd(
                 dout[:, :, qs:qe].to(acc), q[:, :, qs:qe].to(acc), kc, vc,
