@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch.fx as fx
 
+from longctx_compiler.passes.fx_utils import writes_in_place
 from longctx_compiler.report import PROVENANCE_KEY, GraphRecord, Refusal, Rewrite, node_site
 
 if TYPE_CHECKING:
@@ -144,11 +145,9 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, rec
 
 def _keep_impure(node: fx.Node) -> bool:
     # Nodes with side effects stay even when a rewrite orphaned them: what torch.fx knows
-    # to be impure (RNG, asserts, mutating ops by schema) and in-place tensor methods, which
-    # fx does not flag (``Node.is_impure`` is False for every ``call_method``).
-    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("__"):
-        return True
-    return node.is_impure()
+    # to be impure (RNG, asserts, mutating ops by schema) and in-place writes, which fx does
+    # not flag (``Node.is_impure`` is False for every ``call_method``).
+    return writes_in_place(node) or node.is_impure()
 
 
 def _erased(node: fx.Node) -> bool:

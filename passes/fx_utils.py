@@ -11,7 +11,13 @@ import torch.utils._pytree as pytree
 from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.node import map_aggregate
 
-__all__ = ["example_value", "propagate_example_value", "arg", "is_call", "strip_repeat_kv", "insert_call"]
+__all__ = ["example_value", "propagate_example_value", "arg", "is_call", "strip_repeat_kv", "insert_call", "writes_in_place"]
+
+#: Python operators that write into their first operand (``x[i] = v``, ``x += y``, ...).
+_INPLACE_OPERATORS = frozenset({
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+})
 
 
 def example_value(node: Any) -> Any:
@@ -19,6 +25,29 @@ def example_value(node: Any) -> Any:
     if isinstance(node, fx.Node):
         return node.meta.get("example_value", node.meta.get("val"))
     return node
+
+
+def writes_in_place(node: fx.Node, value: fx.Node | None = None) -> bool:
+    """``node`` writes into a tensor: its first argument (``x.mul_(2)``, ``torch.relu_(x)``,
+    ``x[i] = v``, ``x += y``) or its ``out=`` tensor. With ``value``: writes into ``value``.
+
+    ``torch.fx`` does not know this (``Node.is_impure`` is False for every ``call_method``),
+    so passes ask here before dropping, moving or recomputing a node.
+    """
+    out = node.kwargs.get("out")
+    if out is not None and (value is None or out is value):
+        return True
+    if value is not None and (not node.args or node.args[0] is not value):
+        return False
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return name.endswith("_") and not name.startswith("__")
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:

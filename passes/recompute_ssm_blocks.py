@@ -37,7 +37,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.fx_utils import example_value
+from longctx_compiler.passes.fx_utils import example_value, writes_in_place
 from longctx_compiler.passes.registry import register_pass
 
 __all__ = ["RecomputeSSMBlocksPass", "CHECKPOINT_HOP"]
@@ -132,10 +132,9 @@ class RecomputeSSMBlocksPass(Pass):
             why = _random(n)
             if why:
                 raise CantApply(f"the block draws random numbers ({why} at {n.name}); recomputing it would not reproduce the forward")
-            if n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("__"):
-                raise CantApply(f"the block updates a tensor in place ({n.target} at {n.name})")
-            if n.op == "call_function" and n.target in (operator.setitem,):
-                raise CantApply(f"the block assigns into a tensor (setitem at {n.name})")
+            if writes_in_place(n):
+                what = n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
+                raise CantApply(f"the block updates a tensor in place ({what} at {n.name})")
             if n.is_impure() and n.target is not SCAN_OP:
                 raise CantApply(f"{n.name} ({n.target}) has side effects")
             if n.op == "call_module":
@@ -160,16 +159,14 @@ class RecomputeSSMBlocksPass(Pass):
             if not isinstance(example_value(o), torch.Tensor):
                 raise CantApply(f"{o.name} leaves the block as a {type(example_value(o)).__name__}, not a tensor")
         # The region can become one node only if no outside node both depends on the region
-        # and feeds it (that would be a cycle).
+        # and feeds it (a cycle). Such a node, or the chain through it, reads a region output
+        # and is (or feeds) a region input, so every input must be defined before the first
+        # outside use of an output: that is the whole check.
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         last_input = max((order[a] for a in inputs), default=-1)
         first_outside_use = min(order[u] for o in outputs for u in o.users if u not in region)
         if last_input >= first_outside_use:
             raise CantApply("the block's nodes are interleaved with outside work that depends on them")
-        for n in match.nodes[0].graph.nodes:
-            if order[match.nodes[0]] < order[n] < order[match.nodes[-1]] and n not in region and n.op != "placeholder":
-                if any(a in region for a in n.all_input_nodes) and any(u in region for u in n.users):
-                    raise CantApply(f"{n.name} lies between parts of the block and depends on it")
         match.data["inputs"] = inputs
         match.data["outputs"] = outputs
         match.data["insert_before"] = min((u for o in outputs for u in o.users if u not in region), key=order.__getitem__)

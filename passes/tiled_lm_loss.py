@@ -50,7 +50,7 @@ import torch.nn.functional as F
 # Importing the kernels registers the torch.library ops the rewrite inserts.
 import longctx_compiler.kernels.linear_cross_entropy  # noqa: F401
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value
+from longctx_compiler.passes.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value, writes_in_place
 from longctx_compiler.passes.registry import register_pass
 
 __all__ = ["TiledLMLossPass"]
@@ -75,10 +75,6 @@ _ALIASING_FUNCTIONS = {
     operator.getitem, torch.reshape, torch.flatten, torch.transpose, torch.t, torch.permute, torch.squeeze,
     torch.unsqueeze, torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.as_strided,
     torch.detach, torch.movedim, torch.swapaxes, torch.diagonal, getattr,
-}
-_INPLACE_OPERATORS = {
-    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
 }
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # How far past an unrecognised op we look for an LM head before deciding the loss is not ours.
@@ -154,7 +150,7 @@ class TiledLMLossPass(Pass):
         ce, head = d["ce"], d["head"]
         self._check_loss_arguments(ce, d)
         self._check_head(head, d)
-        V, H = d["V"], d["H"]
+        V = d["V"]
 
         labels = example_value(d["labels"])
         if not isinstance(labels, torch.Tensor):
@@ -390,7 +386,7 @@ def _check_no_inplace(head: fx.Node) -> None:
     while todo:
         n = todo.pop()
         for u in n.users:
-            if _is_inplace(u, n):
+            if writes_in_place(u, n):
                 what = u.target if u.op == "call_method" else getattr(u.target, "__name__", str(u.target))
                 raise CantApply(f"the logits are modified in place by `{what}` ({u.name}): the tiled loss recomputes them from h and W")
             if u not in seen and (
@@ -398,23 +394,6 @@ def _check_no_inplace(head: fx.Node) -> None:
             ):
                 seen.add(u)
                 todo.append(u)
-
-
-def _is_inplace(user: fx.Node, value: fx.Node) -> bool:
-    if user.kwargs.get("out") is value:
-        return True
-    first = user.args[0] if user.args else None
-    if first is not value:
-        return False
-    if user.op == "call_method":
-        name = str(user.target)
-        return name.endswith("_") and not name.startswith("_")
-    if user.op == "call_function":
-        if user.target in _INPLACE_OPERATORS:
-            return True
-        name = getattr(user.target, "__name__", "")
-        return name.endswith("_") and not name.startswith("_")
-    return False
 
 
 def _removable(ce: fx.Node, chain: list[fx.Node]) -> list[fx.Node]:
