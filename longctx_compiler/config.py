@@ -88,6 +88,12 @@ class SSMConfig:
             scan (norm, projections, convolution, gate) in backward instead of saving it, so
             a block keeps only its input for backward (O(T·hidden) per layer instead of about
             ten ``[T, D_inner]`` activations). Costs one extra forward of those blocks.
+        shard_blocks: run every block around a rewritten scan chunk by chunk along the
+            sequence, forward and backward, when the block is provably local along the
+            sequence (otherwise ``recompute_blocks`` applies). A block then keeps its input
+            and ``⌈T/block_chunk_size⌉`` scan states for backward, and works on one chunk at
+            a time: its working memory no longer grows with T. Exact.
+        block_chunk_size: tokens per block chunk; None (default): ``chunk_size``.
     """
 
     enabled: bool = True
@@ -95,6 +101,8 @@ class SSMConfig:
     mode: str = "exact"
     window: int | None = None
     recompute_blocks: bool = True
+    shard_blocks: bool = True
+    block_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_bool("SSMConfig", "enabled", self.enabled)
@@ -108,6 +116,8 @@ class SSMConfig:
         elif self.window is not None:
             raise ValueError('SSMConfig.window only applies to mode="truncated"; exact mode has no window')
         _check_bool("SSMConfig", "recompute_blocks", self.recompute_blocks)
+        _check_bool("SSMConfig", "shard_blocks", self.shard_blocks)
+        _check_positive_int("SSMConfig", "block_chunk_size", self.block_chunk_size, allow_none=True)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "longctx_compiler.passes.scan_to_selective_scan",
     "longctx_compiler.passes.adjoint_sharded_scan",
     "longctx_compiler.passes.depthwise_conv",
+    "longctx_compiler.passes.adjoint_sharded_blocks",
     "longctx_compiler.passes.recompute_ssm_blocks",
     "longctx_compiler.passes.tiled_lm_loss",
 )

@@ -57,9 +57,10 @@ def test_hf_mamba_loss_and_every_gradient_match_eager(assoc):
     assert opt.compile_count == 1
     sites = [r.site for r in scan_rewrites(opt)]
     assert all(s.startswith(f"backbone.layers.{i}.mixer (modeling_mamba.py") for i, s in enumerate(sites)), sites
-    # every layer's token-wise work is recomputed in backward
-    blocks = [r.site for r in opt.report.rewrites if r.pass_name == "recompute_ssm_blocks"]
-    assert [s.split(" ")[0] for s in blocks] == ["backbone.layers.0", "backbone.layers.1"], blocks
+    # every layer runs chunk by chunk along the sequence (T = 2..40 spans 1..5 chunks)
+    blocks = [r for r in opt.report.rewrites if r.pass_name == "adjoint_sharded_blocks"]
+    assert [r.site.split(" ")[0] for r in blocks] == ["backbone.layers.0", "backbone.layers.1"], blocks
+    assert all(r.details["halo"] == 3 for r in blocks)  # the convolution's reach: d_conv - 1
     # no unrolled loop or log-depth tree is left: the graph has no per-step matmul/stack
     after = opt.report.graphs[0].after
     assert not any(n.target in ("torch.stack", "torch.matmul") for n in after.nodes)
@@ -176,7 +177,7 @@ def test_inductor_within_twice_plain_compile_error():
     assert "transformers.models.mamba.modeling_mamba" in sys.modules
     # Inductor too compiles one graph for every length: the convolution's backward lowering
     # would pin T (it is rewritten into shifted multiply-adds, see passes/depthwise_conv.py).
-    assert opt.report.count("depthwise_conv") == 2
+    assert opt.report.count("depthwise_conv") == 2 and opt.report.count("adjoint_sharded_blocks") == 2
     ids = ids_for(37, 5)
     opt(ids, labels=ids).loss.backward()
     assert opt.compile_count == 1

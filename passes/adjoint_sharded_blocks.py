@@ -1,0 +1,147 @@
+"""Run each block around an adjoint-sharded scan chunk by chunk along the sequence.
+
+The scan's own saved state is already ``M·B·D·N`` boundary states. What a Mamba-style block
+still needs in backward is its token-wise work: the input projection ``[T, 2·D_inner]``,
+the convolution, ``x_proj``/``dt_proj``, the gate — about ten ``[T, D_inner]`` tensors,
+saved, or (with :mod:`recompute_ssm_blocks`) recomputed all at once in backward. This pass
+takes the adjoint sharding from the scan up to the whole block::
+
+    before:  x ─ norm ─ in_proj ─ conv ─ silu ─ x_proj ─ dt_proj ─ scan ─ gate ─ out_proj ─ (+x) ─ out
+    after:   out, states = longctx.ssm_block_fwd([x, *params], sizes, plan)
+
+The op runs the block one chunk of ``Q`` tokens at a time (the chunk's window also reads the
+``H`` tokens before it, the convolution's reach), carrying the scan's state forward and
+keeping the state entering each chunk. Its backward walks the chunks in reverse: recompute
+the chunk, take its vector-Jacobian product with the output gradient and the state adjoint
+``λ`` from the chunk after, pass ``λ`` on. Exact; saved: the block's inputs and ``M``
+states; working memory: one chunk's activations instead of the whole sequence's.
+(``kernels/ssm_block/chunked.py`` has the schedule.)
+
+Which nodes form "the block" and what disqualifies it are as in :mod:`recompute_ssm_blocks`
+(which handles any block this pass refuses). On top, the block must be provably local
+along the sequence (:mod:`sequence_window`: every operation has a rule; no look-ahead; the
+outputs pointwise in the scan's output), and the scan exact (a truncated adjoint is
+defined per scan, not across the block's chunks).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from longctx_compiler.kernels.ssm_block import BlockPlan, register_plan, scan_in_window
+from longctx_compiler.kernels.ssm_block import op as _block_op  # noqa: F401  (registers the ops)
+from longctx_compiler.passes.adjoint_sharded_scan import _all_args
+from longctx_compiler.passes.base import CantApply, Match, PassContext
+from longctx_compiler.passes.fx_utils import example_value, propagate_example_value
+from longctx_compiler.passes.recompute_ssm_blocks import RecomputeSSMBlocksPass
+from longctx_compiler.passes.registry import register_pass
+from longctx_compiler.passes.sequence_window import analyse_window
+
+__all__ = ["AdjointShardedBlocksPass", "BLOCK_OP"]
+
+BLOCK_OP = torch.ops.longctx.ssm_block_fwd.default
+
+# The scan's sequence arguments (schema positions) and the dim they run along.
+_SEQ_ARGS = {0: -1, 1: -1, 3: -1, 4: -1, 6: -1}  # u, delta, B, C, z
+
+
+@register_pass("rewrite", order=85)
+class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
+    """Each block around a scan → one op that runs it chunk by chunk, forward and backward."""
+
+    name = "adjoint_sharded_blocks"
+    kind = "ssm block -> chunked along the sequence (state carried forward, adjoint back)"
+
+    def enabled(self, ctx: PassContext) -> bool:
+        return ctx.config.ssm.enabled and ctx.config.ssm.shard_blocks
+
+    def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
+        d = match.data
+        return {
+            "block": d["path"], "nodes": len(match.nodes), "chunk_size": d.get("chunk"), "halo": d.get("halo"),
+            "saved": "block inputs + M·B·D·N boundary states",
+        }
+
+    def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
+        super().check(gm, match, ctx)
+        cfg = ctx.config.ssm
+        if cfg.mode != "exact":
+            raise CantApply(f"the scan's adjoint is {cfg.mode!r}: a truncated adjoint is defined per scan, not across the block's chunks")
+        scan = match.data["scan"]
+        args = _all_args(scan)
+        seq_args = {i: d for i, d in _SEQ_ARGS.items() if args[i] is not None}
+        window = analyse_window(match.nodes, match.data["inputs"], match.data["outputs"], scan, seq_args, args)
+        for a in match.data["inputs"]:
+            v = example_value(a)
+            if not isinstance(v, (torch.Tensor, torch.SymInt, int)):
+                raise CantApply(f"block input {a.name} is a {type(v).__name__}")
+        match.data["window"] = window
+        match.data["halo"] = window.halo
+        match.data["chunk"] = cfg.block_chunk_size or cfg.chunk_size
+
+    def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
+        window = match.data["window"]
+        inputs: list[fx.Node] = match.data["inputs"]
+        outputs: list[fx.Node] = match.data["outputs"]
+        scan: fx.Node = match.data["scan"]
+        tensors = [a for a in inputs if isinstance(example_value(a), torch.Tensor)]
+        sizes = [a for a in inputs if not isinstance(example_value(a), torch.Tensor)]
+
+        body = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for a in (*tensors, *sizes):
+            env[a] = body.placeholder(a.name)
+        hc = body.placeholder("hc")
+        h_in = body.placeholder("h_in")
+        for n in match.nodes:
+            if n is scan:
+                env[n] = body.call_function(scan_in_window, (*(body_arg(x, env) for x in _all_args(n)), hc, h_in))
+            elif n.op == "call_function" and n.target is operator.getitem and n.args[0] is scan and n.args[1] != 0:
+                continue  # the scan's final/boundary states: unused (the analysis checked)
+            else:
+                env[n] = body.node_copy(n, lambda x: env[x])
+        final = body.call_function(operator.getitem, (env[scan], 1))
+        body.output((*(env[o] for o in outputs), final))
+        plan = BlockPlan(
+            body=fx.GraphModule(gm, body, class_name="ShardedBlock"),
+            tensor_dims=tuple(window.input_dims.get(a) for a in tensors),
+            size_exprs=tuple(_size_expr(a, window) for a in sizes),
+            length=window.length,
+            output_dims=tuple(window.output_dims),
+            halo=window.halo,
+            chunk=match.data["chunk"],
+        )
+        key = register_plan(plan)
+
+        graph = gm.graph
+        with graph.inserting_before(match.data["insert_before"]):
+            call = graph.call_function(BLOCK_OP, (list(tensors), list(sizes), key), {})
+            for k in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+                if k in match.anchor.meta:
+                    call.meta[k] = match.anchor.meta[k]
+            propagate_example_value(call)
+            results = []
+            for i, o in enumerate(outputs):
+                g = graph.call_function(operator.getitem, (call, i), {})
+                g.meta.update({k: v for k, v in o.meta.items() if k in ("nn_module_stack", "stack_trace")})
+                g.meta["example_value"] = call.meta["example_value"][i]
+                results.append(g)
+        region = set(match.nodes)
+        for o, g in zip(outputs, results):
+            o.replace_all_uses_with(g, delete_user_cb=lambda u: u not in region)
+        for n in reversed(match.nodes):
+            graph.erase_node(n)
+        return [call, *results]
+
+
+def body_arg(x: Any, env: dict[fx.Node, fx.Node]) -> Any:
+    return env[x] if isinstance(x, fx.Node) else x
+
+
+def _size_expr(node: fx.Node, window) -> sympy.Expr | None:
+    return window.size_inputs.get(node)
