@@ -93,7 +93,9 @@ class SSMConfig:
             sequence (otherwise ``recompute_blocks`` applies). A block then keeps its input
             and ``⌈T/block_chunk_size⌉`` scan states for backward, and works on one chunk at
             a time: its working memory no longer grows with T. Exact.
-        block_chunk_size: tokens per block chunk; None (default): ``chunk_size``.
+        block_chunk_size: tokens per block chunk. Working memory grows with it, Python and
+            kernel-launch overhead per token shrinks: 1024 (default) costs about 1.2x the step
+            time of ``recompute_blocks`` alone on CPU (a small Mamba at 2K-16K tokens).
     """
 
     enabled: bool = True
@@ -102,7 +104,7 @@ class SSMConfig:
     window: int | None = None
     recompute_blocks: bool = True
     shard_blocks: bool = True
-    block_chunk_size: int | None = None
+    block_chunk_size: int = 1024
 
     def __post_init__(self) -> None:
         _check_bool("SSMConfig", "enabled", self.enabled)
@@ -117,7 +119,7 @@ class SSMConfig:
             raise ValueError('SSMConfig.window only applies to mode="truncated"; exact mode has no window')
         _check_bool("SSMConfig", "recompute_blocks", self.recompute_blocks)
         _check_bool("SSMConfig", "shard_blocks", self.shard_blocks)
-        _check_positive_int("SSMConfig", "block_chunk_size", self.block_chunk_size, allow_none=True)
+        _check_positive_int("SSMConfig", "block_chunk_size", self.block_chunk_size)
 
 
 @dataclass(frozen=True)

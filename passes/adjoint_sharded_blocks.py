@@ -82,7 +82,7 @@ class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
                 raise CantApply(f"block input {a.name} is a {type(v).__name__}")
         match.data["window"] = window
         match.data["halo"] = window.halo
-        match.data["chunk"] = cfg.block_chunk_size or cfg.chunk_size
+        match.data["chunk"] = cfg.block_chunk_size
 
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
         window = match.data["window"]

@@ -198,8 +198,8 @@ def _chunk_vjp(plan, tensors, sizes, needs, leaves_fixed, states, grad_outputs, 
     """
     hc, n = t0 - a, t1 - t0
     window = [
-        fixed if d is None else x.narrow(d, a, t1 - a).detach().requires_grad_(need)
-        for x, d, need, fixed in zip(tensors, plan.tensor_dims, needs, leaves_fixed)
+        fixed if d is None else w.detach().requires_grad_(need)
+        for w, d, need, fixed in zip(_window(plan, tensors, a, t1 - a), plan.tensor_dims, needs, leaves_fixed)
     ]
     h_in = states[:, :, c].detach().requires_grad_() if c else None
     *outs, final = plan.body(*window, *plan.sizes_at(sizes, t1 - a), hc, h_in)

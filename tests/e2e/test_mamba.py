@@ -34,7 +34,7 @@ def scan_rewrites(opt):
 
 
 def optimized(model, **ssm):
-    return lc.optimize(model, backend="aot_eager", strict=True, ssm={"chunk_size": CHUNK, **ssm})
+    return lc.optimize(model, backend="aot_eager", strict=True, ssm={"chunk_size": CHUNK, "block_chunk_size": CHUNK, **ssm})
 
 
 @pytest.mark.parametrize("assoc", [False, True], ids=["loop", "associative_scan"])
