@@ -1,5 +1,9 @@
 """Recompute the token-wise work of every block that holds an adjoint-sharded scan.
 
+(The fallback for blocks that :mod:`adjoint_sharded_blocks` refuses: that pass runs a block
+chunk by chunk along the sequence, which holds one chunk's activations instead of a whole
+block's; this one recomputes the whole block at once.)
+
 Once a scan is adjoint-sharded, its own saved state is tiny (``[B, D, M, N]`` boundary
 states). What a Mamba-style block still keeps for backward is its *token-wise* work: the
 norm, the input projection ``[T, 2·D_inner]``, the causal convolution and its activation,
