@@ -114,6 +114,7 @@ class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
             length=window.length,
             output_dims=tuple(window.output_dims),
             halo=window.halo,
+            min_length=window.min_length,
             chunk=match.data["chunk"],
         )
         key = register_plan(plan)

@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from longctx_compiler.kernels.ssm_block import op as _block_op  # noqa: F401  (registers ssm_block_fwd)
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.fx_utils import example_value, writes_in_place
@@ -47,6 +48,7 @@ from longctx_compiler.passes.registry import register_pass
 __all__ = ["RecomputeSSMBlocksPass", "CHECKPOINT_HOP"]
 
 CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
+BLOCK_OP = torch.ops.longctx.ssm_block_fwd.default
 
 #: Functions whose result depends on the random-number generator: recomputing them would
 #: draw new numbers (and the forward/backward pair would disagree).
@@ -104,12 +106,13 @@ class RecomputeSSMBlocksPass(Pass):
         scans = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SCAN_OP]
         if not scans:
             return
-        # How many scans each module (by nn_module_stack key) contains.
+        # How many scans each module (by nn_module_stack key) contains; a block that
+        # adjoint_sharded_blocks already turned into one op still holds its scan.
         per_module: dict[str, int] = {}
-        for s in scans:
-            for key, _ in _module_stack(s):
-                per_module[key] = per_module.get(key, 0) + 1
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for s in gm.graph.nodes:
+            if s.op == "call_function" and s.target in (SCAN_OP, BLOCK_OP):
+                for key, _ in _module_stack(s):
+                    per_module[key] = per_module.get(key, 0) + 1
         for s in scans:
             block = next(((k, p) for k, p in _module_stack(s) if per_module[k] == 1), None)
             if block is None:
@@ -117,11 +120,17 @@ class RecomputeSSMBlocksPass(Pass):
                 yield Match(anchor=s, nodes=[s], data={"path": None, "scan": s})
                 continue
             key, path = block
-            nodes = [
-                n for n in gm.graph.nodes
-                if n.op in ("call_function", "call_method", "call_module") and any(k == key for k, _ in _module_stack(n))
-            ]
-            nodes.sort(key=order.__getitem__)
+            nodes: list[fx.Node] = []
+            members: set[fx.Node] = set()
+            for n in gm.graph.nodes:
+                if n.op not in ("call_function", "call_method", "call_module") or all(k != key for k, _ in _module_stack(n)):
+                    continue
+                if isinstance(example_value(n), (torch.SymInt, int)) and not members.intersection(n.all_input_nodes):
+                    # Size arithmetic on the graph's size symbols (``T - 2``): Dynamo computes
+                    # it once and may reuse it in later blocks, so it stays outside, an input.
+                    continue
+                nodes.append(n)
+                members.add(n)
             # The report names the block: anchor on its first node that belongs to the block
             # itself rather than to a submodule (the scan sits in the mixer).
             anchor = next((n for n in nodes if _module_stack(n)[-1][0] == key), s)

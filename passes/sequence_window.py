@@ -105,6 +105,10 @@ class WindowAnalysis:
     Attributes:
         length: the sequence-length symbol ``T``.
         halo: H, the number of tokens before a window's first output it must also read.
+        min_length: the shortest window for which every sequence size ``L + c`` is at least
+            1. Shorter, a slice such as ``x[:, :-2]`` would clamp (to an empty tensor)
+            instead of keeping ``L + c`` positions, and the window would not be the
+            sequence's restriction.
         input_dims: sequence dim of each region input that has one.
         size_inputs: each integer region input that depends on ``T``, as an expression in it.
         output_dims: sequence dim of each region output, in order.
@@ -113,6 +117,7 @@ class WindowAnalysis:
 
     length: sympy.Symbol
     halo: int
+    min_length: int
     input_dims: dict[fx.Node, int] = field(default_factory=dict)
     size_inputs: dict[fx.Node, sympy.Expr] = field(default_factory=dict)
     output_dims: list[int] = field(default_factory=list)
@@ -148,6 +153,7 @@ _ALONG_DIM = {
     "softmax": 1, "log_softmax": 1, "normalize": 2, "cumsum": 1, "cumprod": 1, "prod": 1, "all": 1, "any": 1,
     "argmax": 1, "argmin": 1,
 }
+#: Position of the ``dim`` argument (the tensor is argument 0, for methods too).
 _SPLIT = {"split": 2, "chunk": 2, "unbind": 1, "tensor_split": 2, "split_with_sizes": 2}
 _CONCAT = {"cat", "concat", "concatenate", "stack"}
 _MATMUL = {"matmul", "mm", "bmm", "__matmul__"}
@@ -198,6 +204,7 @@ class _Analysis:
     def __init__(self, length: sympy.Symbol) -> None:
         self.T = length
         self.info: dict[fx.Node, Any] = {}
+        self.shortest = 0  # the smallest c among sequence sizes T + c
 
     # -- sizes ----------------------------------------------------------------------------
     def offset(self, size: Any, where: str) -> int | None:
@@ -218,6 +225,8 @@ class _Analysis:
         dims = [d for d, s in enumerate(value.shape) if self.offset(s, where) is not None]
         if len(dims) > 1:
             raise CantApply(f"{where} has {len(dims)} dims along the sequence ({tuple(value.shape)})")
+        if dims:
+            self.shortest = min(self.shortest, self.offset(value.shape[dims[0]], where))
         return dims[0] if dims else None
 
     # -- nodes ----------------------------------------------------------------------------
@@ -350,7 +359,7 @@ class _Analysis:
         if x is not node.args[0]:
             raise CantApply(f"{node.name} ({name}) splits by sequence-long sizes")
         xv = example_value(x)
-        dim = _arg(node, _SPLIT[name] - (1 if name == "unbind" else 0), "dim", 0)
+        dim = _arg(node, _SPLIT[name], "dim", 0)
         if not isinstance(dim, int) or dim % xv.dim() == self.info[x].dim:
             raise CantApply(f"{node.name} ({name}) splits along the sequence dim")
         return _Group(self.info[x].left, self.info[x].right)
@@ -495,6 +504,7 @@ def analyse_window(
     return WindowAnalysis(
         length=length.node.expr,
         halo=halo,
+        min_length=max(1, 1 - an.shortest),
         input_dims={a: an.info[a].dim for a in inputs if isinstance(an.info[a], SeqValue)},
         size_inputs={a: sympy.sympify(example_value(a).node.expr) for a in inputs if an.info[a] is _SIZE},
         output_dims=output_dims,

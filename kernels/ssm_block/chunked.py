@@ -60,6 +60,8 @@ class BlockPlan:
         length: the sequence-length symbol.
         output_dims: each output's sequence dim.
         halo: H, the tokens before a chunk that its window also reads.
+        min_length: the shortest window the body is exact on (a window reaches further back,
+            or a chunk further ahead, to be at least this long; see ``sequence_window``).
         chunk: Q, tokens per chunk.
     """
 
@@ -69,6 +71,7 @@ class BlockPlan:
     length: sympy.Symbol
     output_dims: tuple[int, ...]
     halo: int
+    min_length: int
     chunk: int
 
     def seq_len(self, tensors: Sequence[Tensor]) -> int:
@@ -90,9 +93,14 @@ class BlockPlan:
         return t
 
 
-def chunks(t: int, q: int, halo: int) -> list[tuple[int, int, int]]:
-    """``(a, t0, t1)`` per chunk: window start, chunk start and end."""
-    return [(max(0, t0 - halo), t0, min(t, t0 + q)) for t0 in range(0, t, q)]
+def chunks(t: int, q: int, halo: int, min_length: int = 1) -> list[tuple[int, int, int]]:
+    """``(a, t0, t1)`` per chunk: window start, chunk start and end.
+
+    Every window ``[a, t1)`` holds ``halo`` tokens before its chunk and is at least
+    ``min_length`` long (or the whole sequence, when that is shorter).
+    """
+    q = max(q, min_length)
+    return [(max(0, min(t0 - halo, min(t, t0 + q) - min_length)), t0, min(t, t0 + q)) for t0 in range(0, t, q)]
 
 
 def scan_in_window(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode, window, hc, h_in):
@@ -135,7 +143,7 @@ def _window(plan: BlockPlan, tensors: Sequence[Tensor], a: int, n: int) -> list[
 def block_forward(plan: BlockPlan, tensors: Sequence[Tensor], sizes: Sequence[int]) -> tuple[list[Tensor], Tensor]:
     """``(outputs, boundary_states [B, D, M·N])``; the state entering chunk 0 is left zero."""
     t = plan.check_sizes(tensors, sizes)
-    spans = chunks(t, plan.chunk, plan.halo)
+    spans = chunks(t, plan.chunk, plan.halo, plan.min_length)
     outputs: list[Tensor] | None = None
     boundary: Tensor | None = None
     h = None
@@ -164,7 +172,7 @@ def block_backward(
 ) -> list[Tensor | None]:
     """Gradients of every tensor input (None where ``needs`` is False), chunk by chunk."""
     t = plan.check_sizes(tensors, sizes)
-    spans = chunks(t, plan.chunk, plan.halo)
+    spans = chunks(t, plan.chunk, plan.halo, plan.min_length)
     states = boundary.view(*boundary.shape[:2], len(spans), -1)
     grads: list[Tensor | None] = [
         torch.zeros_like(x) if need and d is not None else None for x, d, need in zip(tensors, plan.tensor_dims, needs)

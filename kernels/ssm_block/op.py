@@ -34,7 +34,7 @@ def register_plan(plan: BlockPlan) -> str:
     """Register ``plan``; returns its name (a digest of its code and numbers)."""
     text = "\n".join([
         plan.body.code, repr(plan.tensor_dims), repr([str(e) for e in plan.size_exprs]), str(plan.length),
-        repr(plan.output_dims), str(plan.halo), str(plan.chunk),
+        repr(plan.output_dims), str(plan.halo), str(plan.min_length), str(plan.chunk),
     ])
     key = "ssm_block_" + hashlib.sha256(text.encode()).hexdigest()[:24]
     _PLANS.setdefault(key, plan)
@@ -60,7 +60,8 @@ def _(tensors, sizes, plan):
     # The whole-sequence run of the body on fake inputs gives the output shapes (symbolic T
     # stays symbolic) and the state's shape and dtype.
     *outs, final = p.body(*tensors, *sizes, 0, None)
-    m = (p.seq_len(tensors) + p.chunk - 1) // p.chunk
+    q = max(p.chunk, p.min_length)
+    m = (p.seq_len(tensors) + q - 1) // q
     return [o.new_empty(o.shape) for o in outs] + [final.new_empty((final.shape[0], final.shape[1], m * final.shape[2]))]
 
 
@@ -89,7 +90,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     *tensors, boundary = ctx.saved_tensors
     got = torch.ops.longctx.ssm_block_bwd(tensors, ctx.sizes, boundary, list(grads[:-1]), ctx.needs, ctx.plan)
-    return [g if need else None for g, need in zip(got, ctx.needs)], None, None
+    # Integer inputs get no gradient: None, or [] for an empty list (torch.library matches an
+    # empty list's structure, not None).
+    return [g if need else None for g, need in zip(got, ctx.needs)], (None if ctx.sizes else []), None
 
 
 ssm_block_fwd.register_autograd(_backward, setup_context=_setup_context)
