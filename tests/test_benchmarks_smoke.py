@@ -274,3 +274,27 @@ def test_ssm_benchmark_smallest_settings(tmp_path):
         assert slope["pass"] == (slope["slope_units"] < 16)
     for line in ("64_memory_10x_less_than_eager", "peak_not_O_TDN"):
         assert line in proc.stdout
+
+
+def test_ssm_kernel_bandwidth_benchmark_smallest_settings(tmp_path):
+    """CPU run: the bytes model, the measured copy bandwidth as reference, no target verdict."""
+    out = tmp_path / "kernels.json"
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "ssm_kernels", "--device", "cpu", "--tokens", "64", "200",
+        "--dims", "8", "--state", "4", "--chunk-size", "16", "--repeats", "1", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "ssm_kernels" and doc["config"]["dtype"] == "float32"
+    assert doc["reference"]["used"] == "copy" and doc["reference"]["copy_bytes_per_s"] > 0
+    from benchmarks.bench_ssm_kernels import scan_bytes
+
+    for rec, t in zip(doc["records"], (64, 200)):
+        moved = scan_bytes(1, 8, 1, 4, t, 16, 4)
+        # fwd: u, Δ, z, y [8, T] + B, C [4, T] + ⌈T/16⌉ states [8, 4]; bwd: 7 [8, T] + 4 [4, T] + states
+        assert moved == {"fwd": 4 * (4 * 8 * t + 2 * 4 * t + 8 * 4 * -(-t // 16)),
+                         "bwd": 4 * (7 * 8 * t + 4 * 4 * t + 8 * 4 * -(-t // 16))}
+        assert rec["tokens"] == t and rec["fwd_bytes"] == moved["fwd"] and rec["bwd_bytes"] == moved["bwd"]
+        assert rec["fwd_fraction"] == pytest.approx(rec["fwd_bytes"] / rec["fwd_s"] / doc["reference"]["copy_bytes_per_s"])
+    assert doc["targets"]["bandwidth"]["pass"] is None
