@@ -19,7 +19,11 @@ One training step (forward, loss, backward) of a small ``transformers.MambaForCa
                    unrolled over T: compile time grows with T);
 ``ours``           ``longctx_compiler.optimize(model, backend=B, ssm={"chunk_size": Q})``
                    (Inductor by default): the scan captured as one canonical node per layer,
-                   adjoint-sharded.
+                   adjoint-sharded, and each Mamba block run chunk by chunk along the
+                   sequence (``ssm.block_chunk_size``).
+
+``--device cuda`` runs the same on a GPU (e.g. ``--layers 24 --hidden 768 --vocab 50280``,
+mamba-130m's shape) with the CUDA caching allocator's peak as the meter (``--meter cuda``).
 
 **Memory meter** (the same for every method, recorded as ``config.meter``): ``alloc`` — the
 exact allocation meter of :mod:`benchmarks.alloc_meter`, an ``LD_PRELOAD`` shim that counts
@@ -78,7 +82,7 @@ METHODS = ("eager", "compile_assoc", "compile_loop", "ours")
 EAGER_METHODS = ("eager",)
 #: Targets of the issue: memory and time at this length (``--target-tokens``).
 TARGET_T = 2048
-METERS = ("auto", "alloc", "rss")
+METERS = ("auto", "alloc", "rss", "cuda")
 
 logger = logging.getLogger("longctx_compiler.benchmarks")
 
@@ -114,7 +118,28 @@ class _RssSampler:
         self.peak_bytes = self.peak - self.start
 
 
+class _CudaPeak:
+    """CUDA meter (``--device cuda``): the caching allocator's peak above the level at entry."""
+
+    def __enter__(self) -> "_CudaPeak":
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self.peak_bytes = torch.cuda.max_memory_allocated() - self.start
+        self.end_bytes = torch.cuda.memory_allocated() - self.start
+
+
 def _meter(kind: str):
+    if kind == "cuda":
+        return _CudaPeak()
     if kind == "alloc":
         from benchmarks.alloc_meter import AllocPeak
 
@@ -135,7 +160,7 @@ def eager_ignores_assoc_flag() -> bool:
 
 def ssm_step(*, method: str, tokens: int, layers: int, hidden: int, state: int, vocab: int, chunk_size: int,
              warmup_tokens: int, step_limit_s: float, seed: int, meter: str = "alloc",
-             backend: str = "inductor") -> dict[str, Any]:
+             backend: str = "inductor", device: str = "cpu") -> dict[str, Any]:
     """One MambaForCausalLM training step with ``method``: peak memory over the step, step time."""
     import warnings
 
@@ -153,7 +178,7 @@ def ssm_step(*, method: str, tokens: int, layers: int, hidden: int, state: int, 
     torch.manual_seed(seed)
     cfg = transformers.MambaConfig(hidden_size=hidden, state_size=state, num_hidden_layers=layers, vocab_size=vocab,
                                    use_associative_scan=method != "compile_loop")
-    model = transformers.MambaForCausalLM(cfg).float().train()
+    model = transformers.MambaForCausalLM(cfg).float().train().to(device)
     if method == "ours":
         run = lc.optimize(model, backend=backend, ssm={"chunk_size": chunk_size})
     elif method in ("compile_assoc", "compile_loop"):
@@ -163,10 +188,12 @@ def ssm_step(*, method: str, tokens: int, layers: int, hidden: int, state: int, 
     else:
         raise ValueError(f"unknown method {method!r}; one of {METHODS}")
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (1, tokens), generator=gen)
+    ids = torch.randint(0, vocab, (1, tokens), generator=gen).to(device)
 
     def step(x):
         run(x, labels=x).loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def zero():
         model.zero_grad(set_to_none=True)
@@ -193,7 +220,7 @@ def ssm_step(*, method: str, tokens: int, layers: int, hidden: int, state: int, 
             t0 = time.perf_counter()
             step(ids)
             took = time.perf_counter() - t0
-        if meter == "alloc":
+        if meter in ("alloc", "cuda"):
             out["retained_bytes"] = mem.end_bytes  # still allocated after the step: gradients, uncollected garbage
         return took, mem.peak_bytes
 
@@ -328,18 +355,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager"), help="ours: compiler backend")
     p.add_argument("--warmup-tokens", type=int, default=512)
     p.add_argument("--target-tokens", default=token_label(TARGET_T), help="T of the memory/time targets (default 2K)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: peak from the CUDA caching allocator (--meter is then cuda)")
     p.add_argument("--meter", default="auto", choices=METERS,
                    help="peak-memory meter: alloc (exact LD_PRELOAD allocation meter), rss (sampled resident set), "
                         "auto (alloc, or rss without a C compiler)")
     p.add_argument("--timeout", type=float, default=240.0, help="wall-clock limit of one configuration (s)")
     p.add_argument("--step-limit", type=float, default=120.0, help="give up a method once a step takes longer (s)")
-    p.add_argument("--out", default=str(RESULTS_DIR / "ssm_cpu.json"), help="result JSON (the plot goes next to it, .png)")
+    p.add_argument("--out", default=None, help="result JSON (the plot goes next to it, .png); default results/ssm_<device>.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tokens = sorted(parse_tokens(args.tokens))
     (target_t,) = parse_tokens([args.target_tokens])
 
-    meter, meter_note, env = args.meter, None, {}
+    args.out = args.out or str(RESULTS_DIR / f"ssm_{args.device}.json")
+    meter, meter_note, env = ("cuda" if args.device == "cuda" else args.meter), None, {}
+    if meter == "cuda" and args.meter not in ("auto", "cuda"):
+        p.error(f"--meter {args.meter} measures host memory; with --device cuda the meter is cuda")
     if meter in ("auto", "alloc"):
         from benchmarks import alloc_meter
 
@@ -362,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print("WARNING: the installed transformers may run eager with the associative scan; "
               "`eager` here uses the config default use_associative_scan=True", flush=True)
     cfg = {"layers": args.layers, "hidden": args.hidden, "state": args.state, "vocab": args.vocab, "chunk_size": args.chunk_size}
-    config = {**cfg, "backend": args.backend, "warmup_tokens": args.warmup_tokens, "tokens": tokens, "methods": args.methods,
+    config = {**cfg, "device": args.device, "backend": args.backend, "warmup_tokens": args.warmup_tokens, "tokens": tokens, "methods": args.methods,
               "target_tokens": target_t, "timeout_s": args.timeout, "step_limit_s": args.step_limit, "meter": meter,
               "eager_ignores_use_associative_scan": eager_both}
     if meter_note:
@@ -378,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec = {"method": method, "tokens": t, "status": SKIPPED, "reason": f"{stopped[method]} at a smaller T"}
             else:
                 res = run_isolated("benchmarks.bench_ssm", "ssm_step", dict(method=method, tokens=t, warmup_tokens=args.warmup_tokens,
-                                   step_limit_s=args.step_limit, seed=0, meter=meter, backend=args.backend, **cfg),
+                                   step_limit_s=args.step_limit, seed=0, meter=meter, backend=args.backend, device=args.device, **cfg),
                                    timeout_s=args.timeout, env=env)
                 rec = {"method": method, "tokens": t, "status": res["status"], "wall_s": res.get("wall_s")}
                 rec.update({k: v for k, v in (res.get("result") or res.get("progress") or {}).items() if k not in ("method", "tokens")})
@@ -399,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     meter_desc = ("peak_bytes: exact allocation meter (LD_PRELOAD shim, benchmarks/alloc_meter.c): high-water mark of live heap "
                   "blocks >= 1 KiB (usable size) during one step above the level when it began; retained_bytes: level after the step "
                   "(the gradients, and anything awaiting Python's cycle collector)." if meter == "alloc" else
+                  "peak_bytes: CUDA caching allocator's max_memory_allocated during one step above the level when it began."
+                  if meter == "cuda" else
                   "peak_bytes: resident-set high-water mark during one step above its start (sampled 1 ms, glibc mmap threshold 64 KiB).")
     write_results(args.out, {
         "benchmark": "ssm", "config": config, "records": records, "targets": targets, "comparisons": comparisons,
@@ -422,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     plot_series(axes[0][0], series, title=f"Mamba step: peak {'allocated' if meter == 'alloc' else 'RSS'} ({args.layers} layers, "
                 f"d={args.hidden}, N={args.state})", xlabel="T (tokens)", ylabel="bytes")
     series = {m: [(r["tokens"], r.get("step_s") if r["status"] == OK else None) for r in records if r["method"] == m] for m in args.methods}
-    plot_series(axes[0][1], series, title="Mamba step: time (CPU, relative)", xlabel="T (tokens)", ylabel="seconds")
+    plot_series(axes[0][1], series, title=f"Mamba step: time ({args.device.upper()}{', relative' if args.device == 'cpu' else ''})",
+                xlabel="T (tokens)", ylabel="seconds")
     fig.tight_layout()
     fig.savefig(os.path.splitext(args.out)[0] + ".png", dpi=110)
     return 0
