@@ -29,15 +29,13 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import sympy
 import torch
 import torch.fx as fx
 
 from longctx_compiler.kernels.ssm_block import BlockPlan, register_plan, scan_in_window
-from longctx_compiler.kernels.ssm_block import op as _block_op  # noqa: F401  (registers the ops)
 from longctx_compiler.passes.adjoint_sharded_scan import _all_args
 from longctx_compiler.passes.base import CantApply, Match, PassContext
-from longctx_compiler.passes.fx_utils import example_value, propagate_example_value
+from longctx_compiler.passes.fx_utils import example_value
 from longctx_compiler.passes.recompute_ssm_blocks import RecomputeSSMBlocksPass
 from longctx_compiler.passes.registry import register_pass
 from longctx_compiler.passes.sequence_window import analyse_window
@@ -100,7 +98,7 @@ class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
         h_in = body.placeholder("h_in")
         for n in match.nodes:
             if n is scan:
-                env[n] = body.call_function(scan_in_window, (*(body_arg(x, env) for x in _all_args(n)), hc, h_in))
+                env[n] = body.call_function(scan_in_window, (*(env[x] if isinstance(x, fx.Node) else x for x in _all_args(n)), hc, h_in))
             elif n.op == "call_function" and n.target is operator.getitem and n.args[0] is scan and n.args[1] != 0:
                 continue  # the scan's final/boundary states: unused (the analysis checked)
             else:
@@ -110,7 +108,7 @@ class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
         plan = BlockPlan(
             body=fx.GraphModule(gm, body, class_name="ShardedBlock"),
             tensor_dims=tuple(window.input_dims.get(a) for a in tensors),
-            size_exprs=tuple(_size_expr(a, window) for a in sizes),
+            size_exprs=tuple(window.size_inputs.get(a) for a in sizes),
             length=window.length,
             output_dims=tuple(window.output_dims),
             halo=window.halo,
@@ -119,30 +117,5 @@ class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
         )
         key = register_plan(plan)
 
-        graph = gm.graph
-        with graph.inserting_before(match.data["insert_before"]):
-            call = graph.call_function(BLOCK_OP, (list(tensors), list(sizes), key), {})
-            for k in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-                if k in match.anchor.meta:
-                    call.meta[k] = match.anchor.meta[k]
-            propagate_example_value(call)
-            results = []
-            for i, o in enumerate(outputs):
-                g = graph.call_function(operator.getitem, (call, i), {})
-                g.meta.update({k: v for k, v in o.meta.items() if k in ("nn_module_stack", "stack_trace")})
-                g.meta["example_value"] = call.meta["example_value"][i]
-                results.append(g)
-        region = set(match.nodes)
-        for o, g in zip(outputs, results):
-            o.replace_all_uses_with(g, delete_user_cb=lambda u: u not in region)
-        for n in reversed(match.nodes):
-            graph.erase_node(n)
+        call, results = self.replace_region(gm, match, BLOCK_OP, (list(tensors), list(sizes), key), {})
         return [call, *results]
-
-
-def body_arg(x: Any, env: dict[fx.Node, fx.Node]) -> Any:
-    return env[x] if isinstance(x, fx.Node) else x
-
-
-def _size_expr(node: fx.Node, window) -> sympy.Expr | None:
-    return window.size_inputs.get(node)

@@ -39,10 +39,10 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from longctx_compiler.kernels.ssm_block import op as _block_op  # noqa: F401  (registers ssm_block_fwd)
+from longctx_compiler.kernels import ssm_block as _ssm_block  # noqa: F401  (registers ssm_block_fwd)
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.fx_utils import example_value, writes_in_place
+from longctx_compiler.passes.fx_utils import example_value, propagate_example_value, writes_in_place
 from longctx_compiler.passes.registry import register_pass
 
 __all__ = ["RecomputeSSMBlocksPass", "CHECKPOINT_HOP"]
@@ -202,25 +202,40 @@ class RecomputeSSMBlocksPass(Pass):
         name = _free_attr(gm, "recompute_block")
         gm.add_submodule(name, body)
 
+        with gm.graph.inserting_before(match.data["insert_before"]):
+            body_node = gm.graph.get_attr(name)
+        call, results = self.replace_region(gm, match, CHECKPOINT_HOP, (body_node, *inputs), {"use_reentrant": False},
+                                            example=tuple(example_value(o) for o in outputs))
+        return [body_node, call, *results]
+
+    def replace_region(self, gm: fx.GraphModule, match: Match, target: Any, args: tuple, kwargs: dict,
+                       example: tuple | None = None) -> tuple[fx.Node, list[fx.Node]]:
+        """Replace the block by one call ``target(*args, **kwargs)`` whose ``i``-th result stands
+        for the block's ``i``-th output; ``example``: the call's example value (computed from
+        its inputs' when None)."""
         graph = gm.graph
+        outputs: list[fx.Node] = match.data["outputs"]
         with graph.inserting_before(match.data["insert_before"]):
-            body_node = graph.get_attr(name)
-            call = graph.call_function(CHECKPOINT_HOP, (body_node, *inputs), {"use_reentrant": False})
-            call.meta["example_value"] = tuple(example_value(o) for o in outputs)
+            call = graph.call_function(target, args, kwargs)
             for k in ("nn_module_stack", "stack_trace", "source_fn_stack"):
                 if k in match.anchor.meta:
                     call.meta[k] = match.anchor.meta[k]
+            if example is None:
+                propagate_example_value(call)
+            else:
+                call.meta["example_value"] = example
             results = []
             for i, o in enumerate(outputs):
                 g = graph.call_function(operator.getitem, (call, i), {})
-                g.meta.update({k: v for k, v in o.meta.items() if k in ("example_value", "val", "tensor_meta", "nn_module_stack", "stack_trace")})
+                g.meta.update({k: v for k, v in o.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
+                g.meta["example_value"] = call.meta["example_value"][i]
                 results.append(g)
+        region = set(match.nodes)
         for o, g in zip(outputs, results):
-            o.replace_all_uses_with(g, delete_user_cb=lambda u: u not in env)
+            o.replace_all_uses_with(g, delete_user_cb=lambda u: u not in region)
         for n in reversed(match.nodes):
             graph.erase_node(n)
-        return [body_node, call, *results]
-
+        return call, results
 
 def _free_attr(gm: fx.GraphModule, prefix: str) -> str:
     i = 0
