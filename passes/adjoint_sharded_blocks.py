@@ -53,7 +53,7 @@ class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
     """Each block around a scan → one op that runs it chunk by chunk, forward and backward."""
 
     name = "adjoint_sharded_blocks"
-    kind = "ssm block -> chunked along the sequence (state carried forward, adjoint back)"
+    kind = "ssm block -> chunked along T (state fwd, adjoint bwd)"
 
     def enabled(self, ctx: PassContext) -> bool:
         return ctx.config.ssm.enabled and ctx.config.ssm.shard_blocks
