@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from longctx_compiler.kernels.ssm_block import BlockPlan, register_plan, scan_in_window
-from longctx_compiler.passes.adjoint_sharded_scan import _all_args
+from longctx_compiler.passes.adjoint_sharded_scan import _B, _C, _DELTA, _U, _Z, _all_args
 from longctx_compiler.passes.base import CantApply, Match, PassContext
 from longctx_compiler.passes.fx_utils import example_value
 from longctx_compiler.passes.recompute_ssm_blocks import RecomputeSSMBlocksPass
@@ -45,7 +45,7 @@ __all__ = ["AdjointShardedBlocksPass", "BLOCK_OP"]
 BLOCK_OP = torch.ops.longctx.ssm_block_fwd.default
 
 # The scan's sequence arguments (schema positions) and the dim they run along.
-_SEQ_ARGS = {0: -1, 1: -1, 3: -1, 4: -1, 6: -1}  # u, delta, B, C, z
+_SEQ_ARGS = {_U: -1, _DELTA: -1, _B: -1, _C: -1, _Z: -1}
 
 
 @register_pass("rewrite", order=85)
@@ -59,11 +59,17 @@ class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
         return ctx.config.ssm.enabled and ctx.config.ssm.shard_blocks
 
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
-        d = match.data
+        window = match.data.get("window")
         return {
-            "block": d["path"], "nodes": len(match.nodes), "chunk_size": d.get("chunk"), "halo": d.get("halo"),
-            "saved": "block inputs + M·B·D·N boundary states",
+            "block": match.data["path"], "nodes": len(match.nodes), "chunk_size": self.chunk(window, ctx),
+            "halo": None if window is None else window.halo, "saved": "block inputs + M·B·D·N boundary states",
         }
+
+    @staticmethod
+    def chunk(window: Any, ctx: PassContext) -> int:
+        """Q: the configured block chunk, or the shortest exact window if that is longer."""
+        q = ctx.config.ssm.block_chunk_size
+        return q if window is None else max(q, window.min_length)
 
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
         super().check(gm, match, ctx)
@@ -79,8 +85,6 @@ class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
             if not isinstance(v, (torch.Tensor, torch.SymInt, int)):
                 raise CantApply(f"block input {a.name} is a {type(v).__name__}")
         match.data["window"] = window
-        match.data["halo"] = window.halo
-        match.data["chunk"] = cfg.block_chunk_size
 
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
         window = match.data["window"]
@@ -113,7 +117,7 @@ class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
             output_dims=tuple(window.output_dims),
             halo=window.halo,
             min_length=window.min_length,
-            chunk=match.data["chunk"],
+            chunk=self.chunk(window, ctx),
         )
         key = register_plan(plan)
 

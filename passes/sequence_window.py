@@ -51,15 +51,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from longctx_compiler.passes.base import CantApply
+from longctx_compiler.passes.fx_utils import arg as _arg
 from longctx_compiler.passes.fx_utils import example_value
 
 __all__ = ["SeqValue", "WindowAnalysis", "analyse_window", "INPUT", "SCAN"]
 
 INPUT = "input"
 SCAN = "scan"
-
-Deps = dict[str, tuple[int, int]]
-
 
 @dataclass(frozen=True)
 class SeqValue:
@@ -112,7 +110,6 @@ class WindowAnalysis:
         input_dims: sequence dim of each region input that has one.
         size_inputs: each integer region input that depends on ``T``, as an expression in it.
         output_dims: sequence dim of each region output, in order.
-        scan_args: the scan node's argument positions that are sequence tensors.
     """
 
     length: sympy.Symbol
@@ -121,7 +118,6 @@ class WindowAnalysis:
     input_dims: dict[fx.Node, int] = field(default_factory=dict)
     size_inputs: dict[fx.Node, sympy.Expr] = field(default_factory=dict)
     output_dims: list[int] = field(default_factory=list)
-    scan_args: tuple[int, ...] = ()
 
 
 def _union(values: list["SeqValue | _Group"], dim: int) -> SeqValue:
@@ -182,12 +178,6 @@ def _op_name(node: fx.Node) -> str | None:
             return "sym_size"
         return _function_name(node.target)
     return None
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if index < len(node.args):
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def _flat(x: Any) -> list[Any]:
@@ -508,5 +498,4 @@ def analyse_window(
         input_dims={a: an.info[a].dim for a in inputs if isinstance(an.info[a], SeqValue)},
         size_inputs={a: sympy.sympify(example_value(a).node.expr) for a in inputs if an.info[a] is _SIZE},
         output_dims=output_dims,
-        scan_args=tuple(sorted(scan_seq_args)),
     )

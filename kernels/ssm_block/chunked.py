@@ -60,9 +60,9 @@ class BlockPlan:
         length: the sequence-length symbol.
         output_dims: each output's sequence dim.
         halo: H, the tokens before a chunk that its window also reads.
-        min_length: the shortest window the body is exact on (a window reaches further back,
-            or a chunk further ahead, to be at least this long; see ``sequence_window``).
-        chunk: Q, tokens per chunk.
+        min_length: the shortest window the body is exact on (a window reaches further back
+            to be at least this long; see ``sequence_window``).
+        chunk: Q, tokens per chunk, at least ``min_length`` (so the first window is long enough).
     """
 
     body: fx.GraphModule
@@ -97,9 +97,8 @@ def chunks(t: int, q: int, halo: int, min_length: int = 1) -> list[tuple[int, in
     """``(a, t0, t1)`` per chunk: window start, chunk start and end.
 
     Every window ``[a, t1)`` holds ``halo`` tokens before its chunk and is at least
-    ``min_length`` long (or the whole sequence, when that is shorter).
+    ``min_length`` long (or the whole sequence, when that is shorter) if ``q >= min_length``.
     """
-    q = max(q, min_length)
     return [(max(0, min(t0 - halo, min(t, t0 + q) - min_length)), t0, min(t, t0 + q)) for t0 in range(0, t, q)]
 
 

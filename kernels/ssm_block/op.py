@@ -60,8 +60,7 @@ def _(tensors, sizes, plan):
     # The whole-sequence run of the body on fake inputs gives the output shapes (symbolic T
     # stays symbolic) and the state's shape and dtype.
     *outs, final = p.body(*tensors, *sizes, 0, None)
-    q = max(p.chunk, p.min_length)
-    m = (p.seq_len(tensors) + q - 1) // q
+    m = (p.seq_len(tensors) + p.chunk - 1) // p.chunk
     return [o.new_empty(o.shape) for o in outs] + [final.new_empty((final.shape[0], final.shape[1], m * final.shape[2]))]
 
 
