@@ -1,20 +1,28 @@
 # Two entry points (see README): `make demo` runs the main job, `make test` the test suite.
-# Each creates .venv on first use and installs what it needs.
+# Each creates .venv on first use and installs what it needs, at the versions in
+# constraints.txt (the lock CI tests). Other targets:
+#   make test-latest   the suite against the newest releases of every dependency (.venv-latest)
+#   make lock          rewrite constraints.txt from .venv-latest (after test-latest passed)
+#   make fuzz          the adversarial near-miss suites at nightly size (>= 10,000 examples)
 
 PYTHON ?= python3
 VENV ?= .venv
 # The torch build to install. On our CPU machines torch==2.13.0 is the local CPU build;
 # on a GPU machine point this at the CUDA build you use (any torch >= 2.11 works).
 TORCH ?= torch==2.13.0
+# The lock; `make test LOCK=` installs the newest releases the ranges in pyproject.toml allow.
+LOCK ?= constraints.txt
 PY := $(VENV)/bin/python
+LATEST := .venv-latest
+FUZZ_EXAMPLES ?= 2500
 
-.PHONY: demo test graphviz
+.PHONY: demo test test-latest lock fuzz graphviz
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,bench,examples]"
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[test,bench,examples]"
 	touch $@
 
 # The Graphviz binary turns drawings into SVG/PNG; without it only DOT files are written.
@@ -28,4 +36,20 @@ demo: $(VENV)/.installed graphviz
 	$(PY) examples/train_long_context.py
 
 test: $(VENV)/.installed graphviz
-	$(PY) -m pytest
+	LONGCTX_EXPECT_LOCK=$(LOCK) $(PY) -m pytest
+
+test-latest: graphviz
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q "$(TORCH)"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test,bench,examples]"
+	$(LATEST)/bin/python -m pytest
+
+lock:
+	@test -x $(LATEST)/bin/python || { echo "run 'make test-latest' first"; exit 1; }
+	{ sed -n '1,/^[^#]/{/^#/p}' constraints.txt; \
+	  $(LATEST)/bin/python -m pip freeze | grep -v -e '^-e' -e '^#' -e '^longctx' -e '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+fuzz: $(VENV)/.installed
+	LONGCTX_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/adversarial -q -p no:cacheprovider

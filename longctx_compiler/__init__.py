@@ -11,6 +11,10 @@ from longctx_compiler.api import OptimizedFunction, OptimizedModule, explain, op
 from longctx_compiler.config import AttentionConfig, Config, LMLossConfig, SSMConfig
 from longctx_compiler.report import Refusal, Rewrite, RewriteReport
 
+# ``lc.viz.render(report, ...)`` works after ``import longctx_compiler as lc``: the drawing
+# module is part of the public surface (it imports graphviz's Python package only).
+from longctx_compiler import viz  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -25,6 +29,7 @@ __all__ = [
     "Refusal",
     "OptimizedModule",
     "OptimizedFunction",
+    "viz",
     "__version__",
 ]
 

@@ -25,13 +25,13 @@ __all__ = ["AttentionConfig", "SSMConfig", "LMLossConfig", "Config", "BACKENDS"]
 BACKENDS = ("inductor", "aot_eager")
 
 
-def _check_positive_int(owner: str, name: str, value: Any, *, allow_none: bool = False) -> None:
+def _check_positive_int(owner: str, name: str, value: Any, *, allow_none: bool = False, unit: str = "tokens") -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__} ({value!r})")
     if value <= 0:
-        raise ValueError(f"{owner}.{name} must be a positive number of tokens, got {value}")
+        raise ValueError(f"{owner}.{name} must be a positive number of {unit}, got {value}")
 
 
 def _check_bool(owner: str, name: str, value: Any) -> None:
@@ -66,7 +66,7 @@ class AttentionConfig:
         _check_bool("AttentionConfig", "enabled", self.enabled)
         _check_positive_int("AttentionConfig", "chunk_size", self.chunk_size)
         _check_bool("AttentionConfig", "offload", self.offload)
-        _check_positive_int("AttentionConfig", "host_pool_bytes", self.host_pool_bytes, allow_none=True)
+        _check_positive_int("AttentionConfig", "host_pool_bytes", self.host_pool_bytes, allow_none=True, unit="bytes")
 
 
 SSM_MODES = ("exact", "truncated")
@@ -110,13 +110,13 @@ class SSMConfig:
 
     def __post_init__(self) -> None:
         _check_bool("SSMConfig", "enabled", self.enabled)
-        _check_positive_int("SSMConfig", "chunk_size", self.chunk_size)
+        _check_positive_int("SSMConfig", "chunk_size", self.chunk_size, unit="time steps")
         if self.mode not in SSM_MODES:
             raise ValueError(f"SSMConfig.mode must be one of {SSM_MODES}, got {self.mode!r}")
         if self.mode == "truncated":
             if self.window is None:
                 raise ValueError('SSMConfig(mode="truncated") needs window=<steps>: the number of time steps each gradient reaches back')
-            _check_positive_int("SSMConfig", "window", self.window)
+            _check_positive_int("SSMConfig", "window", self.window, unit="time steps")
         elif self.window is not None:
             raise ValueError('SSMConfig.window only applies to mode="truncated"; exact mode has no window')
         _check_bool("SSMConfig", "recompute_blocks", self.recompute_blocks)
@@ -181,8 +181,11 @@ class Config:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
         _check_bool("Config", "strict", self.strict)
-        if self.sequence_dim is not None and (isinstance(self.sequence_dim, bool) or not isinstance(self.sequence_dim, int) or self.sequence_dim < 0):
-            raise ValueError(f"Config.sequence_dim must be a non-negative int or None, got {self.sequence_dim!r}")
+        if self.sequence_dim is not None:
+            if isinstance(self.sequence_dim, bool) or not isinstance(self.sequence_dim, int):
+                raise TypeError(f"Config.sequence_dim must be an int or None, got {type(self.sequence_dim).__name__} ({self.sequence_dim!r})")
+            if self.sequence_dim < 0:
+                raise ValueError(f"Config.sequence_dim must be a non-negative dimension index (1 for [B, T, ...] inputs) or None, got {self.sequence_dim}")
         if not isinstance(self.extra_passes, tuple):
             object.__setattr__(self, "extra_passes", tuple(self.extra_passes))
         from longctx_compiler.passes.base import Pass

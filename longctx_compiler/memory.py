@@ -54,10 +54,11 @@ tensors count as host memory, not as saved activations.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -288,6 +289,35 @@ def _replay(events: list[_AllocEvent], pool_ptrs: set[int]) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def _without_profiler_chatter() -> Iterator[None]:
+    """Drop the profiler's own start/stop lines from stderr; anything else written is kept."""
+    import os
+    import sys
+    import tempfile
+
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        # stderr is not a real file (a notebook, pytest's capture): nothing reaches a console.
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().splitlines(keepends=True) if b"profiler_start" not in line and b"profiler_stop" not in line]
+            if kept:
+                os.write(fd, b"".join(kept))
+
+
 def _measure_cpu(step: Callable[[], Any], pool: Any) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -296,8 +326,17 @@ def _measure_cpu(step: Callable[[], Any], pool: Any) -> int:
             "measure_step cannot run on CPU inside another torch.profiler session: "
             "it needs its own profiler to see allocations; measure outside the profiler"
         )
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False, with_stack=False) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False, with_stack=False)
+    # Starting and stopping the profiler makes its C++ side write "profiler_start/stop" lines
+    # straight to file descriptor 2; keep them out of the user's console (the step itself runs
+    # with stderr untouched).
+    with _without_profiler_chatter():
+        prof.start()
+    try:
         step()
+    finally:
+        with _without_profiler_chatter():
+            prof.stop()
     events = _allocation_events(prof, "cpu")
     peak = _replay(events, _pool_ptrs(pool))
     logger.debug("measure_step: %d CPU allocation events, device peak %d B", len(events), peak)

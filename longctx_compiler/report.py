@@ -22,6 +22,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from longctx_compiler.dynamo_names import module_path
+
 __all__ = [
     "Rewrite",
     "Refusal",
@@ -188,29 +190,28 @@ def _jsonable(value: Any) -> Any:
 
 
 def format_table(report: RewriteReport) -> str:
-    """The report as a fixed-width text table (what ``print(report)`` shows)."""
+    """The report as a text table (what ``print(report)`` shows).
+
+    Columns: pass, site, nodes removed/added, and what happened last, so that a refusal's
+    reason is printed in full rather than clipped to a column.
+    """
     lines = [f"longctx_compiler rewrite report: {len(report.graphs)} graph(s), {len(report.rewrites)} rewrite(s), {len(report.refusals)} refusal(s)"]
-    rows = [("pass", "kind / reason", "site", "nodes")]
+    rows = [("pass", "site", "nodes", "what")]
     for r in report.rewrites:
-        rows.append((r.pass_name, r.kind, r.site, f"-{len(r.nodes_replaced)} +{len(r.nodes_added)}"))
+        rows.append((r.pass_name, r.site, f"-{len(r.nodes_replaced)} +{len(r.nodes_added)}", r.kind))
     for r in report.refusals:
-        rows.append((r.pass_name, f"REFUSED: {r.reason}", r.site, ""))
+        rows.append((r.pass_name, r.site, "", f"REFUSED: {r.reason}"))
     if len(rows) > 1:
-        widths = [min(max(len(row[i]) for row in rows), cap) for i, cap in enumerate((28, 60, 60, 9))]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
         for i, row in enumerate(rows):
-            cells = [_clip(c, w).ljust(w) for c, w in zip(row, widths)]
-            lines.append("  ".join(cells).rstrip())
+            lines.append("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[3]]).rstrip())
             if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
+                lines.append("  ".join("-" * w for w in [*widths, len(row[3])]))
     else:
         lines.append("(nothing matched: the graphs were compiled unchanged)")
     for reason in report.fallbacks:
         lines.append(f"FALLBACK: a graph was compiled without rewrites: {reason}")
     return "\n".join(lines)
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
@@ -229,13 +230,10 @@ def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
-    # Values are (qualified path, type); the last entry is the innermost module.
-    path = list(stack.values())[-1][0]
-    # Dynamo spells paths like L['self'].model.layers[0].self_attn; make them attribute paths.
-    path = re.sub(r"^L\['self'\]\.?", "", str(path))
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    return path.strip(".") or "<root>"
+    # Values are (source spelling of the module, type, ...); the last entry is the innermost.
+    entry = list(stack.values())[-1]
+    source = entry[0] if isinstance(entry, (tuple, list)) else entry
+    return module_path(str(source)) or "<root>"
 
 
 def _source_line(node: fx.Node) -> str:

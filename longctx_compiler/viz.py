@@ -37,6 +37,7 @@ from typing import Iterable, Mapping, Sequence
 
 import graphviz
 
+from longctx_compiler.dynamo_names import readable_input_name
 from longctx_compiler.report import GraphRecord, GraphSnapshot, NodeInfo, Refusal, Rewrite, RewriteReport
 
 __all__ = ["to_dot", "render", "draw_graph", "escape_label"]
@@ -114,7 +115,15 @@ def _short_target(n: NodeInfo) -> str:
     return parts[-1] if parts else t
 
 
+def _display_name(n: NodeInfo) -> str:
+    # Graph inputs carry Dynamo's spelling of where they came from
+    # (l_args_0_modules_model_..._parameters_weight_); show the attribute path instead.
+    return readable_input_name(n.name) if n.op == "placeholder" else n.name
+
+
 def _node_lines(n: NodeInfo) -> list[str]:
+    if n.op == "placeholder":
+        return [_clip(f"input {_display_name(n)}"), *([_clip(n.shape)] if n.shape else [])]
     lines = [_clip(f"{n.name}: {_short_target(n)}" if _short_target(n) != n.name else n.name)]
     if n.shape:
         lines.append(_clip(n.shape))

@@ -16,3 +16,11 @@ class Attn(torch.nn.Module):
 
 def make():
     return Attn(), (torch.randn(2, 12, 16),)
+
+
+def needs_args(width):
+    return Attn(), (torch.randn(2, 12, width),)
+
+
+def raises():
+    raise RuntimeError("the checkpoint file is missing")

@@ -30,6 +30,19 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 torch._inductor.config.force_disable_caches = True
 
 
+def pytest_report_header(config):
+    # Which releases this run tested: a red build on a new release is then one line away.
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "triton", "transformers", "hypothesis", "sympy", "accelerate", "peft", "trl"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return "longctx_compiler tested on: " + ", ".join(found)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

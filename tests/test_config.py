@@ -31,6 +31,13 @@ def test_defaults_are_valid_and_frozen():
         (lambda: Config(attention=3), TypeError, "AttentionConfig"),
         (lambda: Config(extra_passes=(object(),)), TypeError, "Pass"),
         (lambda: Config().replace(chunk_size=4), TypeError, "no field"),
+        # Each error names the field's own unit, and wrong types are TypeErrors everywhere.
+        (lambda: AttentionConfig(host_pool_bytes=0), ValueError, "positive number of bytes"),
+        (lambda: AttentionConfig(host_pool_bytes=-1), ValueError, "bytes"),
+        (lambda: SSMConfig(chunk_size=0), ValueError, "time steps"),
+        (lambda: Config(sequence_dim="1"), TypeError, "sequence_dim must be an int"),
+        (lambda: Config(sequence_dim=True), TypeError, "sequence_dim must be an int"),
+        (lambda: Config(sequence_dim=-1), ValueError, "non-negative"),
     ],
 )
 def test_invalid_values_raise_clear_errors(build, error, words):
