@@ -75,10 +75,23 @@ def find_compiler() -> str | None:
     return None
 
 
-def _cache_dirs() -> list[Path]:
+def _cache_dirs() -> list[Path | None]:
+    """The user's cache directory, then ``None``: a fresh private temporary directory.
+
+    Never a predictable shared path: a library preloaded into every benchmark process must
+    come from a directory only this user can write.
+    """
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [Path(base) / "longctx_compiler" / "alloc_meter",
-            Path(tempfile.gettempdir()) / f"longctx_compiler_{os.getuid()}" / "alloc_meter"]
+    return [Path(base) / "longctx_compiler" / "alloc_meter", None]
+
+
+def _trusted(path: Path) -> bool:
+    """Owned by this user and not writable by group or others (so nobody else can swap it)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not (st.st_mode & 0o022)
 
 
 def build(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -95,11 +108,24 @@ def build(cache_dir: str | os.PathLike | None = None) -> Path:
     dirs = [Path(cache_dir)] if cache_dir is not None else _cache_dirs()
     errors = []
     for d in dirs:
+        try:
+            if d is None:
+                d = Path(tempfile.mkdtemp(prefix="longctx_alloc_meter-"))  # mode 0700, unpredictable
+            else:
+                d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            errors.append(f"{d}: {e}")
+            continue
+        if not _trusted(d):
+            errors.append(f"{d}: not owned by this user or writable by others; refusing to preload a library from it")
+            continue
         lib = d / f"alloc_meter-{key}.so"
         if lib.is_file():
-            return lib.resolve()
+            if _trusted(lib):
+                return lib.resolve()
+            errors.append(f"{lib}: not owned by this user or writable by others; refusing to preload it")
+            continue
         try:
-            d.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".alloc_meter-", suffix=".so", dir=d)
             os.close(fd)
         except OSError as e:

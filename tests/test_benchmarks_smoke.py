@@ -298,3 +298,25 @@ def test_ssm_kernel_bandwidth_benchmark_smallest_settings(tmp_path):
         assert rec["tokens"] == t and rec["fwd_bytes"] == moved["fwd"] and rec["bwd_bytes"] == moved["bwd"]
         assert rec["fwd_fraction"] == pytest.approx(rec["fwd_bytes"] / rec["fwd_s"] / doc["reference"]["copy_bytes_per_s"])
     assert doc["targets"]["bandwidth"]["pass"] is None
+
+
+def test_alloc_meter_refuses_libraries_others_could_have_written(tmp_path):
+    # A preloaded library runs inside every benchmark process: it must come from a directory
+    # only this user can write, never from a shared or predictable place.
+    from benchmarks import alloc_meter
+
+    if alloc_meter.find_compiler() is None:
+        pytest.skip("no C compiler")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(alloc_meter.MeterUnavailable, match="writable by others"):
+        alloc_meter.build(shared)
+    private = tmp_path / "private"
+    lib = alloc_meter.build(private)
+    assert lib.parent == private.resolve() and alloc_meter._trusted(lib)
+    lib.chmod(0o666)  # someone could now replace its contents
+    with pytest.raises(alloc_meter.MeterUnavailable, match="refusing to preload"):
+        alloc_meter.build(private)
+    # The fallback is a fresh private temporary directory, not a predictable path.
+    assert alloc_meter._cache_dirs()[-1] is None
