@@ -14,11 +14,23 @@
 
     print(model.report)                               # what the latest compilation rewrote
     print(explain(model, input_ids, labels=labels))   # the same, without compiling for training
+
+    model = optimize(model, inplace=True)             # the same object, compiled in place
+    print(model.longctx.report)                       # (for Trainer, TRL, PEFT: see integrations)
+
+Two forms for modules. ``optimize(model)`` returns an :class:`OptimizedModule` that wraps
+the model and passes for it (its ``forward`` signature, ``isinstance`` checks, checkpoints).
+``optimize(model, inplace=True)`` compiles the model's ``__call__`` in place, the way
+``nn.Module.compile()`` does, so the object stays exactly what it was (a ``PreTrainedModel``
+for Hugging Face models): that is the form to hand to training libraries that patch or wrap
+the model themselves (:mod:`longctx_compiler.integrations`).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -28,7 +40,11 @@ from longctx_compiler.capture import capture_context
 from longctx_compiler.config import Config
 from longctx_compiler.report import RewriteReport
 
-__all__ = ["optimize", "explain", "OptimizedModule", "OptimizedFunction"]
+__all__ = ["optimize", "explain", "OptimizedModule", "OptimizedFunction", "BypassWarning"]
+
+
+class BypassWarning(UserWarning):
+    """A training step that should have gone through the longctx compiler did not."""
 
 
 def _resolve_config(config: Config | None, overrides: Mapping[str, Any]) -> Config:
@@ -60,8 +76,13 @@ class _Compiled:
         self._lc_backend = LongctxBackend(config)
         self._lc_compiled = torch.compile(target, backend=self._lc_backend)
         self._lc_report = RewriteReport()
+        #: calls that went through the compiled callable (a wrapper compares it across a
+        #: call to tell whether a replaced ``forward`` bypassed us)
+        self._lc_calls = 0
+        self._lc_checked_first_step = False
 
     def _lc_call(self, args: tuple, kwargs: dict) -> Any:
+        self._lc_calls += 1
         _mark_sequence_dynamic(self._lc_config, args, kwargs)
         before = self._lc_backend.compile_count
         pending = self._lc_backend.start_report()
@@ -77,6 +98,20 @@ class _Compiled:
             raise
         if self._lc_backend.compile_count != before:
             self._lc_report = pending
+        if not self._lc_checked_first_step and torch.is_grad_enabled():
+            self._lc_checked_first_step = True
+            if self._lc_backend.compile_count == 0:
+                # Dynamo ran the call without handing us a graph (an outer torch.compile,
+                # torch.compiler.disable, or errors suppressed by Dynamo's config): the step
+                # trained without any rewrite, which the user would otherwise never learn.
+                warnings.warn(
+                    "longctx_compiler: the first training call ran without compiling any graph, so none of "
+                    "the long-context rewrites applied. Dynamo ran it eagerly: check that the model is not "
+                    "also compiled by someone else (TrainingArguments(torch_compile=True), torch.compile "
+                    "around it) and that torch._dynamo.config.suppress_errors is not hiding a capture error.",
+                    BypassWarning,
+                    stacklevel=4,
+                )
         return out
 
 
@@ -103,10 +138,20 @@ class _Views:
 class OptimizedModule(_Views, torch.nn.Module):
     """An ``nn.Module`` that runs the wrapped module through the longctx compiler.
 
-    It *is* the original module as far as training code can tell: the same parameter
-    objects, the same ``state_dict`` keys (no ``_orig_mod.`` prefix), ``train()``/``eval()``
-    reach the original, and unknown attributes (``config``, ``generate``, ...) are looked up
-    on it.
+    It *is* the original module as far as training code can tell:
+
+    * the same parameter objects, the same ``state_dict`` keys (no ``_orig_mod.`` prefix);
+      ``train()``/``eval()`` reach the original; unknown attributes (``config``,
+      ``generate``, ``save_pretrained``, ...) are looked up on it;
+    * ``forward`` has the original's signature (``inspect.signature``), so libraries that
+      choose inputs by it (``transformers.Trainer`` drops dataset columns the model's
+      ``forward`` does not name) see the model's arguments, not ``(*args, **kwargs)``;
+    * ``isinstance(wrapper, type(original))`` holds (``__class__`` names the original's
+      class; ``type(wrapper)`` is a subclass of :class:`OptimizedModule`), so code that
+      treats a ``PreTrainedModel`` specially (``Trainer`` checkpoints with ``config.json``
+      through ``save_pretrained``, PEFT checks) treats the wrapper as what it wraps;
+    * ``copy.deepcopy`` and ``pickle`` give a new wrapper, with the same configuration,
+      around a copy of the original (compiled again on its first call).
 
     Attributes:
         report: the :class:`RewriteReport` of the latest compilation.
@@ -114,16 +159,55 @@ class OptimizedModule(_Views, torch.nn.Module):
         compile_count: graphs compiled so far (a changed sequence length adds none).
     """
 
+    def __new__(cls, module: torch.nn.Module, config: Config | None = None) -> "OptimizedModule":
+        # One subclass per wrapped class, whose ``forward`` carries that class's signature
+        # (see _wrapper_class); constructing OptimizedModule directly picks it too.
+        if cls is OptimizedModule:
+            cls = _wrapper_class(type(module))
+        return super().__new__(cls)
+
     def __init__(self, module: torch.nn.Module, config: Config) -> None:
         super().__init__()
         # Registered under a private name; state_dict and parameter views are delegated below
         # so the wrapper adds no key prefix.
         self._orig_mod = module
         object.__setattr__(self, "_lc", _Compiled(module, config))
+        object.__setattr__(self, "_lc_bypass_warned", False)
 
     # -- running --------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _lc_forward(self, args: tuple, kwargs: dict) -> Any:
         return self._lc._lc_call(args, kwargs)
+
+    # The per-class subclass replaces this with a function of the same body whose signature
+    # is the wrapped class's ``forward``.
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._lc_forward(args, kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        calls = self._lc._lc_calls
+        out = super().__call__(*args, **kwargs)
+        if self._lc._lc_calls == calls and torch.is_grad_enabled() and not self._lc_bypass_warned:
+            self._warn_bypass()
+        return out
+
+    def _warn_bypass(self) -> None:
+        # Someone replaced this wrapper's ``forward`` with one that never calls it (TRL's
+        # SFTTrainer does: its fused LM head calls the wrapped model's backbone directly).
+        # Training still runs, eagerly and without our rewrites; say so once.
+        object.__setattr__(self, "_lc_bypass_warned", True)
+        replaced = self.__dict__.get("forward")
+        who = getattr(replaced, "__qualname__", None) or type(replaced).__name__
+        origin = getattr(getattr(replaced, "__func__", replaced), "__module__", None)
+        warnings.warn(
+            f"longctx_compiler: a training call on the optimized {type(self._orig_mod).__name__} did not go "
+            f"through the compiler: its forward was replaced by {who}"
+            + (f" (from {origin})" if origin else "")
+            + ", which calls the wrapped model directly, so no long-context rewrite applied. Compile the "
+            "model in place instead, before handing it to the trainer: "
+            "model = longctx_compiler.optimize(model, inplace=True).",
+            BypassWarning,
+            stacklevel=3,
+        )
 
     # -- what the user inspects -------------------------------------------------------------
     @property
@@ -135,6 +219,16 @@ class OptimizedModule(_Views, torch.nn.Module):
     @property
     def original(self) -> torch.nn.Module:
         return self._orig_mod
+
+    # ``isinstance(wrapper, LlamaForCausalLM)`` and ``wrapper.__class__`` name the wrapped
+    # class: Trainer saves a ``PreTrainedModel`` with ``save_pretrained`` (config.json and
+    # all) but anything else as a bare state dict, and reads label names from the class's
+    # ``forward``. ``type(wrapper)`` is unchanged, so the wrapper's own methods still apply.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # type: ignore[override]
+        # Read without __getattr__: this runs while the wrapper is being built, too.
+        inner = self.__dict__.get("_modules", {}).get("_orig_mod")
+        return type(self) if inner is None else type(inner)
 
     # -- the original module's identity -------------------------------------------------------
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
@@ -156,10 +250,48 @@ class OptimizedModule(_Views, torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "_orig_mod":  # not built yet (or being unpickled): no delegation loop
+                raise
             return getattr(self._orig_mod, name)
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # The compiled callable and Dynamo's caches cannot be copied or pickled: rebuild the
+        # wrapper around the (copied) original, with the same configuration.
+        return (_rebuild_optimized_module, (self._orig_mod, self._lc._lc_config))
+
     def __repr__(self) -> str:
-        return f"OptimizedModule({self._orig_mod.__class__.__name__}, backend={self._lc._lc_config.backend!r})"
+        return f"OptimizedModule({type(self._orig_mod).__name__}, backend={self._lc._lc_config.backend!r})"
+
+
+def _rebuild_optimized_module(module: torch.nn.Module, config: Config) -> OptimizedModule:
+    return OptimizedModule(module, config)
+
+
+_wrapper_classes: dict[type, type] = {}
+
+
+def _wrapper_class(cls: type) -> type:
+    """The :class:`OptimizedModule` subclass for modules of class ``cls``.
+
+    Its ``forward`` reports ``cls.forward``'s signature, on the class (``inspect.signature
+    (type(w).forward)``, which TRL copies with ``functools.wraps``) and on instances.
+    """
+    sub = _wrapper_classes.get(cls)
+    if sub is not None:
+        return sub
+
+    def forward(self: OptimizedModule, *args: Any, **kwargs: Any) -> Any:
+        return self._lc_forward(args, kwargs)
+
+    try:
+        forward.__signature__ = inspect.signature(cls.forward)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        pass  # a forward without a readable signature keeps (*args, **kwargs)
+    forward.__doc__ = getattr(cls.forward, "__doc__", None)
+    name = f"OptimizedModule[{cls.__name__}]"
+    sub = type(name, (OptimizedModule,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+    _wrapper_classes[cls] = sub
+    return sub
 
 
 class OptimizedFunction(_Views):
@@ -179,33 +311,46 @@ def optimize(
     config: Config | None = None,
     backend: str | None = None,
     strict: bool | None = None,
+    inplace: bool = False,
     **overrides: Any,
 ) -> Any:
     """Compile a model or function with the longctx passes.
 
-    Usable as ``optimize(model)``, ``optimize(fn)``, ``@optimize`` and
-    ``@optimize(config=..., backend=..., strict=...)``.
+    Usable as ``optimize(model)``, ``optimize(model, inplace=True)``, ``optimize(fn)``,
+    ``@optimize`` and ``@optimize(config=..., backend=..., strict=...)``.
 
     Args:
         target: an ``nn.Module`` or a callable. Omit it to get a decorator.
         config: a :class:`Config` (default: ``Config()``).
         backend: ``"inductor"`` (default) or ``"aot_eager"``; overrides ``config.backend``.
         strict: raise on a pass failure instead of falling back; overrides ``config.strict``.
+        inplace: compile the module itself (``nn.Module.compile()``'s hook) and return it: it
+            stays an instance of its own class, which is what training libraries that wrap
+            or patch the model expect (Trainer, TRL, PEFT: see
+            :mod:`longctx_compiler.integrations`). The report is ``model.longctx.report``.
         **overrides: other :class:`Config` fields, e.g. ``attention={"chunk_size": 4096}``.
 
     Returns:
         an :class:`OptimizedModule` for a module (same parameters and ``state_dict`` keys),
-        an :class:`OptimizedFunction` for a function. Its ``.report`` tells what was rewritten.
+        the module itself with ``inplace=True``, an :class:`OptimizedFunction` for a
+        function. Its ``.report`` (``.longctx.report`` in place) tells what was rewritten.
 
     Raises:
-        TypeError: ``target`` is not callable, or unknown config fields.
+        TypeError: ``target`` is not callable, is already optimized, ``inplace=True`` for
+            something that is not an ``nn.Module``, or unknown config fields.
         ValueError: invalid config values (unknown backend, non-positive chunk sizes, ...).
     """
+    from longctx_compiler import integrations
+
     cfg = _resolve_config(config, {"backend": backend, "strict": strict, **overrides})
     if target is None:
-        return lambda t: optimize(t, config=cfg)
+        return lambda t: optimize(t, config=cfg, inplace=inplace)
     if isinstance(target, (OptimizedModule, OptimizedFunction)):
         raise TypeError("this object is already optimized; optimize the original (its .original) instead")
+    if integrations.state_of(target) is not None:
+        raise TypeError("this model is already compiled in place by longctx_compiler (see its .longctx)")
+    if inplace:
+        return integrations.patch(target, cfg)
     if isinstance(target, torch.nn.Module):
         return OptimizedModule(target, cfg)
     if isinstance(target, type):
@@ -225,9 +370,17 @@ def explain(target: Callable[..., Any] | torch.nn.Module, *args: Any, config: Co
     Returns:
         the :class:`RewriteReport`.
     """
+    from longctx_compiler import integrations
+
     if isinstance(target, (OptimizedModule, OptimizedFunction)):
         config = config or target.longctx_config
         target = target.original if isinstance(target, OptimizedModule) else target.__wrapped__
+    state = integrations.state_of(target)
+    if state is not None:
+        # Compiled in place: capture its plain call (what the patch compiles), not model(...),
+        # which would enter the patch's own compile.
+        config = config or state.config
+        target = target._call_impl
     if not callable(target):
         raise TypeError(f"explain() takes an nn.Module or a callable, got {type(target).__name__}")
     cfg = _resolve_config(config, {})
