@@ -8,30 +8,63 @@ delegate the rest:
 * ``"aot_eager"``: the same AOTAutograd forward/backward split, run by the eager interpreter.
 
 A pass that fails with an unexpected error falls back to the un-rewritten graph with a
-warning; with ``strict=True`` the error is raised.
+:class:`PassFailureWarning` naming the pass; with ``strict=True`` a :class:`PassFailure`
+naming it is raised.
+
+What the console shows (nothing is printed):
+
+* one :class:`RefusalWarning` per compiled graph that has refused sites, summarising them
+  ("2 of 6 sites were not rewritten (chunked_attention ×2: <reason>); see model.report"),
+  not one per site, and not again when Dynamo recompiles a graph with the same refusals;
+* progress on the ``"longctx_compiler"`` logger at INFO: when a graph starts compiling and
+  when it is done, with the duration and what was rewritten (the library only adds a
+  ``NullHandler``: configure logging to see it).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
+import sys
+import time
 import warnings
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 
 from longctx_compiler.config import Config
-from longctx_compiler.passes.base import PassContext, run_passes
+from longctx_compiler.passes.base import PassContext, PassError, run_passes
 from longctx_compiler.passes.registry import pipeline
-from longctx_compiler.report import RewriteReport, snapshot
+from longctx_compiler.report import GraphRecord, RewriteReport, snapshot
 
-__all__ = ["LongctxBackend", "PassFailure", "quiet_checkpoint_policy_warning"]
+__all__ = ["LongctxBackend", "PassFailure", "PassFailureWarning", "RefusalWarning", "quiet_checkpoint_policy_warning"]
 
 log = logging.getLogger("longctx_compiler")
 
 
 class PassFailure(RuntimeError):
-    """A pass failed unexpectedly (raised with ``strict=True``; a warning otherwise)."""
+    """A pass failed unexpectedly (raised with ``strict=True``; a warning otherwise).
+
+    Attributes:
+        pass_name: the failing pass (None if the failure happened outside any pass).
+        site: where it was working, or None.
+    """
+
+    def __init__(self, message: str, pass_name: str | None = None, site: str | None = None) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.site = site
+
+
+class RefusalWarning(UserWarning):
+    """Some sites of a compiled graph were not rewritten; the report (``model.report``) says
+    why. One warning per compiled graph, summarising its refusals."""
+
+
+class PassFailureWarning(RuntimeWarning):
+    """A pass failed and a graph was compiled without rewrites (``strict=False``)."""
 
 
 class LongctxBackend:
@@ -51,6 +84,8 @@ class LongctxBackend:
         self.report = RewriteReport()
         #: number of graphs this backend has compiled (Dynamo calls us once per graph)
         self.compile_count = 0
+        # Refusal sets already warned about (see _warn_refusals).
+        self._warned: set[tuple[tuple[str, str, str], ...]] = set()
 
     def start_report(self) -> RewriteReport:
         """Begin a new report: the graphs compiled from now on go into it."""
@@ -59,29 +94,66 @@ class LongctxBackend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         self.compile_count += 1
+        started = time.perf_counter()
         record = self.report.new_graph(gm)
+        log.info("compiling graph %d (%d nodes, backend %s)", self.compile_count, len(gm.graph.nodes),
+                 self.config.backend if self.compile else "none: explain")
         ctx = PassContext(self.config, tuple(example_inputs))
         # Rewrite a copy: if a pass breaks halfway, the original graph is still intact to
         # fall back to.
         work = _copy_graph_module(gm)
         try:
-            run_passes(work, pipeline(self.config), ctx, record)
+            try:
+                passes = pipeline(self.config)
+            except Exception as exc:
+                # A pass module that fails to import: no pass to name, so name the stage.
+                raise PassError("pass registry", None, exc) from exc
+            run_passes(work, passes, ctx, record)
         except Exception as exc:  # noqa: BLE001 - any pass bug must not become a wrong result
-            if self.config.strict:
-                raise PassFailure(f"a longctx_compiler pass failed (strict=True): {type(exc).__name__}: {exc}") from exc
-            reason = f"{type(exc).__name__}: {exc}"
-            warnings.warn(
-                f"longctx_compiler: a pass failed, compiling this graph without rewrites ({reason}). "
-                "Pass strict=True to raise instead.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            log.warning("pass failure, falling back: %s", reason, exc_info=True)
-            record.rewrites.clear()
-            record.fallback_reason = reason
-            work = gm
+            work = self._fall_back(gm, record, exc)
         record.after = snapshot(work)
-        return self._delegate(work, example_inputs)
+        if self.compile:
+            self._warn_refusals(record)
+        compiled = self._delegate(work, example_inputs)
+        log.info("compiled graph %d in %.1f s: %s", self.compile_count, time.perf_counter() - started, _summary(record))
+        return compiled
+
+    def _fall_back(self, gm: fx.GraphModule, record: GraphRecord, exc: Exception) -> fx.GraphModule:
+        """Raise :class:`PassFailure` (strict) or warn and compile ``gm`` unchanged."""
+        name = exc.pass_name if isinstance(exc, PassError) else None
+        site = exc.site if isinstance(exc, PassError) else None
+        # PassError's message already names the pass and the site, with the error's first line.
+        what = str(exc) if isinstance(exc, PassError) else f"{type(exc).__name__}: {exc}"
+        if self.config.strict:
+            raise PassFailure(f"longctx_compiler: {what} (strict=True)", name, site) from exc
+        warnings.warn(
+            f"longctx_compiler: {what}; compiling this graph without rewrites. Pass strict=True to raise instead.",
+            PassFailureWarning,
+            stacklevel=_user_stacklevel(),
+        )
+        # The warning is the user-facing message; the traceback is for whoever debugs the pass.
+        log.debug("pass failure, falling back: %s", what, exc_info=exc)
+        record.rewrites.clear()
+        record.fallback_reason = what
+        return gm
+
+    def _warn_refusals(self, record: GraphRecord) -> None:
+        """One :class:`RefusalWarning` summarising the graph's refusals, unless the same
+        refusals were already reported (Dynamo recompiling a graph for new guards)."""
+        if not record.refusals:
+            return
+        key = tuple((r.pass_name, r.site, r.reason) for r in record.refusals)
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        total = len(record.refusals) + len(record.rewrites)
+        groups = Counter((r.pass_name, r.reason) for r in record.refusals)
+        why = "; ".join(f"{name} ×{n}: {reason}" for (name, reason), n in groups.items())
+        warnings.warn(
+            f"longctx_compiler: {len(record.refusals)} of {total} sites were not rewritten ({why}); see model.report",
+            RefusalWarning,
+            stacklevel=_user_stacklevel(),
+        )
 
     def _delegate(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         if not self.compile:
@@ -115,6 +187,48 @@ class quiet_checkpoint_policy_warning(logging.Filter):
 
     def __exit__(self, *exc: Any) -> None:
         self._logger.removeFilter(self)
+
+
+def _internal_prefixes() -> tuple[str, ...]:
+    # Our packages, torch, and the standard library's plumbing between them (contextlib,
+    # functools): a warning is attributed to the first frame outside them, the user's line.
+    import contextlib
+    import functools
+
+    dirs = []
+    for name in ("longctx_compiler", "longctx_compiler.passes", "longctx_compiler.kernels", "torch"):
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "__file__", None):
+            dirs.append(os.path.dirname(os.path.abspath(mod.__file__)) + os.sep)
+    files = [os.path.abspath(m.__file__) for m in (contextlib, functools)]
+    return (*dirs, *files)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning, issued by our caller, at the user's code
+    (rather than at Dynamo's frame that called the backend)."""
+    internal = _internal_prefixes()
+    frame = sys._getframe(2)
+    level = 2
+    while frame is not None:
+        name = frame.f_code.co_filename
+        # "<...>": code Dynamo or FX generated
+        if not name.startswith("<") and not os.path.abspath(name).startswith(internal):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 2
+
+
+def _summary(record: GraphRecord) -> str:
+    """What happened to one graph, in one line (for the progress log)."""
+    if record.fallback_reason:
+        return f"no rewrites (fallback: {record.fallback_reason})"
+    done = Counter(r.pass_name for r in record.rewrites)
+    parts = [", ".join(f"{name} ×{n}" for name, n in done.items()) or "nothing rewritten"]
+    if record.refusals:
+        parts.append(f"{len(record.refusals)} refused (see the report)")
+    return "; ".join(parts)
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -13,8 +13,14 @@ A pass is four small steps over the Dynamo FX graph (torch-level IR)::
 
 After each pass the runner stamps provenance (``node.meta["longctx_pass"]``) on every node
 the pass created, runs ``graph.lint()`` and recompiles the module. An exception other than
-:class:`CantApply` is a bug in the pass: the backend then falls back to the un-rewritten graph
-(or raises, with ``strict=True``).
+:class:`CantApply` is a bug in the pass: the runner raises it as :class:`PassError`, naming the
+pass and the site, and the backend then falls back to the un-rewritten graph (or raises, with
+``strict=True``).
+
+Activation-checkpoint regions (``torch.utils.checkpoint``, Hugging Face's
+``gradient_checkpointing_enable()``) are opened before the passes run and closed after, so
+passes see inside them as if there were none (:mod:`longctx_compiler.passes.checkpoint_regions`);
+sites a pass would match inside bodies of other higher-order ops are reported as refusals.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch.fx as fx
 
 from longctx_compiler.passes.fx_utils import writes_in_place
+from longctx_compiler.passes import checkpoint_regions as regions
+from longctx_compiler.passes.checkpoint_regions import REGION_KEY
 from longctx_compiler.report import PROVENANCE_KEY, GraphRecord, Refusal, Rewrite, node_site
 
 if TYPE_CHECKING:
     from longctx_compiler.config import Config
 
-__all__ = ["CantApply", "Match", "Pass", "PassContext", "run_passes"]
+__all__ = ["CantApply", "Match", "Pass", "PassContext", "PassError", "run_passes"]
 
 log = logging.getLogger("longctx_compiler")
 
@@ -42,6 +50,26 @@ class CantApply(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class PassError(RuntimeError):
+    """A pass failed with an unexpected error (a bug, not a refusal).
+
+    Attributes:
+        pass_name: the pass that failed (``"checkpoint_regions"`` for the region handling).
+        site: where it was working when it failed, or None (e.g. while matching).
+        error: the original exception (also the ``__cause__``).
+    """
+
+    def __init__(self, pass_name: str, site: str | None, error: BaseException) -> None:
+        self.pass_name = pass_name
+        self.site = site
+        self.error = error
+        where = f" at {site}" if site else ""
+        # The first line of the message only: some errors (fake-tensor propagation) carry
+        # pages of context, which belong in the traceback (``__cause__``), not in a warning.
+        first = (str(error).strip().splitlines() or [""])[0]
+        super().__init__(f"pass {pass_name!r} failed{where}: {type(error).__name__}: {first}")
 
 
 @dataclass
@@ -105,10 +133,31 @@ class Pass:
 
 
 def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, record: GraphRecord) -> fx.GraphModule:
-    """Run ``passes`` in order over ``gm`` in place, recording into ``record``."""
+    """Run ``passes`` in order over ``gm`` in place, recording into ``record``.
+
+    Raises:
+        PassError: a pass (or the checkpoint-region handling) failed unexpectedly; ``gm`` is
+            then in an unspecified state (the backend rewrites a copy).
+    """
+    try:
+        opened = regions.open_regions(gm, record)
+    except Exception as exc:
+        raise PassError(regions.PASS_NAME, None, exc) from exc
     for p in passes:
         if not p.enabled(ctx):
             continue
+        _run_one(gm, p, ctx, record)
+    try:
+        regions.refuse_hidden_sites(gm, passes, ctx, record)
+        regions.close_regions(gm, opened, record)
+    except Exception as exc:
+        raise PassError(regions.PASS_NAME, None, exc) from exc
+    return gm
+
+
+def _run_one(gm: fx.GraphModule, p: Pass, ctx: PassContext, record: GraphRecord) -> None:
+    site: str | None = None
+    try:
         # Dynamo hands over a graph without dead code, so a node nobody reads is there for its
         # side effect (``h.mul_(2)`` as a statement): dead-code elimination after the rewrite
         # may only remove what the rewrite itself orphaned.
@@ -123,7 +172,7 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, rec
             try:
                 p.check(gm, m, ctx)
             except CantApply as why:
-                log.info("%s refused at %s: %s", p.name, site, why.reason)
+                log.debug("%s refused at %s: %s", p.name, site, why.reason)
                 record.refusals.append(Refusal(p.name, site, why.reason, [n.name for n in m.nodes], record.index))
                 continue
             replaced = [n.name for n in m.nodes]
@@ -136,11 +185,13 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext, rec
             record.rewrites.append(
                 Rewrite(p.name, p.kind_of(m), site, replaced, [n.name for n in created], p.describe(m, ctx), record.index)
             )
-            log.info("%s rewrote %s (%d nodes -> %d nodes)", p.name, site, len(replaced), len(created))
+            log.debug("%s rewrote %s (%d nodes -> %d nodes)", p.name, site, len(replaced), len(created))
+        site = None
         gm.graph.eliminate_dead_code(is_impure_node=lambda n: n in unread or _keep_impure(n))
         gm.graph.lint()
         gm.recompile()
-    return gm
+    except Exception as exc:
+        raise PassError(p.name, site, exc) from exc
 
 
 def _keep_impure(node: fx.Node) -> bool:
@@ -157,6 +208,7 @@ def _erased(node: fx.Node) -> bool:
 def _inherit_source(node: fx.Node, anchor: fx.Node) -> None:
     # New nodes keep the user's source location and module path, so reports, drawings and
     # Inductor's own provenance still point at the model code that produced them.
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+    # The checkpoint region too: what a rewrite inside a region creates belongs to it.
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack", REGION_KEY):
         if key not in node.meta and key in anchor.meta:
             node.meta[key] = anchor.meta[key]
