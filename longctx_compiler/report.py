@@ -206,7 +206,7 @@ def format_table(report: RewriteReport) -> str:
         for i, row in enumerate(rows):
             lines.append("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[3]]).rstrip())
             if i == 0:
-                lines.append("  ".join("-" * w for w in [*widths, len(row[3])]))
+                lines.append("  ".join("-" * w for w in [*widths, max(len(r[3]) for r in rows)]))
     else:
         lines.append("(nothing matched: the graphs were compiled unchanged)")
     for reason in report.fallbacks:
