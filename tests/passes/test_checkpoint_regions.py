@@ -22,6 +22,7 @@ import longctx_compiler as lc
 from lm_helpers import ids_for, lm_call, loss_of
 from longctx_compiler.kernels.attention import op as attention_op
 from longctx_compiler.nn import TinyMambaLM
+from longctx_compiler.passes import Pass
 from longctx_compiler.nn.ssm import TinyLMOutput
 from longctx_compiler.passes.checkpoint_regions import OFFLOAD_IN_REGION, PASS_NAME
 from longctx_compiler.report import iter_nodes
@@ -359,3 +360,96 @@ def test_llama_gradient_checkpointing_rewrites_every_layer(attn, rtol):
     # The layers are still checkpoint regions, each with its chunked attention inside.
     graph = next(g for g in opt.report.graphs if any(n.target == CHECKPOINT for n in g.after.nodes))
     assert [body.count(CHUNKED) for _, body in regions(graph.after)] == [1, 1]
+
+
+# -- the region machinery on captured graphs ------------------------------------------------------
+def capture(model, *args):
+    """The Dynamo graph of ``model(*args)`` (and its example inputs), as the backend gets it."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append((gm, example_inputs))
+        return gm.forward
+
+    torch.compile(model, backend=backend)(*args)
+    (found,) = seen
+    return found
+
+
+def run(gm, example_inputs, passes=None):
+    from longctx_compiler.passes.base import PassContext, run_passes
+    from longctx_compiler.passes.registry import pipeline
+    from longctx_compiler.report import RewriteReport
+
+    config = lc.Config(backend="aot_eager", attention={"chunk_size": 4, "offload": False})
+    record = RewriteReport().new_graph(gm)
+    run_passes(gm, pipeline(config) if passes is None else passes, PassContext(config, tuple(example_inputs)), record)
+    return record
+
+
+def hops(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.higher_order.tag_activation_checkpoint]
+
+
+def test_a_region_used_as_a_whole_is_not_entered_and_its_sites_are_refused():
+    import operator
+
+    gm, example_inputs = capture(Checkpointed(layers=1), *inputs(7))
+    (hop,) = hops(gm)
+    # Read the HOP's result as a tuple rather than element by element: the region cannot be
+    # inlined and outlined again without changing that.
+    (getter,) = hop.users
+    with gm.graph.inserting_after(hop):
+        as_tuple = gm.graph.call_function(tuple, (hop,))
+    with gm.graph.inserting_after(as_tuple):
+        whole = gm.graph.call_function(operator.getitem, (as_tuple, 0))
+    getter.replace_all_uses_with(whole)
+    gm.graph.erase_node(getter)
+    gm.recompile()
+    record = run(gm, example_inputs)
+    assert not record.rewrites
+    (not_entered,) = [r for r in record.refusals if r.pass_name == PASS_NAME]
+    assert "not entered" in not_entered.reason and "used as a whole" in not_entered.reason
+    (hidden,) = [r for r in record.refusals if r.pass_name == ATTN]
+    assert "higher_order.tag_activation_checkpoint" in hidden.reason and hidden.site.startswith("layers.0")
+    assert len(hops(gm)) == 1
+
+
+class Interleave(Pass):
+    """Test-only: routes a region's attention output through a node outside the region and
+    back in, so that the region can no longer become one node (done while matching; it
+    matches nothing)."""
+
+    name = "test_interleave"
+
+    def match(self, gm, ctx):
+        sdpa = next(n for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention)
+        with gm.graph.inserting_after(sdpa):
+            outside = gm.graph.call_function(torch.mul, (sdpa, 1.0))
+        outside.meta["example_value"] = sdpa.meta["example_value"]
+        sdpa.replace_all_uses_with(outside, delete_user_cb=lambda u: u is not outside)
+        return []
+
+
+def test_a_region_that_cannot_be_outlined_again_stays_inlined_with_a_refusal():
+    gm, example_inputs = capture(Checkpointed(layers=1), *inputs(7))
+    expected = gm(*example_inputs)
+    record = run(gm, example_inputs, passes=[Interleave()])
+    (kept,) = [r for r in record.refusals if r.pass_name == PASS_NAME]
+    assert "kept inlined" in kept.reason and "interleaved" in kept.reason and kept.site.startswith("layers.0")
+    assert hops(gm) == []
+    # The same program, run without the region.
+    torch.testing.assert_close(gm(*example_inputs), expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_closed_regions():
+    # The outlined regions, with our op inside, go through Inductor's own handling of
+    # checkpoint regions (its partitioner recomputes them) like the regions Dynamo made.
+    torch._inductor.config.force_disable_caches = True
+    eager = Checkpointed()
+    opt = lc.optimize(Checkpointed(), backend="inductor", strict=True, attention={"chunk_size": 8, "offload": True})
+    for t in (11, 26):
+        assert_gradients_match(eager, opt, inputs(t, t), rtol=EXACT_RTOL)
+        assert opt.report.count(ATTN) == 2
+    assert len(regions(opt.report.graphs[0].after)) == 2
