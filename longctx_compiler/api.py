@@ -196,8 +196,12 @@ class OptimizedModule(_Views, torch.nn.Module):
         # Training still runs, eagerly and without our rewrites; say so once.
         object.__setattr__(self, "_lc_bypass_warned", True)
         replaced = self.__dict__.get("forward")
-        who = getattr(replaced, "__qualname__", None) or type(replaced).__name__
-        origin = getattr(getattr(replaced, "__func__", replaced), "__module__", None)
+        func = getattr(replaced, "__func__", replaced)
+        # The code object and globals name the function that really runs: a replacement made
+        # with functools.wraps(type(model).forward) (TRL's) carries our forward's names.
+        code = getattr(func, "__code__", None)
+        who = getattr(code, "co_qualname", None) or getattr(func, "__qualname__", None) or type(replaced).__name__
+        origin = getattr(func, "__globals__", {}).get("__name__") or getattr(func, "__module__", None)
         warnings.warn(
             f"longctx_compiler: a training call on the optimized {type(self._orig_mod).__name__} did not go "
             f"through the compiler: its forward was replaced by {who}"

@@ -32,7 +32,7 @@ Why this form, and not a wrapper or a ``torch.compile`` backend name:
   the compile, and a second compile around it would trace the plain model (the first
   training call warns when nothing went through us).
 
-Calls that carry a KV cache (``past_key_values``: every step of ``generate``) run the
+Calls that carry a KV cache (``past_key_values``/``cache``: every step of ``generate``) run the
 original model eagerly: decoding appends one token per call and updates the cache in place;
 there is no backward to save memory for, and compiling it would recompile per token.
 
@@ -102,7 +102,7 @@ class LongctxState:
             # without the rewrites.
             warnings.warn(_OUTER_COMPILE, BypassWarning, stacklevel=2)
             return model._call_impl(*args, **kwargs)
-        if kwargs.get("past_key_values") is not None:
+        if _carries_cache(kwargs):
             return model._call_impl(*args, **kwargs)
         if self._compiled is None:
             # Built on first use, also after a copy or unpickling (compiled state is not copied).
@@ -124,6 +124,24 @@ class LongctxState:
         # The (copied) model may still be filling its __dict__; Module.__setstate__ updates
         # it afterwards without this key (torch dropped it), so the install survives.
         self._model.__dict__["_compiled_call_impl"] = self
+
+
+#: Keyword arguments through which Hugging Face models receive a KV/SSM cache (the name
+#: changed between transformers releases: ``past_key_values``, ``cache``; Mamba's ``cache_params``).
+_CACHE_KWARGS = ("past_key_values", "cache", "cache_params")
+
+
+def _carries_cache(kwargs: dict[str, Any]) -> bool:
+    """Whether a call is a decoding step: it hands the model a cache to read and update."""
+    for name, value in kwargs.items():
+        if value is None:
+            continue
+        if name in _CACHE_KWARGS:
+            return True
+        cls = type(value)
+        if cls.__module__.startswith("transformers") and cls.__name__.endswith("Cache"):
+            return True
+    return False
 
 
 def state_of(model: Any) -> LongctxState | None:
