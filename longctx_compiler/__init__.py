@@ -7,13 +7,17 @@ hands the rest to TorchInductor. ``explain`` shows what would be rewritten; ``vi
 
 import logging as _logging
 
-from longctx_compiler.api import OptimizedFunction, OptimizedModule, explain, optimize
+from longctx_compiler.api import BypassWarning, OptimizedFunction, OptimizedModule, explain, optimize
+from longctx_compiler.backend import PassFailure, PassFailureWarning, RefusalWarning
 from longctx_compiler.config import AttentionConfig, Config, LMLossConfig, SSMConfig
 from longctx_compiler.report import Refusal, Rewrite, RewriteReport
 
 # ``lc.viz.render(report, ...)`` works after ``import longctx_compiler as lc``: the drawing
 # module is part of the public surface (it imports graphviz's Python package only).
 from longctx_compiler import viz  # noqa: E402
+# ``optimize(model, inplace=True)`` and ``lc.integrations.unpatch(model)``: the training-library
+# integration point.
+from longctx_compiler import integrations  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -29,7 +33,12 @@ __all__ = [
     "Refusal",
     "OptimizedModule",
     "OptimizedFunction",
+    "BypassWarning",
+    "RefusalWarning",
+    "PassFailure",
+    "PassFailureWarning",
     "viz",
+    "integrations",
     "__version__",
 ]
 
