@@ -104,14 +104,20 @@ def _offload_ops() -> tuple[Any, Any]:
     return torch.ops.longctx.chunked_attention_fwd_offload.default, torch.ops.longctx.chunked_attention_fwd.default
 
 
-def _body_of(gm: fx.GraphModule, node: Any) -> fx.GraphModule | None:
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return None
-    obj: Any = gm
-    for part in str(node.target).split("."):
+def _attr(module: torch.nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
             return None
+    return obj
+
+
+def _body_of(gm: fx.GraphModule, node: Any) -> fx.GraphModule | None:
+    """The GraphModule a ``get_attr`` node names, or None."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    obj = _attr(gm, str(node.target))
     return obj if isinstance(obj, fx.GraphModule) else None
 
 
@@ -179,10 +185,14 @@ def _inline(gm: fx.GraphModule, hop: fx.Node, rid: int) -> Region:
             if n.op in ("placeholder", "output"):
                 continue
             if n.op == "get_attr":
-                # A nested body (another region, a scan's combine function): register it
-                # on the outer module under a fresh name.
+                # A nested body (another region, a scan's combine function) or a constant:
+                # register it on the outer module under a fresh name.
                 name = _free_attr(gm, str(n.target).replace(".", "_"))
-                gm.add_submodule(name, _body_of(body, n))
+                value = _attr(body, str(n.target))
+                if isinstance(value, torch.nn.Module):
+                    gm.add_submodule(name, value)
+                else:
+                    setattr(gm, name, value)
                 new = graph.get_attr(name)
                 new.meta.update(n.meta)
             else:
