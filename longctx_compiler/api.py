@@ -55,17 +55,35 @@ def _resolve_config(config: Config | None, overrides: Mapping[str, Any]) -> Conf
     return base.replace(**overrides) if overrides else base
 
 
-def _mark_sequence_dynamic(config: Config, args: tuple, kwargs: dict) -> None:
+def _mark_sequence_dynamic(config: Config, args: tuple, kwargs: dict) -> bool:
+    """Mark ``config.sequence_dim`` of every tensor input dynamic.
+
+    Returns False when there are tensor inputs but none has that dimension (the setting
+    cannot apply to this call); the caller warns once.
+    """
     # The sequence length is the size that changes between calls (curriculum, packing, eval
     # at another length). Marking it dynamic up front compiles one graph for every length
     # instead of one per length. ``maybe_mark_dynamic`` lets Dynamo specialise when the model
     # truly needs a static size, rather than failing.
     dim = config.sequence_dim
     if dim is None:
-        return
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > dim and value.shape[dim] > 1:
+        return True
+    tensors = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+    for value in tensors:
+        if value.dim() > dim and value.shape[dim] > 1:
             torch._dynamo.maybe_mark_dynamic(value, dim)
+    return not tensors or any(v.dim() > dim for v in tensors)
+
+
+def _warn_sequence_dim_out_of_range(config: Config, args: tuple, kwargs: dict) -> None:
+    shapes = [tuple(v.shape) for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+    warnings.warn(
+        f"longctx_compiler: Config.sequence_dim={config.sequence_dim}, but no tensor input has that dimension "
+        f"(input shapes {shapes}): no size is compiled as dynamic, so each new sequence length compiles again. "
+        "Set sequence_dim to the sequence dimension of your inputs (0 for [T, ...]), or None to silence this.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 class _Compiled:
@@ -80,10 +98,13 @@ class _Compiled:
         #: call to tell whether a replaced ``forward`` bypassed us)
         self._lc_calls = 0
         self._lc_checked_first_step = False
+        self._lc_warned_sequence_dim = False
 
     def _lc_call(self, args: tuple, kwargs: dict) -> Any:
         self._lc_calls += 1
-        _mark_sequence_dynamic(self._lc_config, args, kwargs)
+        if not _mark_sequence_dynamic(self._lc_config, args, kwargs) and not self._lc_warned_sequence_dim:
+            self._lc_warned_sequence_dim = True
+            _warn_sequence_dim_out_of_range(self._lc_config, args, kwargs)
         before = self._lc_backend.compile_count
         pending = self._lc_backend.start_report()
         try:

@@ -67,3 +67,22 @@ def test_optimize_rejects_bad_input():
         lc.optimize(torch.nn.Linear(2, 2), config={"backend": "aot_eager"})
     with pytest.raises(TypeError, match="already optimized"):
         lc.optimize(lc.optimize(torch.nn.Linear(2, 2)))
+
+
+def test_sequence_dim_beyond_every_input_warns_once():
+    import warnings
+
+    import torch
+
+    import longctx_compiler as lc
+
+    f = lc.optimize(lambda x: (x * 2).sum(), backend="aot_eager", sequence_dim=3)
+    with pytest.warns(UserWarning, match="sequence_dim=3, but no tensor input has that dimension"):
+        f(torch.randn(2, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f(torch.randn(2, 5))  # told once per optimized object
+    g = lc.optimize(lambda x: (x * 2).sum(), backend="aot_eager", sequence_dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g(torch.randn(2, 5))
