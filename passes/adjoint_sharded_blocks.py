@@ -26,30 +26,78 @@ defined per scan, not across the block's chunks).
 
 from __future__ import annotations
 
-import operator
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 
-from longctx_compiler.kernels.ssm_block import BlockPlan, register_plan, scan_in_window
-from longctx_compiler.passes.adjoint_sharded_scan import _B, _C, _DELTA, _U, _Z, _all_args
-from longctx_compiler.passes.base import CantApply, Match, PassContext
+from longctx_compiler.kernels.sequence_block import BLOCK_OP, BlockPlan, register_plan, scan_in_window
+from longctx_compiler.passes.adjoint_sharded_scan import _B, _C, _DELTA, _U, _Z, SCAN_OP, _all_args
+from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
+from longctx_compiler.passes.block_region import check_region, copy_body, replace_region
 from longctx_compiler.passes.fx_utils import example_value
-from longctx_compiler.passes.recompute_ssm_blocks import RecomputeSSMBlocksPass
+from longctx_compiler.passes.recompute_ssm_blocks import find_scan_blocks
 from longctx_compiler.passes.registry import register_pass
-from longctx_compiler.passes.sequence_window import analyse_window
+from longctx_compiler.passes.sequence_window import SCAN, CarrySite, WindowAnalysis, analyse_window
 
-__all__ = ["AdjointShardedBlocksPass", "BLOCK_OP"]
-
-BLOCK_OP = torch.ops.longctx.ssm_block_fwd.default
+__all__ = ["AdjointShardedBlocksPass", "BLOCK_OP", "sequence_block_plan"]
 
 # The scan's sequence arguments (schema positions) and the dim they run along.
 _SEQ_ARGS = {_U: -1, _DELTA: -1, _B: -1, _C: -1, _Z: -1}
 
 
+def scan_site(scan: fx.Node) -> CarrySite:
+    """The scan as a carry of the sequence-window analysis."""
+    args = _all_args(scan)
+    return CarrySite(scan, args, {i: d for i, d in _SEQ_ARGS.items() if args[i] is not None}, 0, SCAN)
+
+
+def sequence_block_plan(gm: fx.GraphModule, match: Match, window: WindowAnalysis, carries: list[CarrySite],
+                        windowed: dict[str, Any], chunk: int, host_inputs: bool = False,
+                        host_budget: int | None = None) -> tuple[str, list[fx.Node], list[fx.Node]]:
+    """Build and register the plan of a block: its body with each carry node replaced by the
+    windowed form for its kind (``windowed[site.what](*site.args, slot, carry)``).
+
+    Returns ``(plan name, tensor inputs, integer inputs)``: the op's arguments.
+    """
+    inputs: list[fx.Node] = match.data["inputs"]
+    outputs: list[fx.Node] = match.data["outputs"]
+    tensors = [a for a in inputs if isinstance(example_value(a), torch.Tensor)]
+    sizes = [a for a in inputs if not isinstance(example_value(a), torch.Tensor)]
+    slots: dict[fx.Node, tuple[CarrySite, int]] = {}
+    counts: dict[str, int] = {}
+    for site in carries:
+        slots[site.node] = (site, counts.get(site.what, 0))
+        counts[site.what] = counts.get(site.what, 0) + 1
+
+    def replace(n, env, extra):
+        if n not in slots:
+            return None
+        site, slot = slots[n]
+        args = tuple(env[x] if isinstance(x, fx.Node) else x for x in site.args)
+        return extra[0].graph.call_function(windowed[site.what], (*args, slot, extra[0]))
+
+    body, _, env = copy_body(match, [*tensors, *sizes], ["carry"], replace)
+    body.output(tuple(env[o] for o in outputs))
+    plan = BlockPlan(
+        body=fx.GraphModule(gm, body, class_name="SequenceBlock"),
+        tensor_dims=tuple(window.input_dims.get(a) for a in tensors),
+        size_exprs=tuple(window.size_inputs.get(a) for a in sizes),
+        length=window.length,
+        output_dims=tuple(window.output_dims),
+        halo=window.halo,
+        min_length=window.min_length,
+        chunk=chunk,
+        scans=counts.get(SCAN, 0),
+        attentions=sum(v for k, v in counts.items() if k != SCAN),
+        host_inputs=tuple(example_value(a).dim() if host_inputs and a in window.input_dims else 0 for a in tensors),
+        host_budget=host_budget,
+    )
+    return register_plan(plan), tensors, sizes
+
+
 @register_pass("rewrite", order=85)
-class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
+class AdjointShardedBlocksPass(Pass):
     """Each block around a scan → one op that runs it chunk by chunk, forward and backward."""
 
     name = "adjoint_sharded_blocks"
@@ -71,55 +119,27 @@ class AdjointShardedBlocksPass(RecomputeSSMBlocksPass):
         q = ctx.config.ssm.block_chunk_size
         return q if window is None else max(q, window.min_length)
 
+    def match(self, gm: fx.GraphModule, ctx: PassContext) -> Iterable[Match]:
+        return find_scan_blocks(gm)
+
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
-        super().check(gm, match, ctx)
+        if match.data["path"] is None:
+            raise CantApply("the scan is not inside a module of its own (no enclosing block to recompute)")
+        check_region(gm, match, lambda n: n.op == "call_function" and n.target is SCAN_OP)
         cfg = ctx.config.ssm
         if cfg.mode != "exact":
             raise CantApply(f"the scan's adjoint is {cfg.mode!r}: a truncated adjoint is defined per scan, not across the block's chunks")
-        scan = match.data["scan"]
-        args = _all_args(scan)
-        seq_args = {i: d for i, d in _SEQ_ARGS.items() if args[i] is not None}
-        window = analyse_window(match.nodes, match.data["inputs"], match.data["outputs"], scan, seq_args, args)
+        site = scan_site(match.data["scan"])
+        window = analyse_window(match.nodes, match.data["inputs"], match.data["outputs"], [site])
         for a in match.data["inputs"]:
             v = example_value(a)
             if not isinstance(v, (torch.Tensor, torch.SymInt, int)):
                 raise CantApply(f"block input {a.name} is a {type(v).__name__}")
         match.data["window"] = window
+        match.data["carries"] = [site]
 
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
         window = match.data["window"]
-        inputs: list[fx.Node] = match.data["inputs"]
-        outputs: list[fx.Node] = match.data["outputs"]
-        scan: fx.Node = match.data["scan"]
-        tensors = [a for a in inputs if isinstance(example_value(a), torch.Tensor)]
-        sizes = [a for a in inputs if not isinstance(example_value(a), torch.Tensor)]
-
-        body = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        for a in (*tensors, *sizes):
-            env[a] = body.placeholder(a.name)
-        hc = body.placeholder("hc")
-        h_in = body.placeholder("h_in")
-        for n in match.nodes:
-            if n is scan:
-                env[n] = body.call_function(scan_in_window, (*(env[x] if isinstance(x, fx.Node) else x for x in _all_args(n)), hc, h_in))
-            elif n.op == "call_function" and n.target is operator.getitem and n.args[0] is scan and n.args[1] != 0:
-                continue  # the scan's final/boundary states: unused (the analysis checked)
-            else:
-                env[n] = body.node_copy(n, lambda x: env[x])
-        final = body.call_function(operator.getitem, (env[scan], 1))
-        body.output((*(env[o] for o in outputs), final))
-        plan = BlockPlan(
-            body=fx.GraphModule(gm, body, class_name="ShardedBlock"),
-            tensor_dims=tuple(window.input_dims.get(a) for a in tensors),
-            size_exprs=tuple(window.size_inputs.get(a) for a in sizes),
-            length=window.length,
-            output_dims=tuple(window.output_dims),
-            halo=window.halo,
-            min_length=window.min_length,
-            chunk=self.chunk(window, ctx),
-        )
-        key = register_plan(plan)
-
-        call, results = self.replace_region(gm, match, BLOCK_OP, (list(tensors), list(sizes), key), {})
+        key, tensors, sizes = sequence_block_plan(gm, match, window, match.data["carries"], {SCAN: scan_in_window}, self.chunk(window, ctx))
+        call, results = replace_region(gm, match, BLOCK_OP, (list(tensors), list(sizes), key), {})
         return [call, *results]

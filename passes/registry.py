@@ -28,6 +28,7 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "longctx_compiler.passes.adjoint_sharded_blocks",
     "longctx_compiler.passes.recompute_ssm_blocks",
     "longctx_compiler.passes.tiled_lm_loss",
+    "longctx_compiler.passes.pipelined_layers",
 )
 
 

@@ -54,10 +54,11 @@ from longctx_compiler.passes.base import CantApply
 from longctx_compiler.passes.fx_utils import arg as _arg
 from longctx_compiler.passes.fx_utils import example_value
 
-__all__ = ["SeqValue", "WindowAnalysis", "analyse_window", "INPUT", "SCAN"]
+__all__ = ["SeqValue", "WindowAnalysis", "CarrySite", "analyse_window", "INPUT", "SCAN", "ATTENTION"]
 
 INPUT = "input"
 SCAN = "scan"
+ATTENTION = "attention"
 
 @dataclass(frozen=True)
 class SeqValue:
@@ -306,7 +307,13 @@ class _Analysis:
             ref = example_value(seq[0])
             nd = ref.dim() + (1 if name == "stack" else 0)
             if dim % nd == out_dim:
-                raise CantApply(f"{node.name} ({name}) joins along the sequence dim")
+                # Joining an empty history with the new tokens (a key/value cache filled for
+                # the first time: ``cat([tensor([]), k], dim=-2)``) is the new tokens as they are.
+                others = [a for a in _flat(node.args[0]) if isinstance(a, fx.Node) and a not in seq]
+                if name == "stack" or len(seq) != 1 or any(
+                    not isinstance(example_value(a), torch.Tensor) or example_value(a).numel() != 0 for a in others
+                ):
+                    raise CantApply(f"{node.name} ({name}) joins along the sequence dim")
             self.info[node] = _union(vals, out_dim)
         elif name in ("constant_pad_nd", "pad"):
             self.info[node] = self.pad(node, name, seq[0], out_dim)
@@ -423,24 +430,43 @@ class _Analysis:
         return src.moved(out_dim, -shift, -cut_end)
 
 
-def analyse_window(
-    nodes: list[fx.Node],
-    inputs: list[fx.Node],
-    outputs: list[fx.Node],
-    scan: fx.Node,
-    scan_seq_args: dict[int, int],
-    scan_args: tuple,
-) -> WindowAnalysis:
+@dataclass(frozen=True)
+class CarrySite:
+    """A node of the region whose output at ``t`` summarises the sequence up to ``t`` through a
+    carry the caller runs chunk by chunk (a scan's state, an attention's K/V history).
+
+    Attributes:
+        node: the node.
+        args: its positional arguments.
+        seq_args: the arguments that run along the sequence, by position, with the dim they
+            run along (as the op reads them).
+        output: which result of the node runs along the sequence (the others must be unused).
+        what: the node's kind, for messages (``"scan"``, ``"attention"``).
+    """
+
+    node: fx.Node
+    args: tuple
+    seq_args: dict[int, int]
+    output: int = 0
+    what: str = SCAN
+
+
+def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], carries: list[CarrySite]) -> WindowAnalysis:
     """Prove the region ``nodes`` (topological order) can run window by window, or refuse.
 
     Args:
         nodes, inputs, outputs: the region, the values it reads, the values used after it.
-        scan: the region's one scan node; ``scan_args`` its positional arguments and
-            ``scan_seq_args`` those that run along the sequence, with their sequence dim.
-            Output 0 of the scan is the ``"scan"`` source; its other outputs must be unused.
+        carries: the region's carry nodes. The caller computes each one's output for the
+            window's own tokens only (its carry bringing in the earlier ones) and pads it with
+            ``hc`` leading zeros; that output is the source ``"<what><i>"``, and every carry
+            input and region output must read it at its own position only.
     """
-    u = example_value(scan_args[min(scan_seq_args)])
-    length = u.shape[scan_seq_args[min(scan_seq_args)]]
+    if not carries:
+        raise CantApply("the block holds no scan or attention to carry along the sequence")
+    first = carries[0]
+    pos0 = min(first.seq_args)
+    u = example_value(first.args[pos0])
+    length = u.shape[first.seq_args[pos0]]
     if not isinstance(length, torch.SymInt) or not isinstance(length.node.expr, sympy.Symbol):
         raise CantApply(f"the sequence length is not a symbol of the captured graph ({length}); the graph is not dynamic in it")
     an = _Analysis(length.node.expr)
@@ -448,35 +474,44 @@ def analyse_window(
         an.input(a)
     if not any(isinstance(an.info[a], SeqValue) for a in inputs):
         raise CantApply("no block input runs along the sequence")
-    scan_inputs: list[SeqValue] = []
+    sites = {c.node: (i, c) for i, c in enumerate(carries)}
+    sources = [f"{c.what}{i}" for i, c in enumerate(carries)]
+    carry_inputs: list[tuple[CarrySite, SeqValue]] = []
     for n in nodes:
-        if n is scan:
-            for pos, arg in enumerate(scan_args):
+        if n in sites:
+            i, site = sites[n]
+            for pos, arg in enumerate(site.args):
                 v = an.info.get(arg) if isinstance(arg, fx.Node) else None
-                if pos in scan_seq_args:
+                if pos in site.seq_args:
                     ev = example_value(arg)
-                    if not isinstance(v, SeqValue) or v.dim != scan_seq_args[pos] % ev.dim():
-                        raise CantApply(f"scan argument {pos} ({getattr(arg, 'name', arg)}) is not along the sequence where the scan reads it")
-                    if an.offset(ev.shape[v.dim], scan.name) != 0:
-                        raise CantApply(f"scan argument {pos} has length {ev.shape[v.dim]}, not {length}")
-                    scan_inputs.append(v)
+                    if not isinstance(v, SeqValue) or v.dim != site.seq_args[pos] % ev.dim():
+                        raise CantApply(f"{site.what} argument {pos} ({getattr(arg, 'name', arg)}) is not along the sequence where the {site.what} reads it")
+                    if an.offset(ev.shape[v.dim], n.name) != 0:
+                        raise CantApply(f"{site.what} argument {pos} has length {ev.shape[v.dim]}, not {length}")
+                    carry_inputs.append((site, v))
                 elif isinstance(v, (SeqValue, _Group)) or v is _SIZE:
-                    raise CantApply(f"scan argument {pos} ({arg.name}) depends on the sequence")
-            for user in scan.users:
+                    raise CantApply(f"{site.what} argument {pos} ({arg.name}) depends on the sequence")
+            for user in n.users:
                 if not (user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int)):
-                    raise CantApply(f"{user.name} uses the scan's result other than by index")
-                if user.args[1] != 0 and user.users:
-                    raise CantApply(f"the scan's output {user.args[1]} (its final or boundary state) is used")
-            an.info[n] = "scan"
+                    raise CantApply(f"{user.name} uses the {site.what}'s result other than by index")
+                if user.args[1] != site.output and user.users:
+                    raise CantApply(f"the {site.what}'s output {user.args[1]} (not its per-token output) is used")
+            an.info[n] = ("carry", i)
             continue
-        if n.op == "call_function" and n.target is operator.getitem and an.info.get(n.args[0]) == "scan":
-            an.info[n] = SeqValue(scan_seq_args[min(scan_seq_args)] % u.dim(), ((SCAN, 0),)) if n.args[1] == 0 else None
+        src = an.info.get(n.args[0]) if n.op == "call_function" and n.target is operator.getitem and n.args else None
+        if isinstance(src, tuple) and src[0] == "carry":
+            site = carries[src[1]]
+            out = example_value(n)
+            an.info[n] = SeqValue(an.seq_dim(out, n.name), ((sources[src[1]], 0),)) if n.args[1] == site.output else None
             continue
         an.node(n)
     halo = 0
-    for v in scan_inputs:
+    for site, v in carry_inputs:
         if v.right > 0:
-            raise CantApply(f"the scan's inputs look up to {v.right} tokens ahead")
+            raise CantApply(f"the {site.what}'s inputs look up to {v.right} tokens ahead")
+        for src in sources:
+            if (v.left_of(src) or 0) > 0:
+                raise CantApply(f"the {site.what}'s inputs read {src}'s output at {v.left_of(src)} earlier positions, which a window does not hold")
         halo = max(halo, v.left_of(INPUT) or 0)
     output_dims: list[int] = []
     for o in outputs:
@@ -488,8 +523,9 @@ def analyse_window(
         if v.right > 0:
             raise CantApply(f"{o.name} looks up to {v.right} tokens ahead of its position")
         halo = max(halo, v.left_of(INPUT) or 0)
-        if (v.left_of(SCAN) or 0) > 0:
-            raise CantApply(f"{o.name} mixes the scan's output across positions (it reads {v.left_of(SCAN)} earlier outputs)")
+        for i, src in enumerate(sources):
+            if (v.left_of(src) or 0) > 0:
+                raise CantApply(f"{o.name} mixes the {carries[i].what}'s output across positions (it reads {v.left_of(src)} earlier outputs)")
         output_dims.append(v.dim)
     return WindowAnalysis(
         length=length.node.expr,

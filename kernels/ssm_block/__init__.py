@@ -1,9 +1,12 @@
-"""A block around one selective scan, run chunk by chunk along the sequence (forward and backward).
+"""The sequence-block runtime under its first name (blocks around a scan).
 
-See ``chunked.py`` for the schedule and the math, ``op.py`` for the ``torch.library`` ops.
+It now serves every kind of sequence block, with both carries: see
+:mod:`longctx_compiler.kernels.sequence_block`. This module re-exports it.
 """
 
-from .chunked import BlockPlan, block_backward, block_forward, chunks, scan_in_window
-from .op import get_plan, register_plan
+from longctx_compiler.kernels.sequence_block import (  # noqa: F401
+    BLOCK_OP, BlockPlan, block_backward, block_forward, chunks, get_plan, register_plan, scan_in_window,
+)
+from longctx_compiler.kernels.sequence_block import chunked, op  # noqa: F401
 
-__all__ = ["BlockPlan", "block_forward", "block_backward", "chunks", "scan_in_window", "register_plan", "get_plan"]
+__all__ = ["BlockPlan", "block_forward", "block_backward", "chunks", "scan_in_window", "register_plan", "get_plan", "BLOCK_OP"]

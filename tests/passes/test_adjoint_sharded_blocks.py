@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import longctx_compiler as lc
 from lm_helpers import ids_for, lm_call, loss_and_grads, loss_of
-from longctx_compiler.kernels.ssm_block import chunked, get_plan
+from longctx_compiler.kernels.sequence_block import chunked, get_plan
 from longctx_compiler.memory import measure_step
 from longctx_compiler.nn import TinyMambaLM
 from longctx_compiler.testing import EXACT_RTOL, assert_gradients_match, assert_within_dtype_rule, clone_module
@@ -39,9 +39,9 @@ def windows(monkeypatch):
     seen = []
     plain = chunked._window
 
-    def recording(plan, tensors, a, n):
+    def recording(plan, tensors, a, n, group=None):
         seen.append(n)
-        return plain(plan, tensors, a, n)
+        return plain(plan, tensors, a, n, group)
 
     monkeypatch.setattr(chunked, "_window", recording)
     return seen
@@ -114,14 +114,14 @@ def test_peak_memory_below_block_recompute():
 
 @pytest.fixture
 def block_calls(monkeypatch):
-    """The arguments of every ssm_block_fwd call (tensors, sizes, plan name)."""
+    """The arguments of every sequence_block_fwd call (tensors, sizes, plan name)."""
     calls = []
     plain = chunked.block_forward
-    from longctx_compiler.kernels.ssm_block import op
+    from longctx_compiler.kernels.sequence_block import op
 
-    def recording(plan, tensors, sizes):
+    def recording(plan, tensors, sizes, pool=None):
         calls.append(([t.detach().clone() for t in tensors], list(sizes), plan))
-        return plain(plan, tensors, sizes)
+        return plain(plan, tensors, sizes, pool)
 
     monkeypatch.setattr(op, "block_forward", recording)
     return calls
@@ -134,18 +134,18 @@ def test_opcheck(block_calls):
     tensors, sizes, plan = block_calls[0]
     (key,) = [k for k in _plan_keys() if get_plan(k) is plan]
     tensors = [t.requires_grad_(t.is_floating_point()) for t in tensors]
-    torch.library.opcheck(torch.ops.longctx.ssm_block_fwd.default, (tensors, sizes, key))
+    torch.library.opcheck(torch.ops.longctx.sequence_block_fwd.default, (tensors, sizes, key))
 
 
 def _plan_keys():
-    from longctx_compiler.kernels.ssm_block import op
+    from longctx_compiler.kernels.sequence_block import op
 
     return list(op._PLANS)
 
 
 def test_unknown_plan_and_inconsistent_sizes_fail_loudly(block_calls):
     with pytest.raises(RuntimeError, match="no plan named"):
-        get_plan("ssm_block_missing")
+        get_plan("sequence_block_missing")
     opt = optimized(tiny(1), 4)
     ids = ids_for(9, 1, batch=1)
     opt(ids, labels=ids).loss.backward()

@@ -1,0 +1,245 @@
+"""The two carries of a sequence block: a scan's state and an attention's K/V history.
+
+A block body runs on one window of the sequence at a time (``chunked.py``). Whatever links
+its chunk to the chunks before it goes through a :class:`Carry`, which the body's carry ops
+read and write by *slot* (one slot per scan or attention node of the block):
+
+* **state** (a selective scan, :func:`scan_in_window`): fixed size ``[B, D, N]``. The chunk
+  starts from the state its predecessor left and leaves its own final state; its adjoint
+  ``λ`` flows back from chunk to chunk.
+* **K/V history** (causal attention, :func:`attention_in_window`): grows with T. The chunk's
+  queries attend to every earlier chunk's keys/values (kept in the host pool by a
+  :class:`KVHistory`, read back one piece at a time) and, causally, to its own. Its adjoint is
+  a pair of accumulators ``dK, dV`` (host tier, accumulation dtype): every later chunk adds
+  the gradient of the history it read; when the backward walk reaches a chunk, the sum is the
+  cotangent of that chunk's own ``k, v``.
+
+A whole-sequence carry (:meth:`Carry.whole`, no history object) makes the carry ops behave
+like the nodes they replaced; the op's fake implementation uses it to get output shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Registers torch.ops.longctx.selective_scan_fwd and chunked_attention_fwd.
+from longctx_compiler.kernels.attention import op as _attention_op  # noqa: F401
+from longctx_compiler.kernels.attention.chunked import chunked_attention_backward, chunked_attention_forward, merge_partial
+from longctx_compiler.kernels.attention.reference import accumulation_dtype
+from longctx_compiler.kernels.selective_scan import op as _scan_op  # noqa: F401
+from longctx_compiler.runtime.host_pool import HostHandle, HostPool
+
+__all__ = ["Carry", "KVHistory", "scan_in_window", "attention_in_window"]
+
+
+class Carry:
+    """What one run of a block body on the window ``[t0 - hc, t1)`` exchanges across chunks.
+
+    Attributes:
+        hc: tokens of the window before the chunk (its halo; their outputs are dropped).
+        t0: the chunk's first position in the sequence.
+        states_in: per scan slot, the state entering the chunk (None: the node's own ``h0``).
+        states_out: per scan slot, the state leaving the chunk (set by the scan).
+        histories: per attention slot, the K/V history; None for a whole-sequence run.
+        own: per attention slot, ``(k, v)`` of the chunk's own tokens ``[B, Hkv, t1 - t0, D]``
+            as the body computed them (set by the attention; the forward appends them to the
+            history, the backward gives them the accumulated ``dK, dV`` as cotangents).
+    """
+
+    def __init__(self, hc: int, t0: int, states_in: list[Tensor | None], histories: list["KVHistory"] | None, attentions: int):
+        self.hc = hc
+        self.t0 = t0
+        self.states_in = states_in
+        self.states_out: list[Tensor | None] = [None] * len(states_in)
+        self.histories = histories
+        self.own: list[tuple[Tensor, Tensor] | None] = [None] * attentions
+
+    @classmethod
+    def whole(cls, scans: int, attentions: int) -> "Carry":
+        """The carry of a run on the whole sequence: every carry op acts as the original node."""
+        return cls(0, 0, [None] * scans, None, attentions)
+
+
+def scan_in_window(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode, window, slot: int, carry: Carry):
+    """The block's scan inside a window: scan tokens ``hc..`` from the carried state (the
+    node's own ``h0`` for the first chunk); returns ``(y padded with hc leading zeros, final)``."""
+    hc = carry.hc
+    n = u.shape[-1] - hc
+    h_in = carry.states_in[slot]
+
+    def own(t):
+        return None if t is None or not hc else t.narrow(-1, hc, n)
+
+    y, final, _ = torch.ops.longctx.selective_scan_fwd(
+        own(u) if hc else u, own(delta) if hc else delta, A, own(B) if hc else B, own(C) if hc else C, D,
+        own(z) if hc else z, delta_bias, delta_softplus, h0 if h_in is None else h_in, chunk_size, mode, window,
+    )
+    carry.states_out[slot] = final
+    return (F.pad(y, (hc, 0)) if hc else y), final
+
+
+def attention_in_window(q, k, v, causal: bool, scale: float, chunk_size: int, *rest):
+    """The layer's causal attention inside a window (``q`` ``[B, Hq, L, D]``, ``k``/``v``
+    ``[B, Hkv, L, D]``, the window's ``L`` tokens): the chunk's own queries attend to the K/V
+    history (every earlier position) and causally to their own keys. Returns
+    ``(out padded with hc leading zeros, None)`` (the log-sum-exp is not an output of a block).
+
+    Arguments: those of ``longctx::chunked_attention_fwd`` (``chunk_size`` 0: chosen from the
+    shapes; further arguments of the op are passed through), then ``slot, carry``.
+    """
+    *extra, slot, carry = rest
+    if carry.histories is None:
+        return torch.ops.longctx.chunked_attention_fwd(q, k, v, causal, scale, chunk_size, *extra)
+    if not causal:
+        raise RuntimeError("sequence_block: a windowed attention must be causal (the prover checks this)")
+    hc = carry.hc
+    n = q.shape[2] - hc
+    qo, ko, vo = (t.narrow(2, hc, n) for t in (q, k, v))
+    carry.own[slot] = (ko, vo)
+    out = HistoryAttention.apply(qo, ko, vo, carry.histories[slot], carry.t0, scale, chunk_size or None)
+    return (F.pad(out, (0, 0, hc, 0)) if hc else out), None
+
+
+def acquire(pool: HostPool, numel: int, dtype: torch.dtype, budget: int | None):
+    """A pool buffer, counted against ``budget`` (the configured host-pool bound) when given."""
+    return pool.acquire(numel, dtype) if budget is None else pool.acquire(numel, dtype, max_bytes=budget)
+
+
+def offload(pool: HostPool, tensor: Tensor, budget: int | None) -> HostHandle:
+    """``tensor``'s copy in the pool, counted against ``budget`` when given."""
+    return pool.offload(tensor) if budget is None else pool.offload(tensor, max_bytes=budget)
+
+
+class KVHistory:
+    """One attention's keys and values ``[B, Hkv, T, D]`` in the host pool, and their adjoint.
+
+    Forward: :meth:`append` writes each chunk's ``k, v`` at its positions (the buffers are
+    taken from the pool at the first chunk, so a budget too small fails before any work).
+    Backward: :meth:`start_backward` adds the accumulators ``dK, dV`` (accumulation dtype,
+    zero); :meth:`pieces` reads the history back ``piece`` positions at a time (prefetching the
+    next piece while the caller works on the current one); :meth:`add_grad` adds a piece's
+    gradient; :meth:`grad` reads a chunk's accumulated gradient. Positions are along dim 2.
+    """
+
+    def __init__(self, pool: HostPool, length: int, piece: int, k: HostHandle | None = None, v: HostHandle | None = None,
+                 budget: int | None = None):
+        self.pool = pool
+        self.budget = budget
+        self.length = length
+        self.piece = piece
+        self.k, self.v = k, v
+        self.dk: HostHandle | None = None
+        self.dv: HostHandle | None = None
+
+    def _new(self, like: Tensor, dtype: torch.dtype) -> HostHandle:
+        shape = torch.Size((*like.shape[:2], self.length, *like.shape[3:]))
+        numel = shape.numel()
+        return HostHandle(self.pool, acquire(self.pool, numel, dtype, self.budget), shape, dtype, like.device)
+
+    def append(self, t0: int, k: Tensor, v: Tensor) -> None:
+        if self.k is None:
+            self.k = self._new(k, k.dtype)
+            try:
+                self.v = self._new(v, v.dtype)
+            except BaseException:
+                self.release()
+                raise
+        n = k.shape[2]
+        self.k.host.narrow(2, t0, n).copy_(k)
+        self.v.host.narrow(2, t0, n).copy_(v)
+
+    def start_backward(self) -> None:
+        acc = accumulation_dtype(self.k.dtype)
+        self.dk = HostHandle(self.pool, acquire(self.pool, self.k.numel, acc, self.budget), self.k.shape, acc, self.k.device)
+        try:
+            self.dv = HostHandle(self.pool, acquire(self.pool, self.v.numel, acc, self.budget), self.v.shape, acc, self.v.device)
+        except BaseException:
+            self.dk.release()
+            raise
+        self.dk.host.zero_()
+        self.dv.host.zero_()
+
+    def pieces(self, stop: int):
+        """``(s, e, K[:, :, s:e], V[:, :, s:e])`` for the history before ``stop``, in order."""
+        starts = list(range(0, stop, self.piece))
+        if not starts:
+            return
+
+        def fetch(s):
+            e = min(s + self.piece, stop)
+            return self.pool.prefetch_async(self.k, s, e), self.pool.prefetch_async(self.v, s, e)
+
+        pending = fetch(starts[0])
+        for i, s in enumerate(starts):
+            kc, vc = (p.wait() for p in pending)
+            if i + 1 < len(starts):
+                pending = fetch(starts[i + 1])
+            yield s, min(s + self.piece, stop), kc, vc
+
+    def add_grad(self, s: int, dk: Tensor, dv: Tensor) -> None:
+        n = dk.shape[2]
+        self.dk.host.narrow(2, s, n).add_(dk.to(self.dk.host.device, self.dk.dtype))
+        self.dv.host.narrow(2, s, n).add_(dv.to(self.dv.host.device, self.dv.dtype))
+
+    def grad(self, t0: int, t1: int) -> tuple[Tensor, Tensor]:
+        return self.pool.prefetch(self.dk, t0, t1), self.pool.prefetch(self.dv, t0, t1)
+
+    def handles(self) -> dict[str, HostHandle]:
+        return {name: h for name, h in (("k", self.k), ("v", self.v)) if h is not None}
+
+    def release_grads(self) -> None:
+        for h in (self.dk, self.dv):
+            if h is not None:
+                h.release()
+        self.dk = self.dv = None
+
+    def release(self) -> None:
+        self.release_grads()
+        for h in (self.k, self.v):
+            if h is not None:
+                h.release()
+        self.k = self.v = None
+
+
+class HistoryAttention(torch.autograd.Function):
+    """``out = softmax(scale · q [K_hist; k]ᵀ + causal) [V_hist; v]`` for one chunk.
+
+    Shapes: ``q`` ``[B, Hq, n, D]``, ``k``/``v`` ``[B, Hkv, n, D]`` (the chunk's own tokens at
+    positions ``t0 .. t0 + n``), history ``[B, Hkv, t0, D]`` (earlier positions, every one
+    visible to every query). Forward: the causal diagonal part, then each history piece
+    non-causally, merged by the online softmax in the accumulation dtype. Backward: the flash
+    backward of each part evaluated with the *final* ``out, lse`` gives that part's exact
+    terms: ``dq`` is their sum, ``dk, dv`` the diagonal part's, and each history piece's
+    ``dK, dV`` go into the history's accumulators (the carry's adjoint), not to autograd.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, history: KVHistory, t0: int, scale: float, chunk: int) -> Tensor:
+        acc = accumulation_dtype(q.dtype)
+        o, lse = chunked_attention_forward(q, k, v, causal=True, scale=scale, chunk_size=chunk)
+        o = o.to(acc)
+        for _, _, kc, vc in history.pieces(t0):
+            o_part, l_part = chunked_attention_forward(q, kc, vc, causal=False, scale=scale, chunk_size=chunk)
+            o, lse = merge_partial(o, lse, o_part.to(acc), l_part)
+        out = o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.history, ctx.t0, ctx.scale, ctx.chunk = history, t0, scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        history, scale, chunk = ctx.history, ctx.scale, ctx.chunk
+        dq, dk, dv = chunked_attention_backward(dout, q, k, v, out, lse, causal=True, scale=scale, chunk_size=chunk)
+        if ctx.t0:
+            dq = dq.to(accumulation_dtype(q.dtype))
+            for s, _, kc, vc in history.pieces(ctx.t0):
+                dq_p, dk_p, dv_p = chunked_attention_backward(dout, q, kc, vc, out, lse, causal=False, scale=scale, chunk_size=chunk)
+                dq += dq_p
+                history.add_grad(s, dk_p, dv_p)
+            dq = dq.to(q.dtype)
+        return dq, dk, dv, None, None, None, None
