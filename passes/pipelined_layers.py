@@ -127,8 +127,11 @@ class PipelinedLayersPass(Pass):
 
     # -- match / check / apply ----------------------------------------------------------------
     def match(self, gm: fx.GraphModule, ctx: PassContext) -> Iterable[Match]:
+        # The layer: the outermost module with one attention and no block already made into
+        # a sequence-block op (a Mamba layer beside it). A scan in the same module is the
+        # layer's second carry (a hybrid layer), not another layer.
         attentions = [n for n in gm.graph.nodes if _is_attention(n)]
-        counted = lambda n: _is_carry(n) or (n.op == "call_function" and n.target is BLOCK_OP)  # noqa: E731
+        counted = lambda n: _is_attention(n) or (n.op == "call_function" and n.target is BLOCK_OP)  # noqa: E731
         return find_blocks(gm, attentions, counted)
 
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:

@@ -46,7 +46,7 @@ from longctx_compiler.runtime.host_pool import HostHandle, HostPool, get_default
 
 from .carry import Carry, KVHistory, offload
 
-__all__ = ["BlockPlan", "block_forward", "block_backward", "chunks", "autograd_inside_op", "HostGroup"]
+__all__ = ["BlockPlan", "block_forward", "block_backward", "chunks", "ordinary_dispatch", "autograd_inside_op", "HostGroup"]
 
 
 @dataclass(frozen=True)
@@ -119,22 +119,41 @@ def chunks(t: int, q: int, halo: int, min_length: int = 1) -> list[tuple[int, in
     return [(max(0, min(t0 - halo, min(t, t0 + q) - min_length)), t0, min(t, t0 + q)) for t0 in range(0, t, q)]
 
 
-@contextlib.contextmanager
-def autograd_inside_op():
-    """Re-enable autograd inside a custom op's implementation.
-
-    A ``torch.library`` op's implementation runs below autograd: the dispatcher excludes the
-    autograd keys (and includes ``ADInplaceOrView``) in thread-local state, so tensors made
-    there record no graph even under ``enable_grad``. The block's backward differentiates
-    each chunk with autograd, so it restores the dispatch state an ordinary caller has.
-    """
+def _ordinary_keys() -> tuple[torch._C.DispatchKeySet, torch._C.DispatchKeySet]:
+    """The thread-local dispatch key sets an ordinary caller has: the current ones without
+    ``ADInplaceOrView`` included and with nothing but the autocast keys excluded."""
     keys = torch._C.DispatchKey
     include = torch._C._dispatch_tls_local_include_set().remove(keys.ADInplaceOrView)
     exclude = torch._C._dispatch_tls_local_exclude_set()
-    for k in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
-        exclude = exclude.remove(k)
-    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+    for name in dir(keys):
+        key = getattr(keys, name)
+        if isinstance(key, keys) and not name.startswith("Autocast") and exclude.has(key):
+            exclude = exclude.remove(key)
+    return include, exclude
+
+
+@contextlib.contextmanager
+def ordinary_dispatch(grad: bool):
+    """Run the block's body inside a custom op's implementation as an ordinary caller would.
+
+    A ``torch.library`` op's implementation runs below autograd: the dispatcher excludes the
+    autograd keys (and includes ``ADInplaceOrView``) in thread-local state, so tensors made
+    there record no graph even under ``enable_grad``; the backward differentiates each chunk
+    with autograd, so it needs them back. And the state the op is called in is not always
+    the same: the first call of a compiled function (the one that compiles) runs it with
+    many more keys excluded (functionalization, functorch, ``PythonTLSSnapshot``, ...), under
+    which composite ops take other paths and round differently in the last bit. Both the
+    forward and the backward's recomputation therefore run in one fixed state, whatever the
+    caller's: the same step is bitwise the same, its first call included.
+    """
+    include, exclude = _ordinary_keys()
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.set_grad_enabled(grad):
         yield
+
+
+def autograd_inside_op():
+    """:func:`ordinary_dispatch` with autograd on (the backward's chunks)."""
+    return ordinary_dispatch(True)
 
 
 class HostGroup:
@@ -186,7 +205,7 @@ def block_forward(
         for i, x in enumerate(tensors):
             if plan.kept_on_host(i):
                 group.handles[f"x{i}"] = offload(group.pool, x.detach(), plan.host_budget)
-        with torch.no_grad():
+        with ordinary_dispatch(False):
             for c, (a, t0, t1) in enumerate(spans):
                 hc = t0 - a
                 carry = Carry(hc, t0, list(states), histories, plan.attentions)
