@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 import longctx_compiler as lc
 from lm_helpers import ids_for
-from longctx_compiler.passes.pipelined_layers import PipelinedLayersPass
 from longctx_compiler.runtime import HostMemoryError, HostPool, get_default_pool, set_default_pool
 from longctx_compiler.testing import EXACT_RTOL, assert_gradients_match, clone_module
 
@@ -47,7 +46,7 @@ def optimized(m, chunk, backend="aot_eager", offload=False, **attention):
     # them to float32, which would blur a float64 comparison).
     return lc.optimize(m, backend=backend, strict=True, lm_loss={"enabled": False},
                        attention={"chunk_size": 4, "offload": offload, **attention},
-                       extra_passes=(PipelinedLayersPass(enabled=True, chunk_size=chunk, offload=offload),))
+                       layers={"enabled": True, "chunk_size": chunk, "offload": offload})
 
 
 def logits_of(m, ids):
