@@ -18,6 +18,9 @@ _INPLACE_OPERATORS = frozenset({
     operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
     operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
 })
+# Functions whose names end in "_" only to avoid a keyword (``a & b`` is ``operator.and_``):
+# they return a new value and write nothing.
+_FUNCTIONAL_UNDERSCORE = frozenset({operator.and_, operator.or_, operator.not_, operator.is_})
 
 
 def example_value(node: Any) -> Any:
@@ -44,6 +47,8 @@ def writes_in_place(node: fx.Node, value: fx.Node | None = None) -> bool:
     elif node.op == "call_function":
         if node.target in _INPLACE_OPERATORS:
             return True
+        if node.target in _FUNCTIONAL_UNDERSCORE:
+            return False
         name = getattr(node.target, "__name__", "")
     else:
         return False

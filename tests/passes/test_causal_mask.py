@@ -1,12 +1,25 @@
-"""The causal-mask prover: proves causal masks for every length, refuses everything else."""
+"""The causal-mask prover: proves causal masks for every length, refuses everything else.
+
+Every mask here is traced by Dynamo with a dynamic length (the spellings the pass sees).
+Refusals are checked by their reason; proofs of masks that are *not* causal are the bug this
+file exists to catch (issue 14: a size-1 ``arange`` broadcast over the queries was read as if
+it varied; ``x.bool()`` of a boolean read as all-True).
+"""
+
+import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from longctx_compiler.passes.causal_mask import NotProvable, prove_causal
+from longctx_compiler.passes.causal_mask import MASKED_THRESHOLD, NotProvable, mask_inputs, prove_causal
+from longctx_compiler.passes.fx_utils import example_value
+
+F64 = torch.float64
+NEG = torch.finfo(F64).min
 
 
-def capture(fn, *args):
+def capture(fn, *args, output=0):
     graphs = []
 
     def backend(gm, example_inputs):
@@ -19,10 +32,35 @@ def capture(fn, *args):
     torch.compile(fn, backend=backend, fullgraph=True)(*args)
     (gm,) = graphs
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    return out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+    outs = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    return outs[output]
 
 
-def hf_style(x, offset=0, cmp="le", big=torch.finfo(torch.float64).min):
+def prove(fn, *args, additive=None):
+    """Trace ``fn`` (first output is the mask) and prove it; additive by its dtype."""
+    mask = capture(fn, *(args or (X,)))
+    if additive is None:
+        additive = example_value(mask).dtype != torch.bool
+    prove_causal(mask, additive=additive)
+
+
+def causal_reference(t):
+    return torch.ones(t, t, dtype=torch.bool).tril()
+
+
+def assert_really_causal(fn, additive, lengths=(1, 2, 3, 7, 16)):
+    """The eager values agree with the proof (a proof that is wrong is the worst bug)."""
+    for t in lengths:
+        m = fn(torch.zeros(2, t))[0]
+        m = m.broadcast_to(m.shape[:-2] + (t, t)) if m.dim() >= 2 else m
+        ref = causal_reference(t).expand_as(m)
+        if additive:
+            assert bool(((m == 0) == ref).all()) and bool((m[~ref] <= MASKED_THRESHOLD).all())
+        else:
+            assert torch.equal(m, ref)
+
+
+def hf_style(x, offset=0, cmp="le", big=NEG):
     t = x.shape[1]
     q_idx = torch.arange(t) + offset
     kv_idx = torch.arange(t) + 0
@@ -33,13 +71,48 @@ def hf_style(x, offset=0, cmp="le", big=torch.finfo(torch.float64).min):
     return (torch.where(keep, torch.zeros((), dtype=torch.float64), big),)
 
 
+def hf_packed(x, prepend_gap=1, le=operator.le, pos_offset=0, additive=False):
+    """transformers 5.x masking_utils with use_cache=False (what Trainer/TRL/checkpointing
+    run): packed-sequence detection on the positions, then an and_masks of index gathers."""
+    b, t = x.shape
+    position_ids = (torch.arange(t) + pos_offset).unsqueeze(0)
+    expanded = position_ids.expand(b, -1)
+    first = expanded[:, :1] - prepend_gap
+    packed = (torch.diff(expanded, prepend=first, dim=-1) != 1).cumsum(-1)
+    pos = position_ids.expand(b, -1)
+    batch_indices = torch.arange(b)[:, None, None, None]
+    q = (torch.arange(t) + 0)[None, None, :, None]
+    kv = (torch.arange(t) + 0)[None, None, None, :]
+    keep = q.new_ones((), dtype=torch.bool)
+    keep = keep & le(pos[batch_indices, kv], pos[batch_indices, q]).to("cpu")
+    keep = keep & (packed[batch_indices, q] == packed[batch_indices, kv]).to("cpu")
+    keep = keep.expand(b, -1, t, t)
+    if additive:
+        return (torch.where(keep, torch.zeros((), dtype=F64), NEG),)
+    return (keep,)
+
+
 X = torch.zeros(2, 9)
 
 
+# -- proven -----------------------------------------------------------------------------------
+
+
 def test_transformers_spelling_is_proven_causal():
-    prove_causal(capture(hf_style, X), additive=True)
-    prove_causal(capture(lambda x: hf_style(x, cmp="ge_rev"), X), additive=True)
-    prove_causal(capture(lambda x: hf_style(x, big=-float("inf")), X), additive=True)
+    prove(hf_style)
+    prove(lambda x: hf_style(x, cmp="ge_rev"))
+    prove(lambda x: hf_style(x, big=-float("inf")))
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_transformers_use_cache_false_spelling_is_proven(additive):
+    # Issue 9: this mask (packed-sequence detection, index gathers, new_ones, and_) was refused
+    # on every layer ("built with new_ones"), so Trainer/TRL never got the rewrite.
+    fn = lambda x: hf_packed(x, additive=additive)  # noqa: E731
+    prove(fn)
+    assert_really_causal(fn, additive)
+    # positions starting elsewhere still give one document (diff is 1 everywhere)
+    prove(lambda x: hf_packed(x, pos_offset=5, additive=additive))
 
 
 def test_boolean_and_masked_fill_spellings():
@@ -55,11 +128,87 @@ def test_boolean_and_masked_fill_spellings():
         j = torch.arange(t)[None, :]
         return (torch.zeros(t, t, dtype=torch.float64).masked_fill(j > i, float("-inf")),)
 
-    prove_causal(capture(boolean, X), additive=False)
+    prove(boolean, additive=False)
     with pytest.raises(NotProvable):
         # a boolean keep-mask read as additive values is not causal masking
-        prove_causal(capture(boolean, X), additive=True)
-    prove_causal(capture(filled, X), additive=True)
+        prove(boolean, additive=True)
+    prove(filled)
+
+
+def test_triangular_in_place_and_arithmetic_spellings():
+    def triu_additive(x):
+        t = x.shape[1]
+        return (torch.triu(torch.full((t, t), float("-inf"), dtype=F64), diagonal=1),)
+
+    def tril_bool(x):
+        t = x.shape[1]
+        return (torch.ones(t, t, dtype=torch.bool).tril(),)
+
+    def old_transformers(x):  # _make_causal_mask of transformers 4.3x: an in-place masked_fill_
+        t = x.shape[1]
+        mask = torch.full((t, t), NEG, dtype=F64)
+        cond = torch.arange(mask.size(-1))
+        mask.masked_fill_(cond < (cond + 1).view(mask.size(-1), 1), 0)
+        return (mask[None, None, :, :].expand(x.shape[0], 1, t, t),)
+
+    def inverted(x):  # (1 - keep) * min, as _prepare_4d_attention_mask spells it
+        t = x.shape[1]
+        keep = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+        return ((1.0 - keep.to(F64)) * NEG,)
+
+    def transposed(x):
+        t = x.shape[1]
+        return ((torch.arange(t)[:, None] <= torch.arange(t)[None, :]).transpose(0, 1),)
+
+    for fn in (triu_additive, tril_bool, old_transformers, inverted, transposed):
+        prove(fn)
+        assert_really_causal(fn, additive=example_value(capture(fn, X)).dtype != torch.bool)
+
+
+# -- issue 14: size-1 dims ------------------------------------------------------------------------
+
+
+def test_size_one_arange_broadcast_over_queries_is_refused():
+    # keep = j <= 0 for every query: not causal (was "proven" and rewritten: output off by 2.9)
+    def expanded(x):
+        t = x.shape[1]
+        return (torch.arange(t)[None, :] <= torch.arange(1).expand(t)[:, None],)
+
+    def additive(x):
+        t = x.shape[1]
+        return (torch.where(torch.arange(t)[None, :] <= torch.arange(1)[:, None], 0.0, float("-inf")),)
+
+    def one_row(x):  # a [1, S] mask broadcast over the queries
+        t = x.shape[1]
+        return ((torch.arange(t)[None, :] <= torch.arange(t)[None, :] - torch.arange(t)[None, :]),)
+
+    for fn in (expanded, additive, one_row):
+        with pytest.raises(NotProvable, match="not causal|more than the query-key distance"):
+            prove(fn)
+
+
+def test_size_one_dims_read_at_zero_prove_what_is_true():
+    # The same root fix must not refuse what is causal: a size-1 arange used as an offset.
+    def offset_by_arange1(x):
+        t = x.shape[1]
+        return (torch.arange(t)[None, :] <= torch.arange(t)[:, None] + torch.arange(1),)
+
+    prove(offset_by_arange1)
+    assert_really_causal(offset_by_arange1, additive=False)
+
+
+def test_bool_cast_of_a_boolean_is_not_all_true():
+    # `.bool()` of a boolean mask was modelled as `Ne(mask, 0)`, which sympy reads as True.
+    def never(x):
+        t = x.shape[1]
+        i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+        return ((j <= i) & (j >= i + 100).bool(),)
+
+    with pytest.raises(NotProvable, match="not causal"):
+        prove(never)
+
+
+# -- refused ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -68,11 +217,77 @@ def test_boolean_and_masked_fill_spellings():
         (lambda x: hf_style(x, cmp="lt"), "not causal"),  # strictly-lower: diagonal masked
         (lambda x: hf_style(x, offset=1), "not causal"),  # shifted by one (cache offset)
         (lambda x: hf_style(x, big=-10.0), "adds -10"),  # soft mask: not exact masking
+        (lambda x: hf_packed(x, le=operator.lt), "not causal"),
+        (lambda x: hf_packed(x, prepend_gap=2), "cumsum"),  # first diff is 2: ids vary
     ],
 )
 def test_non_causal_masks_are_refused(fn, words):
     with pytest.raises(NotProvable, match=words):
-        prove_causal(capture(fn, X), additive=True)
+        prove(fn)
+
+
+def test_inexact_values_are_refused():
+    def bf16_positions(x):  # bfloat16 rounds positions above 256: j <= i is wrong there
+        t = x.shape[1]
+        return (torch.arange(t).bfloat16()[None, :] <= torch.arange(t).bfloat16()[:, None],)
+
+    def nan_mask(x):  # (1 - keep) * -inf is 0 * -inf = nan on the kept scores
+        t = x.shape[1]
+        keep = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+        return ((1.0 - keep.to(F64)) * float("-inf"),)
+
+    def half_min(x):  # float16's finfo.min: a finite value that does not remove a score exactly
+        t = x.shape[1]
+        keep = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+        return (torch.where(keep, 0.0, torch.finfo(torch.float16).min).half(),)
+
+    with pytest.raises(NotProvable, match="bfloat16"):
+        prove(bf16_positions)
+    with pytest.raises(NotProvable, match="nan"):
+        prove(nan_mask)
+    with pytest.raises(NotProvable, match="adds -65504"):
+        prove(half_min)
+
+
+def test_in_place_writes_that_cannot_be_followed_are_refused():
+    def through_view(x):
+        t = x.shape[1]
+        m = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+        m[0].fill_(True)  # writes row 0 of m through a view
+        return (m,)
+
+    def setitem(x):
+        t = x.shape[1]
+        m = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+        m[0, 3] = True
+        return (m,)
+
+    def read_before_write(x):
+        t = x.shape[1]
+        m = torch.zeros(t, t, dtype=F64)
+        before = m.clone()
+        m.masked_fill_(torch.arange(t)[None, :] > torch.arange(t)[:, None], float("-inf"))
+        return (m + before,)
+
+    with pytest.raises(NotProvable, match="through a view"):
+        prove(through_view)
+    with pytest.raises(NotProvable, match="setitem|in place"):
+        prove(setitem)
+    with pytest.raises(NotProvable, match="read before"):
+        prove(read_before_write)
+
+
+def test_gathers_with_possibly_negative_indices_are_refused():
+    def shifted(x):
+        t = x.shape[1]
+        pos = torch.arange(t)[None].expand(2, -1)
+        b = torch.arange(2)[:, None, None]
+        q = (torch.arange(t) - 1)[None, :, None]  # -1 wraps around to the last position
+        k = torch.arange(t)[None, None, :]
+        return (pos[b, k] <= pos[b, q],)
+
+    with pytest.raises(NotProvable, match="negative"):
+        prove(shifted)
 
 
 def test_sliding_window_and_padding_masks_are_refused():
@@ -90,6 +305,119 @@ def test_sliding_window_and_padding_masks_are_refused():
         return ((j <= i) & pad[:, None, :].bool(),)
 
     with pytest.raises(NotProvable, match="not causal"):
-        prove_causal(capture(window, X), additive=False)
-    with pytest.raises(NotProvable, match="input tensor"):
-        prove_causal(capture(padding, X, torch.ones(2, 9)), additive=False)
+        prove(window, additive=False)
+    with pytest.raises(NotProvable, match="padding"):
+        prove(padding, X, torch.ones(2, 9), additive=False)
+
+
+# -- which input a refused mask reads ---------------------------------------------------------------
+
+
+def test_refusals_name_the_input_by_how_it_is_used():
+    # The graph input names are Dynamo's (they change between releases): the role comes from
+    # how the input is used; these use neutral names on purpose.
+    def padded(x, a):
+        t = x.shape[1]
+        keep = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+        return (keep[None] & a[:, None, :].to(torch.bool),)
+
+    def positions(x, p):
+        packed = (torch.diff(p, prepend=p[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        b = torch.arange(2)[:, None, None]
+        t = x.shape[1]
+        q, k = torch.arange(t)[None, :, None], torch.arange(t)[None, None, :]
+        return ((p[b, k] <= p[b, q]) & (packed[b, q] == packed[b, k]),)
+
+    def tokens(x, w, tok):
+        t = x.shape[1]
+        keep = torch.arange(t)[None, :] <= torch.arange(t)[:, None]
+        return (keep[None] & (tok != 0)[:, None, :], F.embedding(tok, w))
+
+    class Buffered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("causal_bias", torch.ones(64, 64, dtype=torch.bool).tril())
+
+        def forward(self, x):
+            t = x.shape[1]
+            return (self.causal_bias[:t, :t],)
+
+    ids = torch.randint(0, 10, (2, 9))
+    cases = [
+        (padded, (X, torch.ones(2, 9, dtype=torch.long)), r"attention_mask input \(padding\)"),
+        (positions, (X, torch.arange(9)[None].expand(2, -1).clone()), "position_ids passed by the caller"),
+        (tokens, (X, torch.randn(10, 4), ids), "token ids"),
+        (Buffered(), (X,), "module buffer 'causal_bias'"),
+    ]
+    for fn, args, words in cases:
+        torch._dynamo.reset()
+        mask = capture(fn, *args)
+        assert mask_inputs(mask)
+        with pytest.raises(NotProvable, match=words):
+            prove_causal(mask, additive=False)
+
+
+def test_shape_reads_are_not_value_dependencies():
+    # x.size(1), x.new_ones(...): the mask's shape or dtype comes from an input, not its values.
+    def shaped(x):
+        t = x.size(1)
+        keep = x.new_ones((), dtype=torch.bool) & (torch.arange(t)[None, :] <= torch.arange(t)[:, None])
+        return (keep,)
+
+    mask = capture(shaped, X)
+    assert mask_inputs(mask) == []
+    prove_causal(mask, additive=False)
+
+
+# -- the masks transformers builds (captured from a real model, no compile) -----------------------
+
+
+def transformers_masks(attn, use_cache, **inputs):
+    """The masks the attention ops of a tiny Llama receive, as Dynamo traces them."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=32, max_position_embeddings=64, attn_implementation=attn)
+    model = transformers.LlamaForCausalLM(cfg).to(F64).train()
+    masks = []
+
+    def backend(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if n.target in (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
+                masks.append(n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None))
+            elif n.target in (F.softmax, torch.softmax, "softmax"):
+                scores = n.args[0]  # eager spelling: softmax(q @ kᵀ * s + mask)
+                if isinstance(scores, torch.fx.Node) and scores.target is operator.add:
+                    masks.append(scores.args[1])
+        return gm.forward
+
+    ids = torch.randint(0, 32, (2, 10))
+    for t in [ids, *inputs.values()]:
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+    torch.compile(model, backend=backend)(ids, use_cache=use_cache, **inputs)
+    assert masks
+    return masks
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_transformers_training_masks_are_proven(attn):
+    # use_cache=False is how Trainer, TRL and gradient checkpointing call the model.
+    for use_cache in (False, True):
+        torch._dynamo.reset()
+        for mask in transformers_masks(attn, use_cache):
+            if mask is None:
+                continue  # SDPA with is_causal=True: nothing to prove
+            prove_causal(mask, additive=example_value(mask).dtype != torch.bool)
+
+
+def test_transformers_padding_and_caller_positions_are_refused_by_name():
+    pad = torch.ones(2, 10, dtype=torch.long)
+    pad[0, 7:] = 0
+    (mask,) = transformers_masks("sdpa", False, attention_mask=pad)
+    with pytest.raises(NotProvable, match=r"attention_mask input \(padding\)"):
+        prove_causal(mask, additive=False)
+    torch._dynamo.reset()
+    positions = torch.cat([torch.arange(4), torch.arange(6)])[None].expand(2, -1).clone()
+    (mask,) = transformers_masks("eager", False, position_ids=positions)
+    with pytest.raises(NotProvable, match="position_ids passed by the caller"):
+        prove_causal(mask, additive=True)

@@ -346,8 +346,6 @@ def test_llama_gradient_checkpointing_never_loses_a_site(attn):
     assert not [r for r in opt.report.refusals if r.pass_name == PASS_NAME]
 
 
-@pytest.mark.xfail(strict=True, reason="the causal-mask prover does not yet model the mask transformers builds "
-                   "with use_cache=False (new_ones), which gradient_checkpointing_enable() implies (issue 9, item 4)")
 @pytest.mark.parametrize("attn, rtol", [("sdpa", EXACT_RTOL), ("eager", 1e-5)])
 def test_llama_gradient_checkpointing_rewrites_every_layer(attn, rtol):
     eager, opt = llama(attn), optimized_llama(llama(attn))
