@@ -6,7 +6,7 @@ Two spellings are recognised in the Dynamo graph:
   scale, enable_gqa)``::
 
       before:  out = scaled_dot_product_attention(q, k, v, is_causal=True, scale=s)
-      after:   res = longctx.chunked_attention_fwd(q, k, v, True, s, chunk)
+      after:   res = longctx.chunked_attention_fwd(q, k, v, True, s, chunk, budget)
                out = res[0]
 
 * **Hand-written** (``transformers``' ``attn_implementation="eager"``)::
@@ -14,20 +14,55 @@ Two spellings are recognised in the Dynamo graph:
       before:  w = matmul(q, k.transpose(2, 3)) * s ; w = w + mask
                p = softmax(w, dim=-1, dtype=float32).to(q.dtype) ; p = dropout(p, 0.0)
                out = matmul(p, v)
-      after:   res = longctx.chunked_attention_fwd(q, k, v, True, s, chunk) ; out = res[0]
+      after:   res = longctx.chunked_attention_fwd(q, k, v, True, s, chunk, budget) ; out = res[0]
 
 Keys/values repeated per query head (``repeat_kv``'s expand + reshape) are traced back to
 the un-repeated tensors: the op reads grouped heads by index, so the copies disappear too.
 
+**Input relations.** The op takes ``q [B, H, T, D]`` and ``k, v [B, P, S, D]`` with ``P | H``
+(query head ``h`` reads key/value head ``h // (H/P)``). The original may relate its operands
+in more ways, and each is brought to that form exactly or refused with the reason:
+
+* heads: every key/value spelling (``repeat_kv``, ``enable_gqa``'s ``repeat_interleave``,
+  broadcasting a single head, equal heads) reads physical head ``h // (H/P)`` of its tensor;
+  when ``k`` and ``v`` end up with different ``P`` (``repeat_kv`` on one of them only,
+  ``enable_gqa`` with different head counts) both are brought to ``lcm(Pk, Pv)`` heads (a view
+  for one head, else ``repeat_interleave``); a single query head broadcast against ``H`` is
+  expanded (a view);
+* batch: operands of batch 1 broadcast against the output's batch are expanded (a view;
+  autograd sums their gradients back);
+* sequence: ``T != S`` is fine (``is_causal`` is SDPA's top-left mask, which the op uses);
+  ``k`` and ``v`` of lengths known to differ, a query length other than the output's, a value head
+  dim other than the query head dim, non-4-D operands, dynamic head dims/counts: refused;
+* scale: any finite number (zero and negative included) — refused when only known at run
+  time, infinite, nan, or a division by zero or with rounding;
+* dtypes: one floating dtype after the casts autocast applies (below), and the op's result
+  dtype equal to the original's; otherwise refused;
+* empty sequences (``T = 0`` or ``S = 0``) and strided/non-contiguous operands: the op
+  handles them as the original does.
+
+**Autocast.** Under ``torch.autocast`` (around the compiled call, or a region inside the graph)
+SDPA casts q/k/v to the autocast dtype (it is on autocast's lower-precision list) and the
+hand-written spelling's matmuls do the same. The op has an Autocast kernel with that rule
+(``kernels/attention/op.py``), so a site whose q/k/v dtypes differ only because of autocast
+(RoPE in fp32 next to a bf16 value projection) is rewritten, and runs in the autocast dtype
+with fp32 accumulation inside. The pass reads the autocast state that holds at the site (the
+state around the compiled call, which Dynamo guards on, updated by the graph's own
+``_enter_autocast``/``_exit_autocast`` nodes) to decide.
+
 What makes a rewrite exact (checked, refused otherwise with the reason in the report):
 dropout is exactly 0 (or the module is in eval mode), the mask is absent or *proven* causal
-for every sequence length (:mod:`longctx_compiler.passes.causal_mask`), tensors are 4-D
-``[B, H, T, D]``, heads divide evenly, and — for the hand-written form — the intermediate
-scores and probabilities are used by nothing else (``output_attentions=True`` returns them).
+for every sequence length (:mod:`longctx_compiler.passes.causal_mask`), the relations above,
+and — for the hand-written form — the intermediate scores and probabilities are used by
+nothing else (``output_attentions=True`` returns them).
 
 Precision: the op accumulates in float32 for 16/32-bit inputs and in float64 for float64,
 which is at least the precision of either spelling (``transformers`` computes the eager
 softmax in float32 even in a float64 model: our float64 result is more precise there).
+
+Configuration travels with the op, never into process-wide state: ``attention.chunk_size``
+(None: chosen from the shapes when the op runs, passed as 0) and ``attention.host_pool_bytes``
+(the offload op's budget argument) are arguments of each inserted call.
 """
 
 from __future__ import annotations
@@ -45,14 +80,16 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import longctx_compiler.kernels.attention  # noqa: F401
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.causal_mask import NotProvable, prove_causal
-from longctx_compiler.passes.fx_utils import arg, example_value, getitem, insert_call, is_call, strip_repeat_kv
+from longctx_compiler.passes.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value, strip_repeat_kv
 from longctx_compiler.passes.registry import register_pass
 
-__all__ = ["ChunkedAttentionPass"]
+__all__ = ["ChunkedAttentionPass", "autocast_state_at"]
 
 _SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 _MATMUL = (torch.matmul, operator.matmul, "matmul")
 _SOFTMAX = (F.softmax, torch.softmax, torch.nn.functional.softmax, "softmax")
+_ENTER_AUTOCAST = getattr(torch.amp.autocast_mode, "_enter_autocast", None)
+_EXIT_AUTOCAST = getattr(torch.amp.autocast_mode, "_exit_autocast", None)
 
 
 @register_pass("rewrite", order=10)
@@ -72,12 +109,16 @@ class ChunkedAttentionPass(Pass):
 
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
         d = match.data
+        cfg = ctx.config.attention
         return {
-            "chunk_size": ctx.config.attention.chunk_size,
-            "offload": ctx.config.attention.offload,
+            "chunk_size": "auto" if cfg.chunk_size is None else cfg.chunk_size,
+            "offload": cfg.offload,
+            "host_pool_bytes": cfg.host_pool_bytes if cfg.offload else None,
             "causal": d.get("causal"),
             "gqa_groups": d.get("groups"),
             "repeat_kv_removed": d.get("repeat_kv_removed", False),
+            "autocast": d.get("autocast"),
+            "broadcast": d.get("broadcast", []),
         }
 
     # -- match ------------------------------------------------------------------------------
@@ -132,13 +173,20 @@ class ChunkedAttentionPass(Pass):
             mask = cur.args[1]
             nodes.append(cur)
             cur = cur.args[0]
-        scale = 1.0
+        scale: Any = 1.0
+        scale_problem = None
         if is_call(cur, operator.mul, torch.mul, "mul") and isinstance(cur.args[1], (int, float)):
             scale = float(cur.args[1])
             nodes.append(cur)
             cur = cur.args[0]
         elif is_call(cur, operator.truediv, torch.div, "div") and isinstance(cur.args[1], (int, float)):
-            scale = 1.0 / float(cur.args[1])
+            divisor = float(cur.args[1])
+            if cur.kwargs.get("rounding_mode") is not None:
+                scale_problem = f"the scores are divided with rounding_mode={cur.kwargs['rounding_mode']!r}"
+            elif divisor == 0:
+                scale_problem = "the scores are divided by zero"
+            else:
+                scale = 1.0 / divisor
             nodes.append(cur)
             cur = cur.args[0]
         if not is_call(cur, *_MATMUL):
@@ -159,6 +207,7 @@ class ChunkedAttentionPass(Pass):
             "dropout": dropout if training else 0.0,
             "causal": False,
             "scale": scale,
+            "scale_problem": scale_problem,
             "enable_gqa": False,
             "mask_additive": True,
             "softmax_dim": dim,
@@ -182,25 +231,14 @@ class ChunkedAttentionPass(Pass):
                 if outside:
                     raise CantApply(f"the attention scores/probabilities ({n.name}) are used outside attention (output_attentions=True?)")
         q, k, v = (example_value(d[x]) for x in ("q", "k", "v"))
-        if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        out = example_value(match.anchor)
+        if not all(isinstance(t, torch.Tensor) for t in (q, k, v, out)):
             raise CantApply("unknown shapes for q/k/v")
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or out.dim() != 4:
             raise CantApply(f"q/k/v are not 4-D [B, H, T, D] (got {q.dim()}-D/{k.dim()}-D/{v.dim()}-D)")
-        if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-            raise CantApply(f"mixed or non-float dtypes {q.dtype}/{k.dtype}/{v.dtype}")
-        if not statically_known_true(k.shape[3] == q.shape[3]) or not statically_known_true(v.shape[3] == q.shape[3]):
-            raise CantApply("value head dim differs from query head dim")
-        if isinstance(q.shape[3], torch.SymInt):
-            raise CantApply("the head dim is dynamic")
-        if isinstance(q.shape[1], torch.SymInt) or isinstance(k.shape[1], torch.SymInt):
-            raise CantApply("the number of heads is dynamic")
-        hq, hkv = q.shape[1], k.shape[1]
-        if hq != hkv and not (d["enable_gqa"] or hq % hkv == 0):
-            raise CantApply(f"{hq} query heads and {hkv} key/value heads without enable_gqa")
-        if hq % hkv:
-            raise CantApply(f"{hq} query heads are not a multiple of {hkv} key/value heads")
-        if d["scale"] is not None and not isinstance(d["scale"], (int, float)):
-            raise CantApply("the softmax scale is only known at run time")
+        self._check_dtypes(gm, match, q, k, v, out)
+        self._check_shapes(match, q, k, v, out)
+        self._check_scale(d, q)
         mask = d["mask"]
         if mask is not None:
             if d["causal"]:
@@ -219,26 +257,133 @@ class ChunkedAttentionPass(Pass):
             d["mask_proven_causal"] = True
         d["offload"] = ctx.config.attention.offload
 
+    def _check_dtypes(self, gm: fx.GraphModule, match: Match, q, k, v, out) -> None:
+        """One floating dtype for the op after autocast's casts, and the original's result dtype."""
+        d = match.data
+        device_type = q.device.type
+        states = set(_autocast_states(gm, match.nodes, device_type).values())
+        if len(states) != 1:
+            raise CantApply("the attention pattern crosses the boundary of an autocast region")
+        (state,) = states
+        if state is None:
+            raise CantApply("the autocast state at the site is not known (a global autocast setter in the graph)")
+        enabled, ac_dtype = state
+        effective = [_autocast_dtype(t, device_type, enabled, ac_dtype) for t in (q, k, v)]
+        if not all(dt.is_floating_point for dt in effective):
+            raise CantApply(f"non-float dtypes {q.dtype}/{k.dtype}/{v.dtype}")
+        if len(set(effective)) != 1:
+            where = f"under autocast to {ac_dtype}" if enabled else "outside autocast"
+            raise CantApply(f"mixed dtypes {q.dtype}/{k.dtype}/{v.dtype} for q/k/v {where}: the op computes in one dtype")
+        if out.dtype != effective[0]:
+            raise CantApply(f"the original returns {out.dtype} where the op would return {effective[0]}")
+        d["autocast_state"] = state
+        # Reported when the op runs under autocast's cast rule (its inputs cast, or already
+        # in the autocast dtype).
+        d["autocast"] = str(ac_dtype).replace("torch.", "") if enabled and effective[0] == ac_dtype else None
+
+    def _check_shapes(self, match: Match, q, k, v, out) -> None:
+        """Bring the operands' batch/head relations to the op's form, or refuse (module docstring)."""
+        d = match.data
+
+        def known(expr) -> bool:
+            return statically_known_true(expr)
+
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            if isinstance(t.shape[3], torch.SymInt):
+                raise CantApply(f"the {name} head dim is dynamic")
+            if isinstance(t.shape[1], torch.SymInt):
+                raise CantApply(f"the number of {name} heads is dynamic")
+        if 0 in (q.shape[1], k.shape[1], v.shape[1], q.shape[3]):
+            raise CantApply(f"zero heads or a zero head dim (q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})")
+        if not known(k.shape[3] == q.shape[3]):
+            raise CantApply(f"query and key head dims differ ({q.shape[3]} vs {k.shape[3]})")
+        if not known(v.shape[3] == q.shape[3]):
+            raise CantApply(f"value head dim differs from query head dim ({v.shape[3]} vs {q.shape[3]})")
+        # SDPA's meta function does not tie the key and value lengths together: with dynamic
+        # shapes they may be two symbols. Different lengths fail in eager (and in the op,
+        # which checks at run time), so only a difference known here is refused.
+        if known(k.shape[2] != v.shape[2]):
+            raise CantApply(f"keys and values have different lengths ({k.shape[2]} vs {v.shape[2]})")
+        if not (known(out.shape[2] == q.shape[2]) and known(out.shape[3] == v.shape[3])):
+            raise CantApply(f"the output shape {tuple(out.shape)} is not [B, H, T, D] of the queries {tuple(q.shape)}")
+        H = out.shape[1]
+        if isinstance(H, torch.SymInt):
+            raise CantApply("the number of output heads is dynamic")
+        broadcast: list[str] = []
+        if q.shape[1] != H:
+            if q.shape[1] != 1:
+                raise CantApply(f"{q.shape[1]} query heads do not give the {H} output heads")
+            broadcast.append(f"query head 1 -> {H}")
+        # Each of k, v: its physical tensor (repeat_kv stripped) and P, with logical head h
+        # reading physical head h // (H / P).
+        phys = {}
+        for name, node, val in (("k", d["k"], k), ("v", d["v"], v)):
+            logical = val.shape[1]
+            if not (logical == H or logical == 1 or (d["enable_gqa"] and H % logical == 0)):
+                raise CantApply(f"{logical} {'key' if name == 'k' else 'value'} heads do not divide the {H} query heads"
+                                + ("" if d["enable_gqa"] else " (without enable_gqa)"))
+            base = strip_repeat_kv(node)
+            bval = example_value(base)
+            P = bval.shape[1] if base is not node else logical
+            if H % P:
+                raise CantApply(f"{P} {'key' if name == 'k' else 'value'} heads do not divide the {H} query heads")
+            phys[name] = (base, P)
+            if logical == 1 and H > 1:
+                broadcast.append(f"{'key' if name == 'k' else 'value'} head 1 -> {H}")
+        P = math.lcm(phys["k"][1], phys["v"][1])
+        if phys["k"][1] != phys["v"][1]:
+            broadcast.append(f"key/value heads {phys['k'][1]}/{phys['v'][1]} -> {P}")
+        # Batch: each operand's batch is the output's or 1 (broadcast, expanded as a view).
+        Bo = out.shape[0]
+        for name, t in (("query", q), ("key", k), ("value", v)):
+            b = t.shape[0]
+            if known(b == Bo):
+                continue
+            if isinstance(b, int) and b == 1 and isinstance(Bo, int):
+                broadcast.append(f"{name} batch 1 -> {Bo}")
+                continue
+            raise CantApply(f"the {name} batch {b} does not match the output batch {Bo} statically")
+        d["heads"] = (H, P)
+        d["phys"] = phys
+        d["batch"] = Bo
+        d["groups"] = H // P
+        d["repeat_kv_removed"] = any(base is not d[n] for n, (base, _) in phys.items())
+        d["broadcast"] = broadcast
+
+    def _check_scale(self, d: dict[str, Any], q) -> None:
+        if d.get("scale_problem"):
+            raise CantApply(d["scale_problem"])
+        scale = d["scale"]
+        if scale is None:
+            d["scale_value"] = 1.0 / math.sqrt(q.shape[3])
+            return
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise CantApply("the softmax scale is only known at run time")
+        if not math.isfinite(float(scale)):
+            raise CantApply(f"the softmax scale {scale} is not finite")
+        d["scale_value"] = float(scale)
+
     # -- apply -------------------------------------------------------------------------------
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
         d = match.data
         graph = gm.graph
-        k, v = strip_repeat_kv(d["k"]), strip_repeat_kv(d["v"])
-        d["repeat_kv_removed"] = k is not d["k"]
-        d["groups"] = example_value(d["q"]).shape[1] // example_value(k).shape[1]
-        head_dim = example_value(d["q"]).shape[3]
-        scale = float(d["scale"]) if d["scale"] is not None else 1.0 / math.sqrt(head_dim)
         cfg = ctx.config.attention
-        if cfg.offload and cfg.host_pool_bytes is not None:
-            # The offload ops keep their copies in the process-wide pool; its budget is the
-            # user's bound on host memory (a clear HostMemoryError past it, never a swap storm).
-            from longctx_compiler.runtime import get_default_pool
-
-            get_default_pool().max_bytes = cfg.host_pool_bytes
+        H, P = d["heads"]
+        Bo = d["batch"]
+        chunk = 0 if cfg.chunk_size is None else int(cfg.chunk_size)
+        budget = cfg.host_pool_bytes if cfg.offload else None
         op = torch.ops.longctx.chunked_attention_fwd_offload.default if cfg.offload else torch.ops.longctx.chunked_attention_fwd.default
+        enabled, ac_dtype = d["autocast_state"]
+        device_type = example_value(d["q"]).device.type
         with graph.inserting_before(match.anchor):
-            res = insert_call(graph, op, (d["q"], k, v, bool(d["causal"]), scale, cfg.chunk_size))
-            out = getitem(graph, res, 0)
+            q = _fit(graph, d["q"], Bo, H)
+            k = _fit(graph, d["phys"]["k"][0], Bo, P)
+            v = _fit(graph, d["phys"]["v"][0], Bo, P)
+            # The op's fake value under the autocast state of the site (its Autocast kernel
+            # casts there as it will when the graph runs).
+            with torch.autocast(device_type, dtype=ac_dtype, enabled=enabled):
+                res = insert_call(graph, op, (q, k, v, bool(d["causal"]), d["scale_value"], chunk, budget))
+                out = getitem(graph, res, 0)
         _carry_dtype(match.anchor, out)
         match.anchor.replace_all_uses_with(out)
         for n in match.nodes:
@@ -247,14 +392,80 @@ class ChunkedAttentionPass(Pass):
         return [res, out]
 
 
+def _fit(graph: fx.Graph, node: fx.Node, batch: int, heads: int) -> fx.Node:
+    """``node`` ``[b, h, L, D]`` as ``[batch, heads, L, D]``: a view when ``b`` or ``h`` is 1
+    (expand), ``repeat_interleave`` of the heads when ``h`` divides ``heads``."""
+    val = example_value(node)
+    b, h = val.shape[0], val.shape[1]
+    if h != heads and h != 1:
+        node = _method(graph, "repeat_interleave", (node, heads // h), {"dim": 1})
+        h = heads
+    if h != heads or not statically_known_true(b == batch):
+        node = _method(graph, "expand", (node, batch if not statically_known_true(b == batch) else -1, heads, -1, -1), {})
+    return node
+
+
+def _method(graph: fx.Graph, name: str, args: tuple, kwargs: dict) -> fx.Node:
+    node = graph.call_method(name, args, kwargs)
+    propagate_example_value(node)
+    return node
+
+
+def autocast_state_at(gm: fx.GraphModule, node: fx.Node, device_type: str) -> tuple[bool, torch.dtype] | None:
+    """``(enabled, dtype)`` of autocast for ``device_type`` where ``node`` runs, or None if unknown.
+
+    Starts from the state around the compiled call (Dynamo guards on it, so it is the state
+    at run time too) and follows the graph's ``_enter_autocast``/``_exit_autocast`` nodes up
+    to ``node``. Any other call that sets autocast state makes it unknown.
+    """
+    return _autocast_states(gm, [node], device_type)[node]
+
+
+def _autocast_states(gm: fx.GraphModule, nodes: Iterable[fx.Node], device_type: str) -> dict[fx.Node, Any]:
+    """:func:`autocast_state_at` for several nodes, in one walk over the graph."""
+    wanted = set(nodes)
+    found: dict[fx.Node, Any] = {}
+    state: Any = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    saved: dict[fx.Node, Any] = {}
+    for n in gm.graph.nodes:
+        if n in wanted:
+            found[n] = state
+            if len(found) == len(wanted):
+                break
+        if n.op != "call_function" or state is None:
+            continue
+        if n.target is _ENTER_AUTOCAST:
+            saved[n] = state
+            if arg(n, 0, "device_type") == device_type:
+                dtype = arg(n, 1, "dtype")
+                enabled = arg(n, 2, "enabled", True)
+                state = (enabled, state[1] if dtype is None else dtype) if isinstance(enabled, bool) else None
+        elif n.target is _EXIT_AUTOCAST:
+            ctx_node = n.args[0] if n.args else None
+            if ctx_node in saved:
+                state = saved.pop(ctx_node)
+        elif "autocast" in getattr(n.target, "__name__", "").lower():
+            state = None
+    for n in wanted:
+        found.setdefault(n, None)
+    return found
+
+
+def _autocast_dtype(t: torch.Tensor, device_type: str, enabled: bool, dtype: torch.dtype) -> torch.dtype:
+    # autocast's rule for its lower-precision ops, SDPA's and matmul's (and our op's).
+    if enabled and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64:
+        return dtype
+    return t.dtype
+
+
 def _norm_dims(dims: Any, node: fx.Node) -> list[int]:
     rank = example_value(node.args[0]).dim() if isinstance(example_value(node.args[0]), torch.Tensor) else 4
     return [x + rank if isinstance(x, int) and x < 0 else x for x in dims]
 
 
 def _carry_dtype(old: fx.Node, new: fx.Node) -> None:
-    # Both spellings return the input dtype, and so does the op: nothing to cast. Checked so
-    # that a future spelling with a cast cannot slip through silently.
+    # check() refused every site where the op's result dtype differs from the original's;
+    # this keeps it that way if check and apply ever drift apart.
     ov, nv = example_value(old), example_value(new)
     if isinstance(ov, torch.Tensor) and isinstance(nv, torch.Tensor) and ov.dtype != nv.dtype:
         raise RuntimeError(f"chunked attention would change the dtype {ov.dtype} -> {nv.dtype}")

@@ -13,11 +13,19 @@ K/V head are stacked along the row axis (``[B, Hkv, G·Cq, D]``), so one batched
 chunk pair serves the whole group, and the gradient of K/V is summed over the group by that
 same matmul.
 
+``chunk_size=None`` chooses the chunk at run time from the shapes (:func:`auto_chunk_size`):
+one compiled graph then serves every sequence length with a chunk fitted to each.
+
 Causal masking follows SDPA's top-left convention (query ``i`` sees keys ``j <= i``), for any
 ``T`` and ``S``. Chunk pairs whose keys all lie to the right of every query in the chunk are
-skipped. Because key chunk 0 is visible to every query, every row has a finite ``lse`` after
-the first key chunk; later chunks may still be fully masked for some rows (``lse_part = -inf``),
-which the merge handles.
+skipped. Key chunk 0 is visible to every query; later chunks may be fully masked for some
+rows (``lse_part = -inf``), which the merge handles, as it handles a running ``LSE`` of
+``-inf`` (every score seen so far ``-inf`` because of the data).
+
+Non-finite values (see README, "Non-finite values"): a nan or infinity reaches exactly the
+outputs whose softmax row reads it, through the max and the sum, as softmax does; rows whose
+every visible score is ``-inf`` are nan like softmax's (``softmax_nan=True``, what the op
+uses) and ``S = 0`` gives ``out = 0``, ``lse = -inf``.
 """
 
 from __future__ import annotations
@@ -29,19 +37,60 @@ from torch import Tensor
 
 from .reference import accumulation_dtype, validate_qkv
 
-__all__ = ["chunked_attention_forward", "chunked_attention_backward", "chunk_schedule", "merge_partial", "check_arguments"]
+__all__ = [
+    "chunked_attention_forward",
+    "chunked_attention_backward",
+    "chunk_schedule",
+    "merge_partial",
+    "check_arguments",
+    "auto_chunk_size",
+    "out_like",
+    "cpu_kernel_applies",
+]
+
+#: Chunk the CUDA (Triton) path uses when ``chunk_size`` is None: the kernels tile inside a
+#: chunk pair, so the chunk only sets the launch and host-transfer granularity (FPDT's chunks
+#: of 8K-64K tokens hide the transfers behind compute).
+CUDA_AUTO_CHUNK = 16384
+#: Smallest chunk the torch path picks by itself (smaller ones only add Python overhead).
+MIN_AUTO_CHUNK = 64
 
 
-def check_arguments(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int, name: str) -> float:
-    """Validate the arguments shared by every chunked-attention entry point; return the scale."""
+def check_arguments(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int | None, name: str) -> float:
+    """Validate the arguments shared by every chunked-attention entry point; return the scale.
+
+    ``chunk_size`` is a positive int, or None: chosen at run time (:func:`auto_chunk_size`).
+    """
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"{name}: chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"{name}: chunk_size must be an int or None (chosen from the shapes), got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"{name}: chunk_size must be >= 1 (or None: chosen from the shapes), got {chunk_size}")
     validate_qkv(q, k, v, scale=scale, name=name)
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def auto_chunk_size(q: Tensor, k: Tensor, *, fast: bool, triton: bool = False) -> int:
+    """The chunk used when ``chunk_size`` is None, from the run-time shapes.
+
+    * Triton kernels (CUDA, ``triton``): ``min(max(T, S), CUDA_AUTO_CHUNK)`` — the kernels
+      tile inside a pair; the chunk is the launch and host-transfer granularity.
+    * ATen's CPU flash kernel (``fast``): ``max(T, S)``, one chunk pair — the kernel tiles
+      internally, so its memory is what eager SDPA's is, and every extra chunk would only
+      add merges.
+    * The torch path (any device): the largest ``C`` whose score block ``[B, Hkv, G·C, C]``
+      holds no more numbers than ``q`` itself (``C² ≤ T·D``), at least ``MIN_AUTO_CHUNK``:
+      the working set then never outgrows the ``O(T·D)`` tensors the step holds anyway.
+    """
+    T, S, D = q.shape[2], k.shape[2], q.shape[3]
+    n = max(T, S, 1)
+    if triton:
+        return min(n, CUDA_AUTO_CHUNK)
+    if fast:
+        return n
+    return min(n, max(MIN_AUTO_CHUNK, math.isqrt(n * max(D, 1))))
 
 
 def chunk_schedule(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: bool = False):
@@ -91,32 +140,62 @@ def _causal_keep(qs: int, qe: int, ks: int, ke: int, groups: int, device) -> Ten
 def merge_partial(out: Tensor, lse: Tensor, out_part: Tensor, lse_part: Tensor) -> tuple[Tensor, Tensor]:
     """Merge two normalised partial softmax results over disjoint key sets (in place on ``out``).
 
-    With ``LSE`` finite (``lse_part`` may be ``-inf``):
-    ``out ← out − σ(lse_part − LSE)·(out − out_part)``,
-    ``LSE ← LSE − logsigmoid(LSE − lse_part)``; this never exponentiates a positive number.
+    ``out``/``out_part`` ``[..., R, D]``, ``lse``/``lse_part`` ``[..., R]``. With
+    ``LSE' = logaddexp(LSE, lse_part)``:
+    ``out ← e^{LSE − LSE'}·out + e^{lse_part − LSE'}·out_part``; returns ``(out, LSE')``.
+    Both weights are ``≤ 1`` (nothing positive is exponentiated) and either side may be
+    ``-inf`` (no key of that part visible, or every score ``-inf``): it then gets weight 0,
+    and a row ``-inf`` on both sides stays ``(out, -inf)``. A nan or ``+inf`` lse on either
+    side (a softmax row that reads a nan or an infinite score) gives a nan row, as softmax
+    over the union would.
     """
-    w = torch.sigmoid(lse_part - lse).unsqueeze(-1)
-    out.sub_(w * (out - out_part))
-    return out, lse - torch.nn.functional.logsigmoid(lse - lse_part)
+    new = torch.logaddexp(lse, lse_part)
+    # Rows with no finite score on either side: shift by 0, so both weights are exp(-inf) = 0.
+    shift = torch.where(new == float("-inf"), torch.zeros_like(new), new)
+    a = torch.exp(lse - shift).unsqueeze(-1)
+    b = torch.exp(lse_part - shift).unsqueeze(-1)
+    # Weighted sum (not out − b·(out − out_part)): an infinite value keeps its sign and
+    # magnitude through the merge instead of turning into inf − inf.
+    out.mul_(a).add_(b * out_part)
+    return out, new
 
 
 def _partial_attention(qc: Tensor, kc: Tensor, vc: Tensor, scale: float, keep: Tensor | None) -> tuple[Tensor, Tensor]:
     """Softmax attention of a query block over one key block: ``(out_part, lse_part)``.
 
     ``qc`` ``[B, Hkv, R, D]``, ``kc``/``vc`` ``[B, Hkv, Ck, D]`` → ``[B, Hkv, R, D]``, ``[B, Hkv, R]``.
-    Rows with every key masked give ``lse_part = -inf`` and ``out_part = 0``.
+    Rows with every key masked (or every score ``-inf``) give ``lse_part = -inf`` and
+    ``out_part = 0``; a nan score makes its row nan, a ``+inf`` score too (``inf − inf``), as
+    in softmax.
     """
     s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale)
     if keep is not None:
         s.masked_fill_(~keep, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
-    # A fully masked row has m = -inf; shifting by 0 instead makes its exp() 0, not nan.
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    # A row with nothing visible has m = -inf; shifting by 0 instead makes its exp() 0, not
+    # nan. Only -inf: a +inf maximum must give softmax's nan (inf − inf), and a nan stays.
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     p = torch.exp_(s.sub_(m))
     denom = p.sum(dim=-1, keepdim=True)
     out_part = torch.matmul(p, vc).div_(denom.clamp_min(torch.finfo(denom.dtype).tiny))
     lse_part = (m + torch.log(denom)).squeeze(-1)
     return out_part, lse_part
+
+
+def out_like(q: Tensor) -> Tensor:
+    """An uninitialised ``out`` in ``q``'s memory layout (``empty_like``'s preserve-format
+    rule): what every path returns and the op's fake implementation promises. A ``q`` laid
+    out ``[B, T, H, D]`` (as projections give it) then gives an ``out`` whose
+    ``.transpose(1, 2)`` is contiguous, so the usual reshape after attention needs no copy."""
+    return torch.empty_like(q, memory_format=torch.preserve_format)
+
+
+def _empty_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """An empty result (``B·Hq·T = 0``) or no keys (``S = 0``: ``out = 0``, ``lse = -inf``)."""
+    B, Hq, T, D = q.shape
+    out = out_like(q).zero_()
+    lse = torch.full((B, Hq, T), float("-inf"), dtype=accumulation_dtype(q.dtype), device=q.device)
+    return out, lse
 
 
 def chunked_attention_forward(
@@ -126,30 +205,45 @@ def chunked_attention_forward(
     *,
     causal: bool,
     scale: float | None,
-    chunk_size: int,
+    chunk_size: int | None,
+    softmax_nan: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention, one (query chunk, key chunk) pair at a time.
 
     Args:
         q: ``[B, Hq, T, D]``; any ``T >= 0`` (not only multiples of ``chunk_size``).
-        k, v: ``[B, Hkv, S, D]``, ``Hq % Hkv == 0``, ``S >= 1``.
+        k, v: ``[B, Hkv, S, D]``, ``Hq % Hkv == 0``, any ``S >= 0`` (``S = 0``: ``out = 0``,
+            ``lse = -inf``).
         causal: SDPA's top-left causal mask (query ``i`` sees keys ``j <= i``).
-        scale: score scale; ``None`` means ``1 / sqrt(D)``.
-        chunk_size: rows of a query chunk and columns of a key chunk.
+        scale: score scale (any finite value, zero and negative included); ``None`` means
+            ``1 / sqrt(D)``.
+        chunk_size: rows of a query chunk and columns of a key chunk; None: chosen from the
+            shapes at run time (:func:`auto_chunk_size`).
+        softmax_nan: a row that sees keys but whose every score is ``-inf`` (infinite
+            inputs) gets ``out = nan``, as softmax gives, instead of the partial-result
+            convention ``out = 0`` (``lse`` is ``-inf`` either way). The op sets it; keep it
+            off for a partial result that is merged with others (:func:`merge_partial`).
     Returns:
         ``out`` ``[B, Hq, T, D]`` in the input dtype and ``lse`` ``[B, Hq, T]`` in the
         accumulation dtype (float32 for 16/32-bit inputs, float64 for float64).
     """
     scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_forward")
-    if _cpu_kernel_applies(q, k, causal):
-        return _forward_cpu_kernel(q, k, v, causal, scale, chunk_size)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    if B * Hq * T == 0 or S == 0:
+        return _empty_forward(q, k, v)
+    fast = cpu_kernel_applies(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
+    chunk = auto_chunk_size(q, k, fast=fast) if chunk_size is None else chunk_size
+    if fast:
+        out, lse = _forward_cpu_kernel(q, k, v, causal, scale, chunk)
+        # ATen's kernel is only used on finite inputs whose scores cannot overflow: no row
+        # can be -inf there, so softmax_nan has nothing to do.
+        return out, lse
     G = Hq // Hkv
     acc = accumulation_dtype(q.dtype)
-    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    out = out_like(q)
     lse = torch.empty((B, Hq, T), dtype=acc, device=q.device)
-    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal):
+    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk, causal):
         qc = _group_rows(q, qs, qe, Hkv, acc)
         o_acc = lse_acc = None
         for ks, ke in key_chunks:
@@ -158,12 +252,15 @@ def chunked_attention_forward(
             keep = _causal_keep(qs, qe, ks, ke, G, q.device) if causal else None
             o_part, l_part = _partial_attention(qc, kc, vc, scale, keep)
             if o_acc is None:
-                # Key chunk 0 is visible to every query, so after it every row's lse is finite.
                 o_acc, lse_acc = o_part, l_part
             else:
                 o_acc, lse_acc = merge_partial(o_acc, lse_acc, o_part, l_part)
         out[:, :, qs:qe] = _ungroup_rows(o_acc, Hq, qe - qs)
         lse[:, :, qs:qe] = _ungroup_rows(lse_acc, Hq, qe - qs)
+    if softmax_nan:
+        # Every row sees key 0 (S >= 1, top-left causal), so lse = -inf means every visible
+        # score was -inf: softmax divides 0 by 0 there.
+        out.masked_fill_((lse == float("-inf")).unsqueeze(-1), float("nan"))
     return out, lse
 
 
@@ -189,7 +286,7 @@ def chunked_attention_backward(
     *,
     causal: bool,
     scale: float | None,
-    chunk_size: int,
+    chunk_size: int | None,
     dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of :func:`chunked_attention_forward`, recomputing probabilities from ``lse``.
@@ -204,6 +301,7 @@ def chunked_attention_backward(
     Args:
         dout: ``[B, Hq, T, D]`` gradient of ``out``.
         q, k, v, out, lse: as in / returned by :func:`chunked_attention_forward`.
+        chunk_size: as there (None: chosen from the shapes; need not match the forward's).
         dlse: optional ``[B, Hq, T]`` gradient of ``lse`` (``None`` = zero).
     Returns:
         ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``; ``dq`` is accumulated in
@@ -214,17 +312,26 @@ def chunked_attention_backward(
         raise ValueError(f"chunked_attention_backward: dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if lse.shape != q.shape[:3]:
         raise ValueError(f"chunked_attention_backward: lse must be [B, Hq, T] = {list(q.shape[:3])}, got {tuple(lse.shape)}")
-    if dlse is None and _cpu_kernel_applies(q, k, causal):
-        return _backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk_size)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    if B * Hq * T == 0 or S == 0:
+        # No query reads a key: every gradient is zero (and empty where its tensor is).
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if dlse is not None and dlse.device.type == "cpu" and not bool(dlse.any()):
+        # AOTAutograd hands the op a zero tangent for an lse nobody reads; it changes nothing,
+        # and dropping it keeps the fast path (which has no input for d(lse)) available.
+        dlse = None
+    fast = dlse is None and cpu_kernel_applies(q, k, v, causal=causal, scale=scale, dout=dout, chunk_size=chunk_size)
+    chunk = auto_chunk_size(q, k, fast=fast) if chunk_size is None else chunk_size
+    if fast:
+        return _backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk)
     G = Hq // Hkv
     acc = accumulation_dtype(q.dtype)
-    delta = _delta(dout, out, dlse, chunk_size, acc)
+    delta = _delta(dout, out, dlse, chunk, acc)
     dq_acc = torch.zeros((B, Hq, T, D), dtype=acc, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True):
+    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk, causal, kv_outer=True):
         kc = k[:, :, ks:ke].to(acc)
         vc = v[:, :, ks:ke].to(acc)
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=acc, device=q.device)
@@ -252,28 +359,78 @@ def chunked_attention_backward(
 # ----------------------------------------------------------------------------------------
 # CPU fast path: the same chunk schedule, each chunk pair computed by ATen's CPU flash
 # attention kernel (vectorised C++, already tiled internally) instead of matmul + exp in
-# Python-level torch ops (about 3x faster for T = 2K, chunk 512 on a 2-core CPU). A pair is either fully
-# visible or the aligned diagonal block (T == S, equal chunking), which the kernel's own
-# top-left causal mask covers exactly; anything else uses the generic path above.
+# Python-level torch ops (about 3x faster for T = 2K, chunk 512 on a 2-core CPU). A pair is
+# either fully visible or the aligned diagonal block (T == S, equal chunking), which the
+# kernel's own top-left causal mask covers exactly.
+#
+# Where the kernel is exact, and where it is not (found by testing it against the float64
+# reference; see cpu_kernel_applies):
+# * causal with a scale <= 0: the kernel fills masked scores with -inf *before* scaling, so
+#   -inf · (negative) = +inf and -inf · 0 = nan poison every row (eager SDPA inherits this);
+# * non-finite inputs, or scores large enough to overflow: its vectorised max does not
+#   propagate nan (a nan key can vanish from the rows that read it) and its masking and
+#   merging of infinities differ from softmax's;
+# * causal with T != S over several chunk pairs: its mask is aligned per call, not at the
+#   absolute positions of a chunk pair (one call over the whole problem is SDPA's top-left);
+# * a nonzero d(lse): the backward kernel has no input for it.
+# Everything else (any positive or negative non-causal scale, zero included; T != S without
+# causal; GQA; any chunk) matches the reference to float64 round-off.
 #
 # Exactness of the per-pair backward: the kernel recomputes P = exp(scale·q·kᵀ − lse) and
 # delta = rowsum(dout·out) from what it is given. Given the *global* out and lse rows of the
 # query chunk, P is the global probability block and delta the global delta, so its
-# (dq, dk, dv) are exactly this pair's terms of the sums; we add them up. The kernel has no
-# input for d(lse), so the fast backward is only used when dlse is None.
+# (dq, dk, dv) are exactly this pair's terms of the sums; we add them up.
 # ----------------------------------------------------------------------------------------
 
 #: Switch for the CPU fast path (tests run both paths).
 USE_CPU_KERNEL = True
 
 
-def _cpu_kernel_applies(q: Tensor, k: Tensor, causal: bool) -> bool:
-    return (
-        USE_CPU_KERNEL
-        and q.device.type == "cpu"
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-        and (not causal or q.shape[2] == k.shape[2])
-    )
+def _abs_max(t: Tensor) -> float:
+    """``max |t|`` as a Python float (nan if ``t`` holds a nan, inf if an infinity).
+
+    ``aminmax`` reads ``t`` once and allocates two scalars (``t.abs()`` would copy ``t``).
+    """
+    if not t.numel():
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    lo, hi = float(lo), float(hi)
+    if math.isnan(lo) or math.isnan(hi):
+        return math.nan
+    return max(-lo, hi)
+
+
+def cpu_kernel_applies(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, dout: Tensor | None = None, chunk_size: int | None = None,
+) -> bool:
+    """Whether ATen's CPU flash kernel computes this call exactly (see the comment above).
+
+    It does for CPU tensors with ``T, S >= 1`` when: ``scale > 0`` or not causal; ``T == S``
+    or a single chunk pair (``chunk_size`` None, or ``>= T, S``) if causal; every input
+    finite, and no score (``|scale|·D·max|q|·max|k|``) nor, in backward, ``dout·v`` product
+    able to overflow the accumulation dtype. Checking costs one pass over the inputs,
+    ``O((T + S)·D)``, against attention's ``O(T·S·D)``.
+    """
+    if not (USE_CPU_KERNEL and q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")):
+        return False
+    T, S, D = q.shape[2], k.shape[2], q.shape[3]
+    if q.numel() == 0 or k.numel() == 0:
+        return False
+    if causal and not scale > 0:
+        return False
+    # With T != S the kernel's top-left mask is SDPA's only for the whole problem in one call
+    # (auto chunking makes it one pair); chunk pairs off the diagonal would need offsets.
+    if causal and T != S and not (chunk_size is None or (T <= chunk_size and S <= chunk_size)):
+        return False
+    # Half of the largest finite value: sums of D products and the kernel's own rescaling
+    # stay finite below it. Python floats (doubles) overflow to inf, which fails the test.
+    limit = torch.finfo(accumulation_dtype(q.dtype)).max / 2
+    qm, km, vm = _abs_max(q), _abs_max(k), _abs_max(v)
+    if not abs(scale) * D * qm * km <= limit or not vm <= limit:
+        return False
+    if dout is not None and not D * _abs_max(dout) * vm <= limit:
+        return False
+    return True
 
 
 def _pair_is_diagonal(qs: int, qe: int, ks: int, ke: int, causal: bool) -> bool:
@@ -289,9 +446,23 @@ def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
     S = k.shape[2]
     acc = accumulation_dtype(q.dtype)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    if T <= chunk_size and S <= chunk_size:
+        # One chunk pair: the kernel's own result, as eager SDPA's call returns it (no copy
+        # when q is laid out densely: the kernel's out then has q's layout too).
+        o, l = flash(q, k, v, 0.0, causal, scale=scale)
+        out = o if o.stride() == out_like(q).stride() else out_like(q).copy_(o)
+        return out, l.to(acc).contiguous()
+    out = out_like(q)
     lse = torch.empty((B, Hq, T), dtype=acc, device=q.device)
     for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal):
+        if len(key_chunks) == 1:
+            # One key chunk: nothing to merge, so the kernel runs in the input dtype (fp32
+            # accumulation inside, as eager SDPA's own call) without fp32 copies of q/k/v.
+            (ks, ke), = key_chunks
+            o, l = flash(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], 0.0, _pair_is_diagonal(qs, qe, ks, ke, causal), scale=scale)
+            out[:, :, qs:qe] = o
+            lse[:, :, qs:qe] = l
+            continue
         # 16-bit inputs are merged in float32: the kernel would round each partial to 16 bits.
         qc = q[:, :, qs:qe].to(acc)
         o_acc = lse_acc = None
@@ -312,6 +483,10 @@ def _backward_cpu_kernel(dout, q, k, v, out, lse, causal: bool, scale: float, ch
     Hkv, S = k.shape[1], k.shape[2]
     acc = accumulation_dtype(q.dtype)
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    if T <= chunk_size and S <= chunk_size:
+        # One chunk pair: the kernel's own gradients, in the input dtype (fp32 inside).
+        grads = flash_bwd(dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale)
+        return tuple(g.contiguous() for g in grads)
     dq_acc = torch.zeros((B, Hq, T, D), dtype=acc, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)

@@ -2,14 +2,28 @@
 
 Ops (all ``mutates_args=()``; shapes in SDPA layout, ``G = Hq // Hkv``):
 
-* ``longctx::chunked_attention_fwd(q, k, v, causal, scale, chunk_size) -> (out, lse)``
+* ``longctx::chunked_attention_fwd(q, k, v, causal, scale, chunk_size, host_pool_bytes=None)
+  -> (out, lse)``
 * ``longctx::chunked_attention_bwd(dout, q, k, v, out, lse, dlse?, causal, scale, chunk_size)
   -> (dq, dk, dv)``
-* ``longctx::chunked_attention_fwd_offload(q, k, v, causal, scale, chunk_size)
-  -> (out, lse, handle)``: also copies q, k, v, out, lse into the host pool; ``handle`` is an
-  int64 scalar CPU tensor naming that group of host copies.
+* ``longctx::chunked_attention_fwd_offload(q, k, v, causal, scale, chunk_size,
+  host_pool_bytes=None) -> (out, lse, handle)``: also copies q, k, v, out, lse into the host
+  pool, within the budget ``host_pool_bytes`` (None: unbounded); ``handle`` is an int64 scalar
+  CPU tensor naming that group of host copies.
 * ``longctx::chunked_attention_bwd_offload(dout, handle, dlse?, kv_heads, kv_len, causal,
   scale, chunk_size) -> (dq, dk, dv)``: streams the host copies back chunk by chunk.
+
+``chunk_size = 0`` means "choose from the shapes at run time" (``chunked.auto_chunk_size``):
+the graph then holds no chunk and serves every sequence length with a chunk fitted to it.
+The two forward ops take the same arguments, so a pass can swap one for the other by target
+(the plain op ignores ``host_pool_bytes``). The pool budget is an argument of each call, not
+a setting of the process-wide pool: models with different budgets (or none) coexist, each
+bounded by its own (``HostPool.offload(..., max_bytes=)`` keeps one account per budget).
+
+Autocast: under ``torch.autocast`` the forward ops behave as SDPA does (it is on autocast's
+lower-precision list): floating inputs other than float64 on the autocast device are cast
+to the autocast dtype, then the op runs with fp32 accumulation inside. The dtype is read
+when the op runs (``torch.get_autocast_dtype``), so bf16 and fp16 regions both work.
 
 ``register_autograd`` makes AOTAutograd save exactly what each backward reads: ``q, k, v,
 out, lse`` for the plain op, and only the ``handle`` (plus the symbolic ints ``Hkv`` and
@@ -40,7 +54,7 @@ from torch import Tensor
 
 from longctx_compiler.runtime.host_pool import get_default_pool
 
-from .chunked import check_arguments, chunked_attention_backward, chunked_attention_forward
+from .chunked import CUDA_AUTO_CHUNK, auto_chunk_size, check_arguments, chunked_attention_backward, chunked_attention_forward, out_like
 from .reference import accumulation_dtype
 
 __all__ = ["chunked_attention"]
@@ -52,38 +66,57 @@ def _use_triton(t: Tensor) -> bool:
     return t.is_cuda and t.dtype != torch.float64
 
 
+def _chunk(chunk_size: int) -> int | None:
+    # The ops' schema holds an int; 0 stands for "chosen from the shapes at run time".
+    return None if chunk_size == 0 else chunk_size
+
+
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
-    if _use_triton(q):
+    chunk = _chunk(chunk_size)
+    # Empty problems (no query or no key) take the torch path's early return on any device.
+    if _use_triton(q) and q.numel() > 0 and k.numel() > 0:
         from .triton import triton_attention_forward
 
-        return triton_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
-    return chunked_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
+        if chunk is None:
+            chunk = auto_chunk_size(q, k, fast=False, triton=True)
+        return triton_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk)
+    return chunked_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk, softmax_nan=True)
 
 
 def _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size):
-    if _use_triton(q):
+    chunk = _chunk(chunk_size)
+    if _use_triton(q) and q.numel() > 0 and k.numel() > 0:
         from .triton import triton_attention_backward
 
-        return triton_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk_size, dlse=dlse)
-    return chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk_size, dlse=dlse)
+        if chunk is None:
+            chunk = auto_chunk_size(q, k, fast=False, triton=True)
+        return triton_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk, dlse=dlse)
+    return chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk, dlse=dlse)
 
 
 def _fake_fwd(q: Tensor) -> tuple[Tensor, Tensor]:
     B, Hq, T, D = q.shape
-    out = q.new_empty((B, Hq, T, D))
+    # q's layout (empty_like's rule), as every implementation returns it.
+    out = out_like(q)
     lse = q.new_empty((B, Hq, T), dtype=accumulation_dtype(q.dtype))
     return out, lse
 
 
 # ---------------------------------------------------------------------------- plain ops
 @torch.library.custom_op("longctx::chunked_attention_fwd", mutates_args=())
-def chunked_attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """``(out [B, Hq, T, D], lse [B, Hq, T])`` of exact attention, chunk by chunk."""
+def chunked_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int, host_pool_bytes: Optional[int] = None,
+) -> tuple[Tensor, Tensor]:
+    """``(out [B, Hq, T, D], lse [B, Hq, T])`` of exact attention, chunk by chunk.
+
+    ``chunk_size = 0``: chosen from the shapes. ``host_pool_bytes`` is unused here (it keeps
+    the argument list equal to the offload op's).
+    """
     return _forward_impl(q, k, v, causal, scale, chunk_size)
 
 
 @chunked_attention_fwd.register_fake
-def _(q, k, v, causal, scale, chunk_size):
+def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None):
     return _fake_fwd(q)
 
 
@@ -102,10 +135,11 @@ def _(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size):
 
 
 def _setup_fwd(ctx, inputs, output):
-    q, k, v, causal, scale, chunk_size = inputs
+    q, k, v, causal, scale, chunk_size = inputs[:6]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.args = (causal, scale, chunk_size)
+    ctx.n_args = len(inputs)
 
 
 def _backward_fwd(ctx, dout, dlse):
@@ -114,7 +148,7 @@ def _backward_fwd(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = chunked_attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size)
-    return dq, dk, dv, None, None, None
+    return (dq, dk, dv) + (None,) * (ctx.n_args - 3)
 
 
 chunked_attention_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
@@ -136,9 +170,13 @@ def _release(pool_ref, gid: int) -> None:
 
 
 @torch.library.custom_op("longctx::chunked_attention_fwd_offload", mutates_args=())
-def chunked_attention_fwd_offload(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def chunked_attention_fwd_offload(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int, host_pool_bytes: Optional[int] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Like ``chunked_attention_fwd``, and keeps q, k, v, out, lse in the default host pool.
 
+    ``host_pool_bytes``: the budget these copies count against (one account per budget
+    value in the pool; None: unbounded). Past it the call raises ``HostMemoryError``.
     Returns ``(out, lse, handle)``; ``handle`` is an int64 scalar (CPU) naming the host copies.
     """
     out, lse = _forward_impl(q, k, v, causal, scale, chunk_size)
@@ -146,7 +184,7 @@ def chunked_attention_fwd_offload(q: Tensor, k: Tensor, v: Tensor, causal: bool,
     handles = {}
     try:
         for name, t in zip(_OFFLOADED, (q, k, v, out, lse)):
-            handles[name] = pool.offload(t)
+            handles[name] = pool.offload(t, max_bytes=host_pool_bytes)
     except BaseException:
         for h in handles.values():
             h.release()
@@ -155,7 +193,7 @@ def chunked_attention_fwd_offload(q: Tensor, k: Tensor, v: Tensor, causal: bool,
 
 
 @chunked_attention_fwd_offload.register_fake
-def _(q, k, v, causal, scale, chunk_size):
+def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None):
     out, lse = _fake_fwd(q)
     return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
 
@@ -225,12 +263,17 @@ def chunked_attention_bwd_offload(
     hs = pool.lookup(int(handle.item()))
     if tuple(hs["k"].shape[1:3]) != (kv_heads, kv_len) or tuple(hs["q"].shape) != tuple(dout.shape):
         raise RuntimeError("chunked_attention_bwd_offload: handle does not match dout / kv shape (stale handle?)")
-    if _use_triton(dout):
+    T = dout.shape[2]
+    if _use_triton(dout) and dout.numel() > 0 and hs["k"].numel > 0:
+        if chunk_size == 0:
+            chunk_size = min(max(T, kv_len), CUDA_AUTO_CHUNK)
         return _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size)
     # CPU: the host copies are CPU tensors already; prefetch hands back views (no copy) and the
     # chunked loop reads them chunk by chunk in the same order as on CUDA.
     q, k, v, out, lse = (pool.prefetch(hs[n]) for n in _OFFLOADED)
-    return chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk_size, dlse=dlse)
+    if q.device != dout.device:
+        q, k, v, out, lse = (t.to(dout.device) for t in (q, k, v, out, lse))
+    return chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=_chunk(chunk_size), dlse=dlse)
 
 
 @chunked_attention_bwd_offload.register_fake
@@ -240,21 +283,61 @@ def _(dout, handle, dlse, kv_heads, kv_len, causal, scale, chunk_size):
 
 
 def _setup_fwd_offload(ctx, inputs, output):
-    q, k, v, causal, scale, chunk_size = inputs
+    q, k, v, causal, scale, chunk_size = inputs[:6]
     _, _, handle = output
     ctx.save_for_backward(handle)
     ctx.kv = (k.shape[1], k.shape[2])
     ctx.args = (causal, scale, chunk_size)
+    ctx.n_args = len(inputs)
 
 
 def _backward_fwd_offload(ctx, dout, dlse, _dhandle):
     (handle,) = ctx.saved_tensors
     causal, scale, chunk_size = ctx.args
     dq, dk, dv = chunked_attention_bwd_offload(dout, handle, dlse, ctx.kv[0], ctx.kv[1], causal, scale, chunk_size)
-    return dq, dk, dv, None, None, None
+    return (dq, dk, dv) + (None,) * (ctx.n_args - 3)
 
 
 chunked_attention_fwd_offload.register_autograd(_backward_fwd_offload, setup_context=_setup_fwd_offload)
+
+
+# ---------------------------------------------------------------------------- autocast
+def _autocast_cast(x, device_type: str, dtype: torch.dtype):
+    # autocast's own rule for its lower-precision ops (SDPA among them): floating tensors on
+    # the autocast device, float64 excepted, go to the autocast dtype; nothing else changes.
+    if isinstance(x, Tensor) and x.is_floating_point() and x.device.type == device_type and x.dtype != torch.float64:
+        return x.to(dtype)
+    return x
+
+
+def _register_autocast(opdef, lib: torch.library.Library) -> None:
+    """An Autocast kernel per device type that reads the autocast dtype when it runs.
+
+    ``torch.library.register_autocast`` fixes the target dtype at registration; autocast
+    regions choose theirs (bf16 or fp16), so this kernel asks ``torch.get_autocast_dtype``.
+    It casts, then calls the op again below the Autocast key (autograd records the casts, so
+    gradients flow back to the uncast inputs in their own dtypes).
+    """
+    name = opdef._name if hasattr(opdef, "_name") else opdef.__name__
+    overload = opdef._opoverload
+    for device_type in ("cpu", "cuda"):
+        if not torch.amp.is_autocast_available(device_type):
+            continue
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, _device_type=device_type, _excluded=keyset, **kwargs):
+            dtype = torch.get_autocast_dtype(_device_type)
+            cast = [_autocast_cast(a, _device_type, dtype) for a in args]
+            with torch._C._ExcludeDispatchKeyGuard(_excluded):
+                return overload(*cast, **kwargs)
+
+        lib.impl(name, kernel, key, with_keyset=True)
+
+
+_AUTOCAST_LIB = torch.library.Library("longctx", "FRAGMENT")
+_register_autocast(chunked_attention_fwd, _AUTOCAST_LIB)
+_register_autocast(chunked_attention_fwd_offload, _AUTOCAST_LIB)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -265,8 +348,9 @@ def chunked_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = 1024,
     offload: bool = False,
+    host_pool_bytes: int | None = None,
 ) -> Tensor:
     """Exact softmax attention with memory bounded by the chunk size (FPDT-style).
 
@@ -277,17 +361,28 @@ def chunked_attention(
             ``j <= i``), any ``T`` and ``S``.
         scale: score scale, default ``1 / sqrt(D)``.
         chunk_size: rows of a query chunk / columns of a key chunk; the largest temporary is
-            ``[B, Hkv, G·chunk, chunk]`` in the accumulation dtype.
+            ``[B, Hkv, G·chunk, chunk]`` in the accumulation dtype. None: chosen from the
+            shapes when the op runs (``chunked.auto_chunk_size``).
         offload: keep q, k, v, out, lse in the host pool (pinned, copied on a side stream on
             CUDA) between forward and backward; autograd then saves only a handle.
+        host_pool_bytes: with ``offload``, the bound on the host bytes held by calls with
+            this same budget (``HostMemoryError`` past it); None: unbounded.
     Returns:
         ``[B, Hq, T, D]`` in the input dtype. Differentiable in ``q``, ``k``, ``v``.
     """
     if not isinstance(offload, bool):
         raise TypeError(f"chunked_attention: offload must be a bool, got {type(offload).__name__}")
+    if isinstance(q, Tensor) and torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
+        # What the op's Autocast kernel does, done first so the arguments are checked as the
+        # op will see them (q/k/v of different dtypes are fine under autocast, as for SDPA).
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (_autocast_cast(t, q.device.type, dtype) for t in (q, k, v))
     scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention")
+    if host_pool_bytes is not None and (isinstance(host_pool_bytes, bool) or not isinstance(host_pool_bytes, int) or host_pool_bytes < 0):
+        raise ValueError(f"chunked_attention: host_pool_bytes must be a non-negative int or None, got {host_pool_bytes!r}")
     if q.is_cuda and q.shape[-1] > 256 and q.dtype != torch.float64:
         raise ValueError(f"chunked_attention: head dim {q.shape[-1]} > 256 is not supported on CUDA")
+    chunk = 0 if chunk_size is None else chunk_size
     if offload:
-        return chunked_attention_fwd_offload(q, k, v, causal, scale, chunk_size)[0]
-    return chunked_attention_fwd(q, k, v, causal, scale, chunk_size)[0]
+        return chunked_attention_fwd_offload(q, k, v, causal, scale, chunk, host_pool_bytes)[0]
+    return chunked_attention_fwd(q, k, v, causal, scale, chunk)[0]

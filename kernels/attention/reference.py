@@ -35,8 +35,11 @@ def validate_qkv(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     """Raise ``TypeError``/``ValueError`` with a remedy when ``q, k, v`` do not fit the layout.
 
     Checks: tensors, floating dtypes shared by all three, one device, 4-D ``[B, H, len, D]``
-    layout, matching batch and head dims, ``Hq % Hkv == 0``, ``k``/``v`` of equal shape,
-    at least one key, a finite positive-or-negative (non-zero) ``scale`` when given.
+    layout, matching batch and head dims, ``Hq % Hkv == 0``, ``k``/``v`` of equal shape, a
+    finite ``scale`` when given (zero and negative scales are allowed: ``scale = 0`` makes
+    every visible key equally likely). Empty sequences are allowed: ``T = 0`` gives an empty
+    result, ``S = 0`` (no keys) gives ``out = 0`` and ``lse = -inf``, as softmax over an
+    empty set followed by an empty matmul does in plain torch.
     """
     for arg_name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -55,7 +58,7 @@ def validate_qkv(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     if k.shape != v.shape:
         raise ValueError(f"{name}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     B, Hq, _, D = q.shape
-    Bk, Hkv, S, Dk = k.shape
+    Bk, Hkv, _, Dk = k.shape
     if B != Bk:
         raise ValueError(f"{name}: batch sizes differ: q has {B}, k/v have {Bk}")
     if D != Dk:
@@ -65,13 +68,11 @@ def validate_qkv(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
             f"{name}: the number of query heads ({Hq}) must be a multiple of the number of key/value "
             f"heads ({Hkv}) for grouped-query attention"
         )
-    if S == 0:
-        raise ValueError(f"{name}: k/v have zero keys (S == 0); softmax over an empty set is undefined")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"{name}: scale must be a Python float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale) or scale == 0:
-            raise ValueError(f"{name}: scale must be finite and non-zero, got {scale}")
+        if not math.isfinite(scale):
+            raise ValueError(f"{name}: scale must be finite, got {scale}")
 
 
 def _expand_kv(x: Tensor, groups: int) -> Tensor:
@@ -101,7 +102,9 @@ def attention_reference_with_lse(
         ``(out, lse)``: ``out`` ``[B, Hq, T, D]`` in the input dtype; ``lse`` ``[B, Hq, T]``,
         ``lse[b,h,i] = log Σ_j exp(scale · q_i·k_j + mask_ij)`` in the accumulation dtype
         (float32 for 16/32-bit inputs, float64 for float64). Rows whose keys are all masked
-        give ``lse = -inf`` and ``out = 0``.
+        (or ``S = 0``) give ``lse = -inf`` and ``out = 0``; non-finite scores otherwise follow
+        softmax (a row with a nan or ``+inf`` score, or with every visible score ``-inf``,
+        is nan).
 
     Computation happens in the input dtype for ``float32``/``float64`` and in float32 for
     16-bit inputs (as SDPA's math backend does), so a float64 call is a float64 ground truth.
@@ -115,6 +118,8 @@ def attention_reference_with_lse(
     acc = accumulation_dtype(q.dtype)
     qa, ka, va = q.to(acc), _expand_kv(k, Hq // Hkv).to(acc), _expand_kv(v, Hq // Hkv).to(acc)
     scores = torch.matmul(qa, ka.transpose(-1, -2)) * scale
+    # Which (query, key) pairs the masks leave visible: a row with none is structurally empty.
+    visible = torch.ones((T, S), dtype=torch.bool, device=q.device)
     if mask is not None:
         if not isinstance(mask, Tensor):
             raise TypeError(f"attention_reference: mask must be a Tensor or None, got {type(mask).__name__}")
@@ -126,18 +131,26 @@ def attention_reference_with_lse(
                 f"{[B, Hq, T, S]}"
             ) from e
         if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
+            keep = mask.to(scores.device)
+            scores = scores.masked_fill(~keep, float("-inf"))
         elif mask.dtype.is_floating_point:
-            scores = scores + mask.to(device=scores.device, dtype=acc)
+            add = mask.to(device=scores.device, dtype=acc)
+            scores = scores + add
+            keep = add != float("-inf")
         else:
             raise TypeError(f"attention_reference: mask must be bool or floating, got {mask.dtype}")
+        visible = visible & keep
     if causal:
         i = torch.arange(T, device=q.device).unsqueeze(1)
         j = torch.arange(S, device=q.device).unsqueeze(0)
         scores = scores.masked_fill(j > i, float("-inf"))
+        visible = visible & (j <= i)
     lse = torch.logsumexp(scores, dim=-1)
-    # Fully masked rows have lse = -inf; subtracting 0 instead keeps exp() at 0 rather than nan.
-    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    # A row with no visible key has lse = -inf; subtracting 0 instead keeps exp() at 0 rather
+    # than nan, so it gives out = 0. A row whose visible scores are all -inf because of the
+    # data (not the masks) keeps softmax's nan, as plain torch gives.
+    empty = ~visible.any(dim=-1)
+    safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe_lse.unsqueeze(-1))
     out = torch.matmul(probs, va)
     return out.to(q.dtype), lse

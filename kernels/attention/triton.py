@@ -314,7 +314,8 @@ def triton_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, s
     scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_forward")
     B, Hq, T, D = q.shape
     S = k.shape[2]
-    out = torch.empty((B, Hq, T, D), dtype=q.dtype, device=q.device)
+    # q's layout, as the op's fake implementation promises (chunked.out_like).
+    out = torch.empty_like(q, memory_format=torch.preserve_format)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     for qs in range(0, T, chunk_size):
         qe = min(qs + chunk_size, T)

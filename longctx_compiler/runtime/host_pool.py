@@ -17,6 +17,15 @@ released, so the next layer (or the next step) with the same shapes reuses them.
 The byte budget (``max_bytes``) bounds ``bytes_reserved`` (live + cached free buffers); when a
 request does not fit even after dropping cached free buffers, :class:`HostMemoryError` says how
 much was needed and what to change.
+
+Budgets per request: ``offload(t, max_bytes=N)`` / ``acquire(..., max_bytes=N)`` count the
+buffer against an *account* keyed by the budget ``N``: the live bytes of requests made with
+budget ``N`` stay within ``N`` (and before a fresh buffer is allocated for such a request, cached
+free buffers are dropped until that account's live bytes + the cache fit in ``N`` too). The
+budget travels with each call (an op argument), so nothing is written into the process-wide
+pool's settings: two models with different budgets, or one with a budget and one without, share
+the pool, its buffers and its accounting, and each is held to its own bound. The pool's own
+``max_bytes`` (None for the default pool) still bounds everything together.
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ class _Buffer:
 
     data: Tensor
     last_use: Any = None  # torch.cuda.Event or None
+    account: int | None = None  # the per-request budget it was handed out under, if any
 
     @property
     def nbytes(self) -> int:
@@ -171,6 +181,8 @@ class HostPool:
         self._copy_streams: dict[int, Any] = {}
         self._groups: dict[int, dict[str, HostHandle]] = {}
         self._group_ids = itertools.count(1)
+        # Live bytes per request budget (see the module docstring), keyed by the budget.
+        self._account_in_use: dict[int, int] = defaultdict(int)
         self.reuse_count = 0  # how many acquisitions were served from the free list
 
     # ---------------------------------------------------------------- accounting
@@ -186,6 +198,11 @@ class HostPool:
     def peak_bytes(self) -> int:
         return self._peak
 
+    def bytes_in_use_for(self, max_bytes: int) -> int:
+        """Live bytes held by requests made with the per-request budget ``max_bytes``."""
+        with self._lock:
+            return self._account_in_use.get(int(max_bytes), 0)
+
     def data_ptrs(self) -> set[int]:
         """Start addresses of every host buffer the pool holds (in use or cached)."""
         with self._lock:
@@ -197,15 +214,23 @@ class HostPool:
             self._peak = self._in_use
 
     # ---------------------------------------------------------------- buffers
-    def acquire(self, numel: int, dtype: torch.dtype) -> _Buffer:
+    def acquire(self, numel: int, dtype: torch.dtype, *, max_bytes: int | None = None) -> _Buffer:
         """A flat host buffer of ``numel`` elements of ``dtype`` (reused when one is free).
 
+        Args:
+            max_bytes: a per-request budget (see the module docstring): the live bytes of
+                requests with this same budget, this one included, must fit in it.
         Raises:
-            HostMemoryError: when the budget cannot hold it even after dropping free buffers.
+            HostMemoryError: when the pool's budget or ``max_bytes`` cannot hold it even after
+                dropping cached free buffers.
         """
+        _check_budget(max_bytes, "HostPool.acquire")
         key = (int(numel), dtype)
         need = _nbytes(numel, dtype)
         with self._lock:
+            account = self._account_in_use.get(max_bytes, 0) if max_bytes is not None else 0
+            if max_bytes is not None and account + need > max_bytes:
+                raise self._budget_error(need, numel, dtype, max_bytes, account, per_request=True)
             free = self._free.get(key)
             # The budget bounds what live offloaded tensors hold, whether the buffer is new or
             # reused from the cache (the budget may have been lowered since it was cached).
@@ -217,29 +242,51 @@ class HostPool:
                 if self.max_bytes is not None and self._reserved + need > self.max_bytes:
                     # Cached buffers of other sizes are only a cache: drop them before failing.
                     self._trim(self._reserved + need - self.max_bytes)
+                if max_bytes is not None:
+                    cached = self._reserved - self._in_use
+                    if account + cached + need > max_bytes:
+                        # A budgeted request's new buffer must not grow the host memory past its
+                        # budget by way of the cache either.
+                        self._trim(account + cached + need - max_bytes)
                 if self.max_bytes is not None and (over_budget or self._reserved + need > self.max_bytes):
-                    raise HostMemoryError(
-                        f"host pool budget exceeded: need {_fmt(need)} more for a buffer of {numel} x {dtype}, "
-                        f"but {_fmt(self._in_use)} of the {_fmt(self.max_bytes)} budget is held by live "
-                        f"offloaded tensors ({_fmt(self._reserved)} reserved). Raise max_bytes (at least "
-                        f"{_fmt(self._reserved + need)}), offload fewer layers, use a smaller batch/sequence, "
-                        f"or make sure every forward with offload=True is followed by its backward so "
-                        f"handles are released."
-                    )
+                    raise self._budget_error(need, numel, dtype, self.max_bytes, self._in_use, per_request=False)
                 data = torch.empty(int(numel), dtype=dtype, pin_memory=self.pin_memory)
                 buf = _Buffer(data)
                 self._owned.add(buf)
                 self._reserved += need
+            buf.account = max_bytes
             self._in_use += need
+            if max_bytes is not None:
+                self._account_in_use[max_bytes] += need
             self._peak = max(self._peak, self._in_use)
         buf.wait_idle()
         return buf
+
+    def _budget_error(self, need: int, numel: int, dtype: torch.dtype, budget: int, held: int, *, per_request: bool) -> HostMemoryError:
+        what = "this budget" if per_request else "the pool's budget"
+        knob = ("the budget (attention.host_pool_bytes for optimize(); host_pool_bytes= for the op)" if per_request
+                else "the pool's max_bytes")
+        return HostMemoryError(
+            f"host pool budget exceeded: need {_fmt(need)} more for a buffer of {numel} x {dtype}, "
+            f"but {_fmt(held)} of {what} of {_fmt(budget)} is held by live offloaded tensors "
+            f"({_fmt(self._reserved)} reserved in the pool). Raise max_bytes, i.e. {knob} (at least "
+            f"{_fmt(held + need)}), offload fewer layers, use a smaller batch/sequence, "
+            f"or make sure every forward with offload=True is followed by its backward so "
+            f"handles are released."
+        )
 
     def _give_back(self, buf: _Buffer | None) -> None:
         if buf is None:
             return
         with self._lock:
             self._in_use -= buf.nbytes
+            if buf.account is not None:
+                left = self._account_in_use[buf.account] - buf.nbytes
+                if left:
+                    self._account_in_use[buf.account] = left
+                else:
+                    del self._account_in_use[buf.account]
+                buf.account = None
             self._free[(buf.data.numel(), buf.data.dtype)].append(buf)
 
     def _trim(self, nbytes: int) -> int:
@@ -284,11 +331,14 @@ class HostPool:
             self._copy_streams[idx] = s
         return s
 
-    def offload(self, tensor: Tensor) -> HostHandle:
-        """Copy ``tensor`` into a pool buffer; asynchronous on CUDA (copy stream + event)."""
+    def offload(self, tensor: Tensor, *, max_bytes: int | None = None) -> HostHandle:
+        """Copy ``tensor`` into a pool buffer; asynchronous on CUDA (copy stream + event).
+
+        ``max_bytes``: the per-request budget the copy counts against (see :meth:`acquire`).
+        """
         if not isinstance(tensor, Tensor):
             raise TypeError(f"HostPool.offload: expected a Tensor, got {type(tensor).__name__}")
-        buf = self.acquire(tensor.numel(), tensor.dtype)
+        buf = self.acquire(tensor.numel(), tensor.dtype, max_bytes=max_bytes)
         handle = HostHandle(self, buf, tensor.shape, tensor.dtype, tensor.device)
         dst = buf.data[: tensor.numel()].view(tensor.shape)
         if tensor.is_cuda:
@@ -369,6 +419,11 @@ class HostPool:
     @property
     def live_groups(self) -> int:
         return len(self._groups)
+
+
+def _check_budget(max_bytes: Any, where: str) -> None:
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise ValueError(f"{where}: max_bytes must be a non-negative int (bytes) or None, got {max_bytes!r}")
 
 
 def _release_group_ref(pool_ref, gid: int) -> None:

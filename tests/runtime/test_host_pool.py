@@ -119,3 +119,40 @@ def test_lowered_budget_applies_to_cached_buffers_too():
     pool.max_bytes = 512
     with pytest.raises(HostMemoryError, match="budget"):
         pool.offload(torch.zeros(256))
+
+
+def test_per_request_budgets_are_separate_accounts():
+    # Issue 14 item 4: a budget travels with each request (the op's argument), so two users
+    # of one pool with different budgets, or one without, never see each other's bound.
+    pool = HostPool()
+    a = pool.offload(torch.zeros(20), max_bytes=100)  # 80 bytes of the 100-byte account
+    with pytest.raises(HostMemoryError, match="budget.*host_pool_bytes"):
+        pool.offload(torch.zeros(10), max_bytes=100)
+    assert pool.bytes_in_use_for(100) == 80 and pool.bytes_in_use == 80
+    # Other budgets and unbudgeted requests are not limited by that account.
+    b = pool.offload(torch.zeros(200))
+    c = pool.offload(torch.zeros(10), max_bytes=1000)
+    assert pool.bytes_in_use_for(1000) == 40 and pool.bytes_in_use == 80 + 800 + 40
+    assert pool.max_bytes is None
+    a.release()
+    assert pool.bytes_in_use_for(100) == 0
+    # Released: the account has room again (a cached buffer of the same size is reused).
+    a2 = pool.offload(torch.ones(20), max_bytes=100)
+    assert pool.reuse_count == 1 and pool.bytes_in_use_for(100) == 80
+    for h in (a2, b, c):
+        h.release()
+    assert pool.bytes_in_use == 0 and pool.bytes_in_use_for(100) == pool.bytes_in_use_for(1000) == 0
+
+
+def test_budgeted_request_trims_the_cache_to_its_budget():
+    pool = HostPool()
+    for h in [pool.offload(torch.zeros(64)) for _ in range(4)]:
+        h.release()
+    assert pool.bytes_reserved == 4 * 256
+    # A fresh 200-byte buffer under a 600-byte budget: cached buffers are dropped until
+    # the account's live bytes + the cache + the request fit in 600.
+    h = pool.offload(torch.zeros(50), max_bytes=600)
+    assert pool.bytes_reserved - pool.bytes_in_use + pool.bytes_in_use_for(600) <= 600
+    h.release()
+    with pytest.raises(ValueError, match="max_bytes"):
+        pool.offload(torch.zeros(2), max_bytes=-1)
