@@ -47,7 +47,10 @@ class AttentionConfig:
         enabled: run the attention rewrite at all.
         chunk_size: tokens per query/key-value chunk. Memory of the attention core is
             O(chunk_size²) per head instead of O(T²); on a GPU, chunks of 8K-64K tokens hide
-            host transfers behind compute.
+            host transfers behind compute. None (default): chosen from the shapes when the op
+            runs, so one compiled graph serves every length and short sequences never pay
+            for a chunk larger than they need (CPU: a chunk's score block holds no more
+            numbers than q itself, at least 64 tokens; CUDA: up to 16K tokens).
         offload: keep each layer's q/k/v/output/log-sum-exp in pinned host memory between
             forward and backward (prefetched back chunk by chunk). On by default: fused
             SDPA kernels already avoid the ``[T, T]`` matrix and save exactly q/k/v/out/lse,
@@ -58,13 +61,13 @@ class AttentionConfig:
     """
 
     enabled: bool = True
-    chunk_size: int = 1024
+    chunk_size: int | None = None
     offload: bool = True
     host_pool_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _check_bool("AttentionConfig", "enabled", self.enabled)
-        _check_positive_int("AttentionConfig", "chunk_size", self.chunk_size)
+        _check_positive_int("AttentionConfig", "chunk_size", self.chunk_size, allow_none=True)
         _check_bool("AttentionConfig", "offload", self.offload)
         _check_positive_int("AttentionConfig", "host_pool_bytes", self.host_pool_bytes, allow_none=True, unit="bytes")
 
