@@ -44,7 +44,11 @@ the wrapper's frame name in ``node.meta["stack_trace"]`` instead (:func:`source_
 ``.float()``), partly in the dtype of ``dt`` (the bias add and softplus), and returns a
 dtype given by torch's promotion of ``hidden_states``, ``D`` and ``z``. The wrapper computes
 in float64 when any input is float64 and in float32 otherwise (never less precise than the
-original) and casts the output and final state to the dtypes the original returns.
+original) and casts the output and final state to the dtypes the original returns. Where that
+is more precise than the original (a float64 model: B and u rounded to float32 there; 16-bit
+activations, e.g. under ``torch.autocast``: Δ, the readout's state and ``silu(z)`` in 16 bits
+there) the node carries a note (:data:`PRECISION_KEY`) that the report shows as the rewrite's
+``details["precision"]``.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import math
 import re
 import sys
 import threading
@@ -67,12 +72,15 @@ from longctx_compiler.config import Config
 # Importing the op module registers torch.ops.longctx.selective_scan_fwd/_bwd.
 from longctx_compiler.kernels.selective_scan import op as _op  # noqa: F401
 
-__all__ = ["capture_context", "captured_functions", "source_of", "SOURCE_KEY", "WRAPPER_NAME"]
+__all__ = ["capture_context", "captured_functions", "source_of", "precision_of", "SOURCE_KEY", "PRECISION_KEY", "WRAPPER_NAME"]
 
 log = logging.getLogger("longctx_compiler")
 
 #: Key in ``node.meta["custom"]`` naming the library function a canonical node came from.
 SOURCE_KEY = "longctx_source"
+#: Key in ``node.meta["custom"]``: where the op computes more precisely than the library
+#: function it replaces (the casts of the original it does not reproduce), for the report.
+PRECISION_KEY = "longctx_precision"
 #: The wrappers' ``__code__`` name: visible in ``node.meta["stack_trace"]`` of the op node.
 WRAPPER_NAME = "longctx_captured_selective_scan"
 
@@ -206,9 +214,59 @@ def source_of(node: torch.fx.Node) -> str | None:
     return None
 
 
-def _annotate(source: str):
+def precision_of(node: torch.fx.Node) -> str | None:
+    """The captured node's precision note (see :data:`PRECISION_KEY`), if any."""
+    custom = node.meta.get("custom") or {}
+    return custom.get(PRECISION_KEY) if isinstance(custom, dict) else None
+
+
+def _annotate(source: str, precision: str | None = None):
     annotate = getattr(torch.fx.traceback, "annotate", None)
-    return annotate({SOURCE_KEY: source}) if annotate is not None else contextlib.nullcontext()
+    if annotate is None:
+        return contextlib.nullcontext()
+    return annotate({SOURCE_KEY: source, **({PRECISION_KEY: precision} if precision else {})})
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _bits(dtype: torch.dtype) -> int:
+    return round(-math.log2(torch.finfo(dtype).eps))
+
+
+def _precision_note(u, delta, A, B, C, D, z, delta_bias, cdt: torch.dtype, function: str, mamba_ssm: bool) -> str | None:
+    """What the original rounds that the canonical op (computing in ``cdt``) does not.
+
+    ``transformers``' ``mamba_selective_scan``: ``delta_bias.to(dt.dtype)``, the bias add and
+    softplus in Δ's dtype, ``B.float()`` and ``hidden_states.float()``, the state rounded to the
+    input dtype for the readout ``matmul(state.to(u.dtype), C)``, ``silu(z)`` in z's dtype.
+    ``mamba_ssm``'s scans compute in float32. (Under autocast the original's readout matmul runs
+    in the autocast dtype; its inputs are the autocast dtype there already, so the note on the
+    state's rounding covers it.)
+    """
+    lossy = []
+    if mamba_ssm:
+        if _bits(cdt) > _bits(torch.float32):
+            lossy.append("computes the whole scan in float32")
+    else:
+        if delta_bias is not None and _bits(delta_bias.dtype) > _bits(delta.dtype):
+            lossy.append(f"rounds the Δ bias to {_name(delta.dtype)}")
+        if _bits(delta.dtype) < _bits(cdt):
+            lossy.append(f"computes Δ (bias add, softplus) in {_name(delta.dtype)}")
+        narrowed = [n for n, t in (("B", B), ("u", u)) if _bits(t.dtype) > _bits(torch.float32)]
+        if narrowed:
+            lossy.append(f"rounds {' and '.join(narrowed)} to float32 (.float())")
+        state = _promote(u.dtype, A.dtype, delta.dtype, torch.float32)
+        if _bits(state) < _bits(cdt):
+            lossy.append(f"keeps the state in {_name(state)}")
+        if _bits(u.dtype) < _bits(state):
+            lossy.append(f"rounds the state to {_name(u.dtype)} for the readout C·h")
+        if z is not None and _bits(z.dtype) < _bits(cdt):
+            lossy.append(f"computes silu(z) in {_name(z.dtype)}")
+    if not lossy:
+        return None
+    return f"computes in {_name(cdt)} where {function} " + ", ".join(lossy)
 
 
 def _promote(*dtypes: torch.dtype) -> torch.dtype:
@@ -221,6 +279,9 @@ def _promote(*dtypes: torch.dtype) -> torch.dtype:
 def _make_wrapper(original: Callable[..., Any], params: tuple[str, ...], source: str, *, mamba_ssm: bool) -> Callable[..., Any]:
     names = params[: len(_MAMBA_PARAMS)]
     defaults = (None, None, None, False, False)
+    # "transformers' mamba_selective_scan": how the report names the function it replaced.
+    library = (getattr(original, "__module__", None) or source).split(".")[0]
+    function = f"{library}{chr(39) if library.endswith('s') else chr(39) + 's'} {getattr(original, '__name__', 'scan')}"
 
     def longctx_captured_selective_scan(*args: Any, **kwargs: Any) -> Any:
         if not torch.compiler.is_compiling():
@@ -240,7 +301,7 @@ def _make_wrapper(original: Callable[..., Any], params: tuple[str, ...], source:
         D, z, delta_bias, delta_softplus, return_last_state = (bound.get(n, dflt) for n, dflt in zip(names[5:], defaults))
         if not _supported(u, delta, A, B, C, D, z, delta_bias, mamba_ssm):
             return original(*args, **kwargs)
-        return _canonical(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state), source, mamba_ssm)
+        return _canonical(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state), source, mamba_ssm, function)
 
     longctx_captured_selective_scan.__name__ = WRAPPER_NAME
     longctx_captured_selective_scan.__qualname__ = WRAPPER_NAME
@@ -264,7 +325,7 @@ def _supported(u, delta, A, B, C, D, z, delta_bias, mamba_ssm: bool) -> bool:
     return B.dim() == C.dim()
 
 
-def _canonical(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool, source: str, mamba_ssm: bool):
+def _canonical(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return_last_state: bool, source: str, mamba_ssm: bool, function: str):
     tensors = [u, delta, A, B, C] + [t for t in (D, z, delta_bias) if t is not None]
     # At least the precision of the original: float64 if anything is float64, else float32.
     cdt = _promote(torch.float32, *(t.dtype for t in tensors))
@@ -280,7 +341,7 @@ def _canonical(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, return
             out_dtype = _promote(out_dtype, z.dtype)
         # The recurrent state: zeros(u.dtype) * exp(A·dt) + dt·B.float()·u.float().
         state_dtype = _promote(u.dtype, A.dtype, delta.dtype, torch.float32)
-    with _annotate(source):
+    with _annotate(source, _precision_note(u, delta, A, B, C, D, z, delta_bias, cdt, function, mamba_ssm)):
         y, final, _ = torch.ops.longctx.selective_scan_fwd.default(
             u.to(cdt), delta.to(cdt), A, B.to(cdt), C.to(cdt), D,
             None if z is None else z.to(cdt), delta_bias, delta_softplus, None, 0, "exact", 0,

@@ -34,17 +34,19 @@ import torch
 import torch.fx as fx
 
 # Importing the op module registers torch.ops.longctx.selective_scan_fwd/_bwd.
-from longctx_compiler.capture import WRAPPER_NAME, source_of
+from longctx_compiler.capture import WRAPPER_NAME, precision_of, source_of
 from longctx_compiler.kernels.selective_scan import op as _op  # noqa: F401
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.fx_utils import example_value
 from longctx_compiler.passes.registry import register_pass
 
-__all__ = ["AdjointShardedScanPass", "SCAN_OP", "RAISED_KEY"]
+__all__ = ["AdjointShardedScanPass", "SCAN_OP", "RAISED_KEY", "PRECISION_META"]
 
 SCAN_OP = torch.ops.longctx.selective_scan_fwd.default
 #: ``node.meta`` key the scan-raising pass sets on the nodes it creates (value: the HOP name).
 RAISED_KEY = "longctx_raised_from"
+#: ``node.meta`` key of a precision note set by the pass that created the node (the raising pass).
+PRECISION_META = "longctx_precision"
 
 # Argument positions in the op's schema.
 _U, _DELTA, _A, _B, _C, _D, _Z, _BIAS, _SOFTPLUS, _H0, _CHUNK, _MODE, _WINDOW = range(13)
@@ -76,6 +78,7 @@ class AdjointShardedScanPass(Pass):
             "dims": d.get("dims"),
             "saved_state": "M·B·D·N, M = ceil(T / chunk_size)",
             "saved_state_numbers": d.get("saved"),
+            **({"precision": d["precision"]} if d.get("precision") else {}),
         }
 
     # -- match ------------------------------------------------------------------------------
@@ -84,7 +87,10 @@ class AdjointShardedScanPass(Pass):
             if node.op == "call_function" and node.target is SCAN_OP:
                 source = _source(node)
                 _drop_wrapper_frames(node)
-                yield Match(anchor=node, nodes=[node], data={"source": source})
+                # Where the scan is more precise than what it replaced (a captured library
+                # function's casts, a raised scan body's narrowing readout): for the report.
+                precision = node.meta.get(PRECISION_META) or precision_of(node)
+                yield Match(anchor=node, nodes=[node], data={"source": source, "precision": precision})
 
     # -- check ------------------------------------------------------------------------------
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:

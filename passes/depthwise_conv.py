@@ -17,6 +17,11 @@ dtype's rule. The graph grows with K, never with T.
 
 Matched: ``conv1d`` with a ``[B, C, T]`` input, a ``[C, 1, K]`` weight and ``groups == C``
 (depthwise, one filter per channel), stride 1, dilation 1, integer padding, floating dtypes.
+
+Dtypes: 16-bit convolutions accumulate in float32 and round once, so the taps are summed in
+float32 for 16-bit data (float32/float64 data: in its own dtype). Under ``torch.autocast``
+(``conv1d`` is on its lower-precision list) the operands arrive in mixed dtypes; the rewrite
+casts them to the autocast dtype first, as autocast does, then accumulates the same way.
 Anything else (grouped or dense convolutions, strides, dilation, ``padding="same"``, K > 64)
 is left to the convolution kernel, with the reason in the report.
 """
@@ -31,7 +36,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.fx_utils import arg, example_value, insert_call
+from longctx_compiler.passes.fx_utils import arg, example_value, insert_call, propagate_example_value
 from longctx_compiler.passes.registry import register_pass
 
 __all__ = ["DepthwiseConvPass", "MAX_TAPS"]
@@ -51,6 +56,37 @@ def _single(value: Any, name: str) -> int:
     return value
 
 
+def _accumulation(dtype: torch.dtype) -> torch.dtype:
+    """What a convolution accumulates in: float32 for 16-bit data, else the data's dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _autocast_dtype(out: torch.Tensor, operands: list[torch.Tensor]) -> torch.dtype:
+    """The autocast dtype when mixed operand dtypes are autocast's casting of ``conv1d`` (on its
+    lower-precision list: eligible operands — floating, on the device, not float64 — cast to
+    the autocast dtype, the result in it); CantApply otherwise."""
+    device_type = out.device.type
+    what = f"input, weight and bias dtypes {sorted({str(t.dtype).replace('torch.', '') for t in operands})}"
+    if not torch.amp.is_autocast_available(device_type) or not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "aten::conv1d", "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    ):
+        raise CantApply(f"{what}: not autocast's casting of conv1d on {device_type}")
+    if out.dtype not in (torch.float16, torch.bfloat16):
+        raise CantApply(f"{what} with a {out.dtype} result: not an autocast lower-precision convolution")
+    for t in operands:
+        if t.dtype != out.dtype and (t.dtype == torch.float64 or t.device.type != device_type):
+            raise CantApply(f"{what}: an operand autocast would not cast")
+    return out.dtype
+
+
+def _to(graph: fx.Graph, x: Any, dtype: torch.dtype) -> Any:
+    if not isinstance(x, fx.Node) or example_value(x).dtype == dtype:
+        return x
+    node = graph.call_method("to", (x, dtype))
+    propagate_example_value(node)
+    return node
+
+
 @register_pass("rewrite", order=50)
 class DepthwiseConvPass(Pass):
     """Depthwise ``conv1d`` → shifted multiply-adds."""
@@ -59,7 +95,13 @@ class DepthwiseConvPass(Pass):
     kind = "depthwise conv1d -> shifted multiply-add"
 
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
-        return {"taps": match.data["taps"], "padding": match.data["padding"], "channels": match.data["channels"]}
+        d = match.data
+        extra = {}
+        if d.get("cast") is not None:
+            extra["autocast"] = f"operands cast to {str(d['cast']).replace('torch.', '')} as autocast casts conv1d"
+        if d.get("acc") is not None and d["acc"] != d["out_dtype"]:
+            extra["accumulation"] = f"taps summed in {str(d['acc']).replace('torch.', '')}, rounded once to {str(d['out_dtype']).replace('torch.', '')}"
+        return {"taps": d["taps"], "padding": d["padding"], "channels": d["channels"], **extra}
 
     def match(self, gm: fx.GraphModule, ctx: PassContext) -> Iterable[Match]:
         for node in gm.graph.nodes:
@@ -75,8 +117,14 @@ class DepthwiseConvPass(Pass):
             raise CantApply("unknown input or weight")
         if x.dim() != 3:
             raise CantApply(f"input has {x.dim()} dims; only batched [B, C, T] input is rewritten")
-        if not (x.dtype.is_floating_point and w.dtype == x.dtype and (b is None or b.dtype == x.dtype)):
-            raise CantApply("input, weight and bias must share one floating dtype")
+        out = example_value(node)
+        operands = [x, w] + ([b] if b is not None else [])
+        if not isinstance(out, torch.Tensor) or not all(t.dtype.is_floating_point for t in operands + [out]):
+            raise CantApply("input, weight and bias must be floating point")
+        cast = None
+        if {t.dtype for t in operands} != {out.dtype}:
+            cast = _autocast_dtype(out, operands)
+        match.data.update(cast=cast, out_dtype=out.dtype, acc=_accumulation(out.dtype))
         groups = _single(arg(node, 6, "groups", 1), "groups")
         channels = x.shape[1]
         if w.dim() != 3 or w.shape[1] != 1 or groups != channels or w.shape[0] != channels:
@@ -98,8 +146,15 @@ class DepthwiseConvPass(Pass):
         node = match.anchor
         x, w = arg(node, 0, "input"), arg(node, 1, "weight")
         taps, padding, bias = match.data["taps"], match.data["padding"], match.data["bias"]
+        cast, out_dtype, acc = match.data["cast"], match.data["out_dtype"], match.data["acc"]
         graph = gm.graph
         with graph.inserting_before(node):
+            if cast is not None:
+                # Autocast ran the convolution on its operands cast to its lower-precision
+                # dtype: the same roundings, explicit.
+                x, w, bias = (_to(graph, t, cast) for t in (x, w, bias))
+            # 16-bit convolutions accumulate in float32 and round once: so do the taps.
+            x, w, bias = (_to(graph, t, acc) for t in (x, w, bias))
             xp = insert_call(graph, torch.constant_pad_nd, (x, [padding, padding], 0.0)) if padding else x
             out = None
             for k in range(taps):
@@ -111,6 +166,7 @@ class DepthwiseConvPass(Pass):
                 out = term if out is None else insert_call(graph, operator.add, (out, term))
             if bias is not None:
                 out = insert_call(graph, operator.add, (out, insert_call(graph, operator.getitem, (bias, (_ALL, None)))))
+            out = _to(graph, out, out_dtype)
         out.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         node.replace_all_uses_with(out)
         graph.erase_node(node)

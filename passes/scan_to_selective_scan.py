@@ -52,6 +52,7 @@ with the reason: raising it would need the producers of those tensors, not the s
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -61,9 +62,9 @@ import torch.fx as fx
 
 # Importing the op module registers torch.ops.longctx.selective_scan_fwd/_bwd.
 from longctx_compiler.kernels.selective_scan import op as _op  # noqa: F401
-from longctx_compiler.passes.adjoint_sharded_scan import RAISED_KEY
+from longctx_compiler.passes.adjoint_sharded_scan import PRECISION_META, RAISED_KEY
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.fx_utils import example_value, getitem, insert_call, is_call
+from longctx_compiler.passes.fx_utils import example_value, getitem, insert_call, is_call, propagate_example_value
 from longctx_compiler.passes.registry import register_pass
 
 __all__ = ["ScanToSelectiveScanPass", "analyse_scan_body", "ScanPlan"]
@@ -76,7 +77,7 @@ _ADD = (operator.add, torch.add, "add")
 _SUB = (operator.sub, torch.sub, "sub")
 _NEG = (operator.neg, torch.neg, "neg")
 _IDENTITY = ("clone", torch.clone, "contiguous")
-_CASTS = ("to", "float", "double", "type_as")
+_CASTS = ("to", "float", "double", "half", "bfloat16", "type_as")
 _EXP = (torch.exp, "exp")
 _SUM = (torch.sum, "sum")
 _MATMUL = (operator.matmul, torch.matmul, "matmul")
@@ -195,8 +196,12 @@ def _linear_forms(body: fx.GraphModule, carry: fx.Node) -> dict[fx.Node, Any]:
             forms[node] = _Affine(_scale(f.a, -1), _scale(f.b, -1))
             continue
         if is_call(node, *_IDENTITY) or is_call(node, *_CASTS):
+            if not (isinstance(args[0], fx.Node) and args[0] in forms) or len(deps) != 1:
+                raise CantApply(f"body is not linear in the carry: {_fmt(node)} with the state as its second operand")
             src, dst = _dtype_of(args[0]), _dtype_of(node)
-            if src is not None and dst is not None and src != dst and torch.promote_types(src, dst) != dst:
+            # Rounding the state changes the recurrence; rounding the readout (the output
+            # only) is a lossy cast the op does not reproduce: more precise, and reported.
+            if isinstance(forms[args[0]], _Affine) and src is not None and dst is not None and src != dst and torch.promote_types(src, dst) != dst:
                 raise CantApply(f"the state is rounded from {src} to {dst} every step ({_fmt(node)})")
             forms[node] = forms[args[0]]
             continue
@@ -323,6 +328,13 @@ def _factors(node: Any, amap: tuple, out: list) -> None:
         x, m = view
         _factors(x, tuple(None if a is None else m[a] for a in amap), out)
         return
+    src = _dtype_cast_source(node)
+    if src is not None:
+        # A factor cast to another float dtype is the same factor to the op, which computes
+        # in its own dtype; what the cast rounded is reported (or refused when it widens
+        # beyond the op's dtype) by _body_precision.
+        _factors(src, amap, out)
+        return
     v = example_value(node)
     rank = v.dim() if isinstance(v, torch.Tensor) else 0
     labels: list[str | None] = [None] * rank
@@ -330,6 +342,22 @@ def _factors(node: Any, amap: tuple, out: list) -> None:
         if a is not None:
             labels[a] = _FRAME[frame_axis] if len(amap) == 3 else ("b", "d")[frame_axis]
     out.append((node, tuple(labels)))
+
+
+def _dtype_cast_source(node: fx.Node) -> fx.Node | None:
+    """``x`` when ``node`` only changes ``x``'s float dtype (``.float()``, ``.to(dtype)``, ...)."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if not is_call(node, *_CASTS):
+        return None
+    src, dst = example_value(node.args[0]), example_value(node)
+    if not (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)) or src.shape != dst.shape or src.device != dst.device:
+        return None
+    if not (src.dtype.is_floating_point and dst.dtype.is_floating_point):
+        return None
+    if is_call(node, "to") and (len(node.args) != 2 or not isinstance(node.args[1], torch.dtype)) and set(node.kwargs) - {"dtype"}:
+        return None
+    return node.args[0]
 
 
 def _static_one(s: Any) -> bool:
@@ -461,6 +489,60 @@ def analyse_scan_body(body: fx.GraphModule, n_init: int, n_xs: int) -> ScanPlan:
     return plan
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Ops that move or relabel numbers without rounding them (a view of a bfloat16 input is no
+# rounding; the arithmetic on it is).
+_NO_ROUNDING = {"getitem", "unsqueeze", "squeeze", "view", "reshape", "permute", "transpose", "expand", "contiguous", "clone", "detach", "select", "t", "movedim"}
+
+
+def _promote(*dtypes: torch.dtype) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _bits(dtype: torch.dtype) -> int:
+    return round(-math.log2(torch.finfo(dtype).eps))
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+
+def _body_precision(body: fx.GraphModule, cdt: torch.dtype) -> str | None:
+    """The report's note where the body computes in a narrower dtype than the op (``cdt``):
+    a readout summed with ``dtype=float32`` or cast down in a float64 body, 16-bit activations'
+    products, a readout ``matmul`` autocast runs in bfloat16. CantApply where it computes in a
+    *wider* one (``.double()``, ``sum(dtype=float64)`` in a float32 body): the op would be less
+    precise than the original."""
+    rounded: dict[str, torch.dtype] = {}
+    for n in body.graph.nodes:
+        if n.op not in ("call_function", "call_method"):
+            continue
+        v = example_value(n)
+        if not isinstance(v, torch.Tensor) or v.dtype not in _FLOATS:
+            continue
+        name = _op_name(n)
+        if _bits(v.dtype) > _bits(cdt):
+            raise CantApply(f"the body computes `{name}` in {str(v.dtype).replace('torch.', '')}, wider than the scan's "
+                            f"{str(cdt).replace('torch.', '')}: the selective scan would be less precise than the original")
+        if _bits(v.dtype) < _bits(cdt) and name not in _NO_ROUNDING:
+            rounded.setdefault(name, v.dtype)
+    if not rounded:
+        return None
+    what = ", ".join(f"`{k}` in {str(d).replace('torch.', '')}" for k, d in rounded.items())
+    return f"computes in {str(cdt).replace('torch.', '')} where the original body computed {what}"
+
+
+def _cast(graph: fx.Graph, x: fx.Node, dtype: torch.dtype | None) -> fx.Node:
+    if dtype is None or _dtype_of(x) == dtype:
+        return x
+    node = graph.call_method("to", (x, dtype))
+    propagate_example_value(node)
+    return node
+
+
 def _canonical_perm(labels: tuple[str, ...], order: tuple[str, ...], time_axis: bool) -> list[int]:
     """Permutation taking a tensor with axes ``[T?] + labels`` to ``order + [T?]``."""
     off = 1 if time_axis else 0
@@ -483,7 +565,12 @@ class ScanToSelectiveScanPass(Pass):
 
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
         p: ScanPlan = match.data["plan"]
-        return {"readout": p.has_y, "skip_D": p.D is not None, "chunk_size": "planned by adjoint_sharded_scan"}
+        precision = match.data.get("precision")
+        return {
+            "readout": p.has_y, "skip_D": p.D is not None, "chunk_size": "planned by adjoint_sharded_scan",
+            "compute_dtype": str(match.data["cdt"]).replace("torch.", ""),
+            **({"precision": precision} if precision else {}),
+        }
 
     def match(self, gm: fx.GraphModule, ctx: PassContext) -> Iterable[Match]:
         for node in gm.graph.nodes:
@@ -507,9 +594,15 @@ class ScanToSelectiveScanPass(Pass):
             tensors.append(xs[plan.C[0]])
         if plan.D is not None:
             tensors.append(extra[plan.D[0]])
-        dtypes = {_dtype_of(t) for t in tensors}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.float64):
-            raise CantApply(f"the scan's tensors have dtypes {sorted(str(d) for d in dtypes)}; the raise needs one float32 or float64 dtype (the op computes exactly in it)")
+        dtypes = [_dtype_of(t) for t in tensors]
+        if not all(d in _FLOATS for d in dtypes):
+            raise CantApply(f"the scan's tensors have dtypes {sorted({str(d) for d in dtypes})}; the selective scan is defined for real floating dtypes")
+        # The op computes in the promotion of its inputs and at least float32 (mamba's rule);
+        # activations of different dtypes are widened to their promotion first (exact).
+        acts = [xs[i] for i in (plan.delta[0], plan.u[0], plan.B[0])] + ([xs[plan.C[0]]] if plan.C is not None else [])
+        match.data["act_dtype"] = _promote(*(_dtype_of(t) for t in acts))
+        match.data["cdt"] = cdt = _promote(torch.float32, *dtypes)
+        match.data["precision"] = _body_precision(body, cdt)
         users = list(node.users)
         if not all(is_call(u, operator.getitem) and isinstance(u.args[1], int) for u in users):
             raise CantApply("the scan's result is used other than by indexing its outputs")
@@ -522,9 +615,12 @@ class ScanToSelectiveScanPass(Pass):
         xs, extra = outer["xs"], outer["extra"]
         graph = gm.graph
 
+        act = match.data["act_dtype"]
+
         def scanned(entry, order):
             idx, labels = entry
-            return insert_call(graph, torch.permute, (xs[idx], _canonical_perm(labels, order, True)))
+            x = insert_call(graph, torch.permute, (xs[idx], _canonical_perm(labels, order, True)))
+            return _cast(graph, x, act)  # widening only: the activations' promotion
 
         with graph.inserting_before(node):
             u = scanned(plan.u, ("b", "d"))
@@ -538,11 +634,17 @@ class ScanToSelectiveScanPass(Pass):
             D = extra[plan.D[0]] if plan.D is not None else None
             res = insert_call(graph, torch.ops.longctx.selective_scan_fwd.default, (u, delta, A, Bm, Cm, D, None, None, False, outer["init"][0], 0, "exact", 0))
             res.meta[RAISED_KEY] = match.data["hop"]
-            final = getitem(graph, res, 1)
+            if match.data.get("precision"):
+                res.meta[PRECISION_META] = match.data["precision"]
+            # The outputs keep the original's dtypes (a body that rounds its readout, or runs
+            # it under autocast, returns y in that dtype): same graph downstream, and the op's
+            # extra precision is in the value only.
+            want = {user.args[1]: _dtype_of(user) for user in node.users}
+            final = _cast(graph, getitem(graph, res, 1), want.get(0))
             ys = None
             if plan.has_y:
                 y = getitem(graph, res, 0)
-                ys = insert_call(graph, torch.permute, (y, [2, 0, 1]))
+                ys = _cast(graph, insert_call(graph, torch.permute, (y, [2, 0, 1])), want.get(1))
         for user in list(node.users):
             target = final if user.args[1] == 0 else ys
             user.replace_all_uses_with(target)

@@ -40,6 +40,7 @@ in float64 and its loss is cast to the original (float32) loss dtype.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Iterable
 
@@ -107,6 +108,8 @@ class TiledLMLossPass(Pass):
             "logits_kept": d.get("logits_kept"),
             "shift_slice": any(kind == "index" for _, kind in d.get("steps", ())),
             "saved": "h, weight, bias, labels, lse [N]",
+            **({"autocast": f"head in {_name(d['autocast'])} (operands cast as autocast casts linear), loss in float32"} if d.get("autocast") else {}),
+            **({"precision": d["precision"]} if d.get("precision") else {}),
         }
 
     # -- match ------------------------------------------------------------------------------
@@ -188,6 +191,7 @@ class TiledLMLossPass(Pass):
             prev = out
 
         _check_no_inplace(head)
+        d["precision"] = _precision(ce, head, d["steps"])
         d["removed"] = _removable(ce, [n for n, _ in reversed(d["steps"])] + [head])
         d["logits_kept"] = head not in d["removed"]
         # The report's "nodes replaced": what actually disappears.
@@ -228,9 +232,7 @@ class TiledLMLossPass(Pass):
             raise CantApply(f"the hidden states have non-float dtype {hv.dtype}")
         if hv.dim() < 2 or wv.dim() != 2:
             raise CantApply(f"the head is not [.., H] x [V, H] (got {hv.dim()}-D hidden states, {wv.dim()}-D weight)")
-        dtypes = {hv.dtype, wv.dtype, outv.dtype} | ({bv.dtype} if b is not None else set())
-        if len(dtypes) != 1:
-            raise CantApply(f"mixed dtypes in the LM head ({sorted(map(str, dtypes))}): autocast or a cast inside the head")
+        d["autocast"] = _autocast_dtype(head, outv, [hv, wv] + ([bv] if b is not None else []))
         V, H = (wv.shape[1], wv.shape[0]) if wt is not None else (wv.shape[0], wv.shape[1])
         if isinstance(V, torch.SymInt) or isinstance(H, torch.SymInt):
             raise CantApply("the vocabulary or hidden size is dynamic")
@@ -249,10 +251,15 @@ class TiledLMLossPass(Pass):
         with graph.inserting_before(ce):
             weight = d["weight"] if d["weight"] is not None else insert_call(graph, torch.t, (d["weight_t"],))
             h = _replay(graph, d["h"], d["steps"], d["H"])
+            bias = d["bias"]
+            if d["autocast"] is not None:
+                # Autocast ran the head in its lower-precision dtype: the same casts, explicit,
+                # so the op computes what the original did whatever the ambient autocast state.
+                h, weight, bias = (_cast(graph, x, d["autocast"]) for x in (h, weight, bias))
             logits = None
             if d["logits_kept"]:
                 logits = _replay(graph, insert_call(graph, torch.detach, (head,)), d["steps"], d["V"])
-            res = insert_call(graph, OP, (h, weight, d["bias"], d["labels"], logits, d["ignore_index"], d["reduction"], _chunk(ctx)))
+            res = insert_call(graph, OP, (h, weight, bias, d["labels"], logits, d["ignore_index"], d["reduction"], _chunk(ctx)))
             loss = getitem(graph, res, 0)
             want = example_value(ce)
             if isinstance(want, torch.Tensor) and example_value(loss).dtype != want.dtype:
@@ -266,6 +273,80 @@ class TiledLMLossPass(Pass):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _bits(dtype: torch.dtype) -> int:
+    """Mantissa bits: the order "more precise than" among float dtypes (bf16 < fp16 < fp32 < fp64)."""
+    return round(-math.log2(torch.finfo(dtype).eps))
+
+
+def _autocast_dtype(head: fx.Node, out: torch.Tensor, operands: list[torch.Tensor]) -> torch.dtype | None:
+    """None when the head computes in its operands' one dtype; the autocast dtype when its
+    dtypes are autocast's casting of a ``linear``/``matmul`` (CantApply otherwise).
+
+    Autocast (torch.amp) puts ``linear`` and ``matmul`` on its lower-precision list: every
+    eligible operand (floating point, on the autocast device, not float64) is cast to the
+    autocast dtype and the result comes out in it. Mixed operand dtypes reach a traced head only
+    that way (``linear`` refuses them otherwise), and the head's recorded output dtype says which.
+    """
+    dtypes = {t.dtype for t in operands}
+    if dtypes == {out.dtype}:
+        return None
+    what = f"mixed dtypes in the LM head ({', '.join(sorted(_name(x) for x in dtypes | {out.dtype}))})"
+    device_type = out.device.type
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type) if torch.amp.is_autocast_available(device_type) else None
+    aten = "aten::linear" if is_call(head, *_LINEAR) else "aten::matmul"
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(aten, key):
+        raise CantApply(f"{what}: not autocast's casting of {aten} on {device_type}")
+    if out.dtype not in (torch.float16, torch.bfloat16):
+        raise CantApply(f"{what}: the head's result is {_name(out.dtype)}, not an autocast lower-precision dtype")
+    for t in operands:
+        if t.dtype != out.dtype and not (t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type):
+            raise CantApply(f"{what}: an operand in {_name(t.dtype)} is not one autocast casts to {_name(out.dtype)}")
+    return out.dtype
+
+
+def _precision(ce: fx.Node, head: fx.Node, steps: list[tuple[fx.Node, str]]) -> str | None:
+    """The report's note when the op is more precise than the original (None when it is as
+    precise); CantApply when the original is *more* precise than the op would be.
+
+    The op computes the head's logits in the head's dtype (as the original, autocast
+    included), then the log-softmax and the loss in its accumulation dtype (float32; float64
+    for float64 logits). The original rounds the logits to every cast's dtype on the way to the
+    loss, and ``cross_entropy`` computes in its own result's dtype (float32 under autocast,
+    which has it on its float32 list).
+    """
+    from longctx_compiler.kernels.linear_cross_entropy.reference import accumulation_dtype
+
+    acc = accumulation_dtype(example_value(head).dtype)
+    rounded = [(node, example_value(node).dtype) for node, kind in steps if kind == "cast"]
+    loss_dtype = example_value(ce).dtype
+    for node, dt in rounded + [(ce, loss_dtype)]:
+        if _bits(dt) > _bits(acc):
+            where = f"the logits are cast up to {_name(dt)} ({node.name})" if node is not ce else f"cross_entropy computes in {_name(dt)}"
+            raise CantApply(f"{where}: the tiled loss accumulates in {_name(acc)} and would be less precise than the original")
+    notes = []
+    for node, dt in rounded:
+        if _bits(dt) < _bits(acc):
+            what = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+            notes.append(f"the original rounded the logits to {_name(dt)} (`.{what}()`, {node.name})")
+    if _bits(loss_dtype) < _bits(acc):
+        notes.append(f"the original computed cross_entropy in {_name(loss_dtype)}")
+    if not notes:
+        return None
+    return f"computes in {_name(acc)} where " + "; ".join(notes)
+
+
+def _cast(graph: fx.Graph, x: fx.Node | None, dtype: torch.dtype) -> fx.Node | None:
+    if x is None or example_value(x).dtype == dtype:
+        return x
+    node = graph.call_method("to", (x, dtype))
+    propagate_example_value(node)
+    return node
+
+
 def _chunk(ctx: PassContext) -> int:
     """The op's tile argument: the configured rows, or 0 (automatic, see ``tile_rows``)."""
     return ctx.config.lm_loss.chunk_size or 0

@@ -83,6 +83,46 @@ def _backward(ctx, dloss, dlse):
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+# -- autocast ----------------------------------------------------------------------------------
+# Under ``torch.autocast`` the op takes the dtypes the original ops would: ``linear`` is on
+# autocast's lower-precision list (its floating operands are cast to the autocast dtype, the
+# logits come out in it) and ``cross_entropy`` on its float32 list — which is what the op does
+# with 16-bit inputs anyway (tile logits upcast to float32, float32 accumulation). So the forward's
+# autocast kernel casts ``h``, ``weight`` and ``bias`` as autocast casts a ``linear``'s operands
+# (floating point, on the autocast device, not float64: autocast's eligibility rule) and runs
+# the op with autocast off; the backward op only runs with autocast off. Inside the op nothing
+# is autocast again: its numerics depend on its input dtypes alone, whatever the ambient state.
+_lib = torch.library.Library("longctx", "FRAGMENT")  # noqa: TOR901 - kept alive with the module
+AUTOCAST_DEVICE_TYPES = tuple(d for d in ("cpu", "cuda", "xpu", "mps") if torch.amp.is_autocast_available(d))
+
+
+def autocast_eligible(t: object, device_type: str) -> bool:
+    """Whether autocast would cast ``t`` (torch.amp's rule: floating point, on the autocast
+    device type, not float64)."""
+    return isinstance(t, Tensor) and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64
+
+
+def _autocast_kernel(op, device_type: str, cast: tuple[int, ...]):
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def kernel(_keyset, *args):
+        if cast:
+            dtype = torch.get_autocast_dtype(device_type)
+            args = tuple(a.to(dtype) if i in cast and autocast_eligible(a, device_type) else a for i, a in enumerate(args))
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op(*args)
+
+    return kernel, key
+
+
+for _device_type in AUTOCAST_DEVICE_TYPES:
+    # fwd: h, weight, bias are the linear's operands (positions 0-2); labels and the given
+    # logits (already the linear's output, in the autocast dtype) are left alone.
+    _lib.impl("linear_cross_entropy_fwd", *_autocast_kernel(torch.ops.longctx.linear_cross_entropy_fwd.default, _device_type, (0, 1, 2)), with_keyset=True)
+    _lib.impl("linear_cross_entropy_bwd", *_autocast_kernel(torch.ops.longctx.linear_cross_entropy_bwd.default, _device_type, ()), with_keyset=True)
+
+
 def linear_cross_entropy(
     h: Tensor,
     weight: Tensor,
@@ -98,7 +138,9 @@ def linear_cross_entropy(
 
     Args:
         h: ``[N, H]`` hidden states (fp16, bf16, fp32 or fp64), one row per token.
-        weight: ``[V, H]`` the head, same dtype as ``h``; bias: ``[V]`` or None.
+        weight: ``[V, H]`` the head, same dtype as ``h``; bias: ``[V]`` or None. Under
+            ``torch.autocast`` they may differ: they are cast as autocast casts a ``linear``'s
+            operands, and the logits are computed in the autocast dtype.
         labels: ``[N]`` int64; tokens whose label is ``ignore_index`` contribute nothing.
         logits: optional ``[N, V]`` already-computed ``F.linear(h, weight, bias)`` (e.g. a
             model that also returns them): used for the forward value only (detached here),
@@ -111,8 +153,12 @@ def linear_cross_entropy(
     Returns:
         the scalar loss in float32 (float64 for float64 inputs). Differentiable in ``h``,
         ``weight`` and ``bias``.
+
+    Under ``torch.autocast`` this is ``cross_entropy(linear(h, weight, bias), labels)`` as
+    autocast runs it: the linear in the autocast dtype, the loss in float32.
     """
-    validate_arguments(h, weight, bias, labels, logits, ignore_index, reduction, chunk_size, "linear_cross_entropy")
+    validate_arguments(h, weight, bias, labels, logits, ignore_index, reduction, chunk_size, "linear_cross_entropy",
+                       autocast=torch.is_autocast_enabled(h.device.type) and h.device.type in AUTOCAST_DEVICE_TYPES)
     if logits is not None:
         logits = logits.detach()
     return linear_cross_entropy_fwd(h, weight, bias, labels, logits, ignore_index, reduction, AUTO if chunk_size is None else chunk_size)[0]

@@ -31,15 +31,20 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def validate_arguments(
     h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, logits: Tensor | None,
-    ignore_index: int, reduction: str, chunk_size: int | None, name: str,
+    ignore_index: int, reduction: str, chunk_size: int | None, name: str, *, autocast: bool = False,
 ) -> None:
-    """Raise ``TypeError``/``ValueError`` with a remedy when the arguments do not fit the layout."""
+    """Raise ``TypeError``/``ValueError`` with a remedy when the arguments do not fit the layout.
+
+    ``autocast``: an autocast region is active on ``h``'s device, so ``h``, ``weight`` and
+    ``bias`` may come in different float dtypes (the op casts them, as autocast casts a
+    ``linear``'s operands).
+    """
     for arg_name, t in (("h", h), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: {arg_name} must be a torch.Tensor, got {type(t).__name__}")
     if h.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: h has dtype {h.dtype}; use float16, bfloat16, float32 or float64")
-    if weight.dtype != h.dtype:
+    if weight.dtype != h.dtype and not (autocast and weight.dtype in _FLOAT_DTYPES):
         raise TypeError(f"{name}: weight ({weight.dtype}) and h ({h.dtype}) must share one dtype, as F.linear requires")
     if h.dim() != 2:
         raise ValueError(f"{name}: h must be 2-D [tokens, hidden], got shape {tuple(h.shape)}; flatten it with h.reshape(-1, H)")
@@ -51,7 +56,7 @@ def validate_arguments(
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"{name}: bias must be a Tensor or None, got {type(bias).__name__}")
-        if bias.dtype != h.dtype or tuple(bias.shape) != (V,):
+        if (bias.dtype != h.dtype and not (autocast and bias.dtype in _FLOAT_DTYPES)) or tuple(bias.shape) != (V,):
             raise ValueError(f"{name}: bias must be [V] = [{V}] in {h.dtype}, got {tuple(bias.shape)} in {bias.dtype}")
     if labels.dtype != torch.int64:
         raise TypeError(f"{name}: labels must be int64 class indices, got {labels.dtype}; soft (probability) targets are not supported")

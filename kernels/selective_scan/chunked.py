@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ._args import as_grouped, compute_dtype, validate
 
-__all__ = ["selective_scan_chunked_fwd", "selective_scan_chunked_bwd", "MODES", "GROUP_TOKENS", "SUB_CHUNK"]
+__all__ = ["selective_scan_chunked_fwd", "selective_scan_chunked_bwd", "chunk_scan", "MODES", "GROUP_TOKENS", "SUB_CHUNK"]
 
 #: Gradient modes: ``"exact"`` (the true gradient) and ``"truncated"`` (the paper's windowed
 #: adjoint, an approximation that must be asked for by name).
@@ -172,6 +172,76 @@ def _sub_chunk(chunk: int, dstate: int) -> int:
     return best if best >= target // 4 else chunk
 
 
+def chunk_scan(decay: torch.Tensor, x: torch.Tensor, init: torch.Tensor | None = None, *, reverse: bool = False) -> torch.Tensor:
+    """The length-M linear recurrence across chunks, ``[B, D, M, N]`` in and out, in about
+    ``2·√M`` Python steps instead of M.
+
+    Forward: ``H_m = decay_m ⊙ H_{m-1} + x_m`` with ``H_{-1} = init`` (zero if None); returns
+    every ``H_m``. Reverse: ``R_m = x_m + decay_m ⊙ R_{m+1}`` with ``R_M = init``; returns
+    every ``R_m``.
+
+    The chunks are cut into blocks of ``S = ⌈√M⌉``: one sweep of S steps runs every block's
+    local scan at once (from zero) and the running product of its decays, one sweep over the
+    ``⌈M/S⌉`` blocks links them, and ``H = local + Π decay ⊙ H_entering`` fills in the rest —
+    the sub-chunk scheme of the sweeps, applied to the chunk boundaries. Products only, no
+    division: a decay that underflows to 0 stays the right value. A per-chunk Python loop
+    would make a small chunk size (1–3 tokens: M = T) cost one interpreter round trip per
+    token; this one costs ``2·√T``.
+    """
+    if reverse:
+        flip = lambda t: t.flip(2)  # noqa: E731
+        return flip(chunk_scan(flip(decay), flip(x), init))
+    bsz, dim, m, n = x.shape
+    if init is None:
+        init = x.new_zeros((bsz, dim, n))
+    if m <= 4:
+        out = torch.empty_like(x)
+        carry = init
+        for j in range(m):
+            carry = torch.addcmul(x[:, :, j], decay[:, :, j], carry)
+            out[:, :, j] = carry
+        return out
+    size = math.isqrt(m - 1) + 1
+    nb = -(-m // size)
+    pad = nb * size - m
+    # Padding: identity steps (decay 1, input 0) at the end.
+    dec = F.pad(decay, (0, 0, 0, pad), value=1.0).view(bsz, dim, nb, size, n)
+    xs = F.pad(x, (0, 0, 0, pad)).view(bsz, dim, nb, size, n)
+    local = torch.empty_like(xs)
+    prod = torch.empty_like(dec)
+    h, p = xs[:, :, :, 0], dec[:, :, :, 0]
+    local[:, :, :, 0], prod[:, :, :, 0] = h, p
+    for s in range(1, size):
+        h = torch.addcmul(xs[:, :, :, s], dec[:, :, :, s], h)
+        p = p * dec[:, :, :, s]
+        local[:, :, :, s], prod[:, :, :, s] = h, p
+    entering = torch.empty((bsz, dim, nb, n), dtype=x.dtype, device=x.device)
+    carry = init
+    for b in range(nb):
+        entering[:, :, b] = carry
+        carry = torch.addcmul(local[:, :, b, -1], prod[:, :, b, -1], carry)
+    out = local.addcmul_(prod, entering[:, :, :, None]).view(bsz, dim, nb * size, n)
+    return out[:, :, :m].contiguous() if pad else out
+
+
+#: Above this many sub-chunks in a group, the scans linking them use :func:`chunk_scan`
+#: (``2·√J`` torch calls) instead of one in-place call per sub-chunk: only small chunk sizes
+#: (``P = Q`` of a few tokens) give a group that many.
+LINK_LOOP_MAX = 32
+
+
+def _link_(x: torch.Tensor, decay: torch.Tensor, init: torch.Tensor, *, reverse: bool = False) -> None:
+    """In place, ``x_j ← x_j + decay_j ⊙ x_{j∓1}`` along dim 2 from ``init`` (the scan linking a
+    group's sub-chunks: their local end states, or their local adjoints in reverse)."""
+    if x.shape[2] > LINK_LOOP_MAX:
+        x.copy_(chunk_scan(decay, x, init, reverse=reverse))
+        return
+    carry = init
+    idx = range(x.shape[2] - 1, -1, -1) if reverse else range(x.shape[2])
+    for j in idx:
+        carry = x[:, :, j].addcmul_(decay[:, :, j], carry)
+
+
 def _groups(seqlen: int, chunk: int, per_group: int) -> list[tuple[int, int, int, int]]:
     """``(c0, c1, t0, t1)`` of every group: chunks ``[c0, c1)``, tokens ``[t0, t1)``."""
     nchunks = math.ceil(seqlen / chunk)
@@ -256,14 +326,13 @@ def selective_scan_chunked_fwd(
         # torch call per sub-chunk). Chunk ends are sub-chunk ends (P divides Q; the last
         # sub-chunk ends the last chunk, padded or not).
         enter = carry
-        for hj, pj in zip(h.unbind(2), decay.unbind(2)):
-            carry = hj.addcmul_(pj, carry)
+        _link_(h, decay, enter)
         ends = list(range(per - 1, lay.J, per))
         if not ends or ends[-1] != lay.J - 1:
             ends.append(lay.J - 1)
         boundary[:, :, c0:c1] = h[:, :, ends]
         carry = boundary[:, :, c1 - 1]
-        del hj, pj, decay  # (loop variables are views: they would keep the buffers alive)
+        del decay
         # Sweep 2: true states from each sub-chunk's entering state; emit y.
         h = torch.cat([enter[:, :, None], h[:, :, :-1]], dim=2)
         CQ = lay.steps_bc(Cg[..., t0:t1], cdt)
@@ -507,23 +576,20 @@ def selective_scan_chunked_bwd(
             state = torch.zeros_like(nxt) if h0c is None else h0c
         else:
             state = boundary_states[:, :, c0 - 1].to(cdt)
-        H_end = h  # H_j = P_j · H_{j-1} + h_local_j, in place (one torch call per sub-chunk)
-        enter = state
-        for hj, pj in zip(H_end.unbind(2), decay.unbind(2)):
-            state = hj.addcmul_(pj, state)
-        H_in = torch.cat([enter[:, :, None], H_end[:, :, :-1]], dim=2)
-        del h, hj, pj, state, enter
+        H_end = h  # H_j = P_j · H_{j-1} + h_local_j, in place
+        _link_(H_end, decay, state)
+        H_in = torch.cat([state[:, :, None], H_end[:, :, :-1]], dim=2)
+        del h, state
 
         # Reverse scan over the group's sub-chunks: ν_j = carry entering sub-chunk j from the
         # right, ν_{j-1} = L_j + P_j ν_j, starting from the group's right neighbour (ν = 0
         # after the last token: the final-state cotangent is injected at T-1). In place, L_j
         # becomes ν_{j-1}.
         nu_last = nxt
-        for Lj, pj in zip(reversed(L.unbind(2)), reversed(decay.unbind(2))):
-            nxt = Lj.addcmul_(pj, nxt)
-        del Lj, pj, decay
+        _link_(L, decay, nu_last, reverse=True)
+        del decay
         nu = torch.cat([L[:, :, 1:], nu_last[:, :, None]], dim=2)
-        nxt = nxt.clone()  # ν_{-1} of the group, handed on: not a view of the group's L
+        nxt = L[:, :, 0].clone()  # ν_{-1} of the group, handed on: not a view of the group's L
         del L, nu_last
 
         # Sub-chunk-end terms: z at the position after sub-chunk j is ν_j ⊙ H_end_j; r (below)
@@ -534,30 +600,35 @@ def selective_scan_chunked_bwd(
         del z_end, H_end
 
         # Sweep F (forward): true states from H_in; emit y (for dz), dC, and the forward half
-        # of the log-decay telescoping: e_q = Σ_n A v h (per position, kept for Sweep R) and
-        # Σ_q S_q v h (for dA).
+        # of the log-decay telescoping, v_q ⊙ ā_q h_{q-1} (README.md, "no cancellation"):
+        # e_q = Σ_n A v ā h_{q-1} (per position, kept for Sweep R) and Σ_q S_q v ā h_{q-1}
+        # (for dA).
         h = H_in
         del H_in
         yQ, eQ, dCQ = torch.empty_like(dtQ), torch.empty_like(dtQ), torch.empty_like(CQ)
         ys, es, dCs = yQ.unbind(0), eQ.unbind(0), dCQ.unbind(0)
         S = torch.zeros_like(dt4[0])
         for q in range(P):
-            h = step(q, h)
+            Cq = lay.expand(Cs[q])
+            ah = (dt4[q] * Ar).exp_().mul_(h)  # ā_q h_{q-1}
+            h = torch.addcmul(ah, du_in(q), lay.expand(Bs[q]))
             S = S + dt4[q]
             lay.reduce_into(g4[q] * h, dCs[q])
-            hC = h * lay.expand(Cs[q])
+            hC = h * Cq
             torch.sum(hC, -1, out=ys[q])
-            vh = adjoint_input(q, hC, h)  # in hC's buffer
             del hC
-            acc_dA.addcmul_(S, vh)
-            torch.sum(vh.mul_(Ar), -1, out=es[q])
-            del vh
-        del h
+            vah = adjoint_input(q, ah * Cq, ah)  # v ⊙ ā h_{q-1}, in the buffer of ā h ⊙ C
+            del ah
+            acc_dA.addcmul_(S, vah)
+            torch.sum(vah.mul_(Ar), -1, out=es[q])
+            del vah
+        del h, Cq
         lay.write_bc(dCg[..., t0:t1], dCQ)
         del dCQ, dCs
 
         # Sweep R (reverse, true adjoint): μ from ν; emit du, dΔ, dB and the reverse half of
-        # the telescoping, r = Σ_n A_n z_{q,n}. du overwrites Δ and dΔ overwrites e at each
+        # the telescoping, ā_{q+1} μ_{q+1} ⊙ b_q (the carry entering q from the right, times
+        # b_q), giving r = Σ_n A_n z_{q,n}. du overwrites Δ and dΔ overwrites e at each
         # position once they are consumed. (In-place updates keep ~4 [B, D, J, N] alive.)
         carry = nu
         del nu
@@ -565,17 +636,17 @@ def selective_scan_chunked_bwd(
         dBs = dBQ.unbind(0)
         after = torch.zeros_like(S_end)  # Σ_{j > q} Δ_j
         for q in reversed(range(P)):
-            mu = adjoint_input(q, carry)
+            Bq = lay.expand(Bs[q])
             du_q = du_in(q)
             S = S_end - after
             after = after + dt4[q]
+            cb = (carry * Bq).mul_(du_q)  # ā_{q+1} μ_{q+1} ⊙ b_q
+            acc_dA.addcmul_(S, cb, value=-1)
+            r.add_(es[q]).sub_(cb.mul_(Ar).sum(-1))
+            del cb
+            mu = adjoint_input(q, carry)
             carry = (dt4[q] * Ar).exp_().mul_(mu)
-            mub = mu * lay.expand(Bs[q])
-            muB = mub.sum(-1)
-            mub.mul_(du_q)  # μ ⊙ b
-            acc_dA.addcmul_(S, mub, value=-1)
-            r.add_(es[q]).sub_(mub.mul_(Ar).sum(-1))
-            del mub
+            muB = (mu * Bq).sum(-1)
             torch.addcmul(r, muB, us[q], out=es[q])  # dΔ = r + u Σ_n μ B
             torch.mul(muB, dts[q], out=dts[q])  # du (state part) = Δ Σ_n μ B
             lay.reduce_into(mu.mul_(du_q), dBs[q])
@@ -583,7 +654,7 @@ def selective_scan_chunked_bwd(
         dA.add_(acc_dA.sum((0, 2)))
         lay.write_bc(dBg[..., t0:t1], dBQ)
         duQ, ddtQ = dtQ, eQ
-        del du_q, carry, acc_dA, r, dBQ, dBs, BQ, Bs, S, S_end, after, dt4, dts, es, dtQ, eQ
+        del du_q, Bq, carry, acc_dA, r, dBQ, dBs, BQ, Bs, S, S_end, after, dt4, dts, es, dtQ, eQ
         if truncated:
             del gshQ, CshQ, wQ, w4, gsh4, Cshs
 

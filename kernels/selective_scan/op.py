@@ -184,3 +184,31 @@ def _backward(ctx, dy, dfinal, _dboundary):
 
 
 selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- autocast ----------------------------------------------------------------------------------
+# The scan computes in the promotion of its inputs' dtypes and at least float32 (mamba's rule),
+# which is also what the reference does under ``torch.autocast``: its ops (exp, softplus, sums)
+# are on no lower-precision list, and float32/float64 operands are left as they are. So under
+# autocast the ops take their inputs as they come and run with autocast off: nothing inside
+# (the CPU path's torch ops, the CUDA path's torch glue around the Triton kernels) is recast by
+# the ambient autocast state. A model that feeds the scan autocast's bfloat16 activations gets
+# its float32 compute and the output in the activations' dtype, as in eager.
+_lib = torch.library.Library("longctx", "FRAGMENT")  # noqa: TOR901 - kept alive with the module
+AUTOCAST_DEVICE_TYPES = tuple(d for d in ("cpu", "cuda", "xpu", "mps") if torch.amp.is_autocast_available(d))
+
+
+def _autocast_off(op, device_type: str):
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type)))
+
+    def kernel(_keyset, *args):
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op(*args)
+
+    return kernel
+
+
+for _device_type in AUTOCAST_DEVICE_TYPES:
+    _key = "Autocast" + torch._C._dispatch_key_for_device(_device_type)
+    _lib.impl("selective_scan_fwd", _autocast_off(torch.ops.longctx.selective_scan_fwd.default, _device_type), _key, with_keyset=True)
+    _lib.impl("selective_scan_bwd", _autocast_off(torch.ops.longctx.selective_scan_bwd.default, _device_type), _key, with_keyset=True)

@@ -3,7 +3,8 @@
 One program per (batch b, block of BLOCK_D channels, chunk m); chunks run in parallel on
 the grid, each program walks its chunk's Q positions sequentially with the state
 ``[BLOCK_D, N]`` in registers. The length-M scans across chunk boundaries (forward states,
-reverse adjoint carries) run in torch between kernel launches. The schedule is the one of
+reverse adjoint carries) run in torch between kernel launches (``chunked.chunk_scan``: about
+``2·√M`` torch steps, so a chunk size of a few tokens does not mean one step per token). The schedule is the one of
 ``chunked.py`` (see README.md):
 
 * forward: ``_fwd_local`` (chunk-local end states) → torch boundary scan → ``_fwd_out`` (y).
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._args import as_grouped, compute_dtype, validate
-from .chunked import MODES
+from .chunked import MODES, chunk_scan
 
 __all__ = ["selective_scan_triton_fwd", "selective_scan_triton_bwd"]
 
@@ -115,7 +116,8 @@ def _bwd_forward_sweep(dt_ptr, u_ptr, B_ptr, C_ptr, A_ptr, hin_ptr, g_ptr, S_ptr
                        D, G, N, T, M, Q, rep, W, NDB,
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TRUNC: tl.constexpr):
     """Recompute h; emit y (pre-gate, no D term), dC partial sums over this channel block,
-    e_t = Σ_n A v_t h_t and Σ_t S_t v_t h_t (forward half of the log-decay telescoping)."""
+    e_t = Σ_n A v_t ā_t h_{t-1} and Σ_t S_t v_t ā_t h_{t-1} (forward half of the log-decay
+    telescoping)."""
     pid_b, pid_d, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d, n, mask_d, mask_dn, row, grow = _offsets(pid_b, pid_d, D, G, N, T, rep, BLOCK_D, BLOCK_N)
     A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0)
@@ -135,13 +137,16 @@ def _bwd_forward_sweep(dt_ptr, u_ptr, B_ptr, C_ptr, A_ptr, hin_ptr, g_ptr, S_ptr
         S = tl.load(S_ptr + row + t, mask=md, other=0.0)
         Bv = tl.load(B_ptr + grow + t, mask=mdn, other=0.0)
         Cv = tl.load(C_ptr + grow + t, mask=mdn, other=0.0)
-        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bv
+        ah = tl.exp(dt[:, None] * A) * h  # ā_t h_{t-1}
+        h = ah + (dt * u)[:, None] * Bv
         tl.store(y_ptr + row + t, tl.sum(h * Cv, axis=1), mask=md)
         tl.store(dCp_ptr + prow + t, tl.sum(tl.where(mask_dn, g[:, None] * h, 0.0), axis=0), mask=(n < N) & (n * 0 + t < T))
         v = _adjoint_input(t, row, grow, md, mdn, A, Cv, g, dfin, w_ptr, gsh_ptr, Csh_ptr, T, W, TRUNC)
-        vh = tl.where(mdn, v * h, 0.0)
-        tl.store(e_ptr + row + t, tl.sum(vh * A, axis=1), mask=md)
-        acc += S[:, None] * vh
+        # Forward half of z_t − z_{t+1} = v_t ā_t h_{t-1} − ā_{t+1} μ_{t+1} b_t: no O(1) terms
+        # cancel however fast the decay (README.md, "no cancellation").
+        vah = tl.where(mdn, v * ah, 0.0)
+        tl.store(e_ptr + row + t, tl.sum(vah * A, axis=1), mask=md)
+        acc += S[:, None] * vah
     tl.store(accA_ptr + st, acc, mask=mask_dn)
 
 
@@ -176,7 +181,7 @@ def _bwd_reverse_sweep(dt_ptr, u_ptr, B_ptr, C_ptr, A_ptr, nu_ptr, hend_ptr, g_p
                        D, G, N, T, M, Q, rep, W, NDB,
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TRUNC: tl.constexpr):
     """True adjoint μ from the carry ν_m; emit du (state part), dΔ, dB partial sums, and
-    subtract Σ_t S_t μ_t b_t (reverse half of the telescoping) from the dA partial."""
+    subtract Σ_t S_t ā_{t+1} μ_{t+1} b_t (reverse half of the telescoping) from the dA partial."""
     pid_b, pid_d, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d, n, mask_d, mask_dn, row, grow = _offsets(pid_b, pid_d, D, G, N, T, rep, BLOCK_D, BLOCK_N)
     A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0)
@@ -201,14 +206,15 @@ def _bwd_reverse_sweep(dt_ptr, u_ptr, B_ptr, C_ptr, A_ptr, nu_ptr, hend_ptr, g_p
         Bv = tl.load(B_ptr + grow + t, mask=mdn, other=0.0)
         Cv = tl.load(C_ptr + grow + t, mask=mdn, other=0.0)
         v = _adjoint_input(t, row, grow, md, mdn, A, Cv, g, dfin, w_ptr, gsh_ptr, Csh_ptr, T, W, TRUNC)
+        # Reverse half: the carry entering t from the right (ā_{t+1} μ_{t+1}) times b_t.
+        cb = tl.where(mask_dn, carry * (dt * u)[:, None] * Bv, 0.0)
         mu = tl.where(mask_dn, v + carry, 0.0)
-        mub = mu * (dt * u)[:, None] * Bv
-        r = r + e - tl.sum(mub * A, axis=1)
+        r = r + e - tl.sum(cb * A, axis=1)
         muB = tl.sum(mu * Bv, axis=1)
         tl.store(ddt_ptr + row + t, r + muB * u, mask=md)
         tl.store(du_ptr + row + t, muB * dt, mask=md)
         tl.store(dBp_ptr + prow + t, tl.sum(mu * (dt * u)[:, None], axis=0), mask=(n < N) & (n * 0 + t < T))
-        acc -= S[:, None] * mub
+        acc -= S[:, None] * cb
         carry = tl.exp(dt[:, None] * A) * mu
     tl.store(accA_ptr + st, acc, mask=mask_dn)
 
@@ -266,11 +272,8 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None
     hloc = torch.empty(d.batch, d.dim, p.M, d.dstate, dtype=p.cdt, device=u.device)
     _fwd_local[p.grid](p.dt, p.u, p.B, p.A, hloc, *p.sizes(), BLOCK_D=p.BLOCK_D, BLOCK_N=p.BLOCK_N)
     decay = torch.exp(_chunk_sums(p)[..., None] * p.A[None, :, None, :])
-    boundary = torch.empty_like(hloc)
-    carry = torch.zeros_like(hloc[:, :, 0]) if p.h0 is None else p.h0
-    for m in range(p.M):
-        carry = decay[:, :, m] * carry + hloc[:, :, m]
-        boundary[:, :, m] = carry
+    # H_m = decay_m H_{m-1} + hloc_m in ~2·√M torch steps (a chunk size of 1 makes M = T).
+    boundary = chunk_scan(decay, hloc, p.h0)
     y = torch.empty_like(p.u)
     _fwd_out[p.grid](p.dt, p.u, p.B, p.C, p.A, p.entering_states(boundary), y, *p.sizes(), BLOCK_D=p.BLOCK_D, BLOCK_N=p.BLOCK_N)
     if D is not None:
@@ -328,12 +331,10 @@ def selective_scan_triton_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplu
     L = torch.empty_like(accA)
     _bwd_local_reverse[p.grid](p.dt, p.C, p.A, g, dfin, w, gsh, Csh, L, D_, G_, N_, T_, M_, Q_, rep, W, **kw)
     decay = torch.exp(_chunk_sums(p)[..., None] * p.A[None, :, None, :])
-    nu = torch.empty_like(L)
-    nxt = torch.zeros_like(L[:, :, 0])
-    for m in reversed(range(M)):
-        nu[:, :, m] = nxt
-        nxt = L[:, :, m] + decay[:, :, m] * nxt
-    dh0 = nxt
+    # R_m = L_m + decay_m R_{m+1} (R_M = 0): ν_m = R_{m+1} enters chunk m from the right, dh0 = R_0.
+    R = chunk_scan(decay, L, reverse=True)
+    nu = torch.cat([R[:, :, 1:], torch.zeros_like(R[:, :, :1])], dim=2).contiguous()
+    dh0 = R[:, :, 0]
     du = torch.empty_like(p.u)
     ddt = torch.empty_like(p.u)
     dBp = torch.empty_like(dCp)

@@ -200,3 +200,111 @@ def test_associative_scan_combine_is_analysed_and_refused():
     assert "is the affine composition" in _associative_reason(affine)
     nonlinear = fx.symbolic_trace(lambda al, bl, ar, br: (al * ar, torch.tanh(ar * bl + br)))
     assert "not linear" in _associative_reason(nonlinear)
+
+
+def _readout_body(A, Dp, readout):
+    """A selective-scan body whose readout is spelled ``readout`` (a lossy cast, a wider
+    sum, ...); everything else is the accepted recurrence."""
+
+    def body(h, x):
+        dt, Bt, ut, Ct = x
+        h = torch.exp(dt[..., None] * A) * h + (dt * ut)[..., None] * Bt[:, None, :]
+        prod = h * Ct[:, None, :]
+        if readout == "sum_dtype_float32":
+            y = prod.sum(-1, dtype=torch.float32)
+        elif readout == "float":
+            y = prod.sum(-1).float()
+        elif readout == "sum_dtype_float64":
+            y = prod.sum(-1, dtype=torch.float64)
+        elif readout == "double_state":
+            y = (h.double() * Ct[:, None, :]).sum(-1)
+        else:
+            y = prod.sum(-1)
+        return h, y + (Dp * ut).to(y.dtype)
+
+    def f(dt, Bm, u, Cm, h0):
+        return scan(body, h0, (dt, Bm, u, Cm), dim=1)
+
+    return f
+
+
+@pytest.mark.parametrize("readout, op", [("sum_dtype_float32", "sum"), ("float", "float")])
+def test_a_readout_rounded_down_is_computed_in_float64_and_reported(readout, op):
+    # Issue 14: a float64 body whose readout is summed with dtype=float32 (or cast down) is
+    # computed in float64 by the op. Its outputs keep the original's dtypes (float32 ys), the
+    # values are the float64 ones rounded once, and the report says so per site.
+    A, Dp = params()
+    f, exact = _readout_body(A, Dp, readout), _readout_body(A, Dp, "plain")
+    opt = optimized(f)
+    ins = inputs(11, 3)
+    final, ys = opt(*ins)
+    ref_final, ref_ys = f(*ins)
+    assert ys.dtype == ref_ys.dtype == torch.float32 and final.dtype == torch.float64
+    ex_final, ex_ys = exact(*ins)
+    assert relative_error(ys, ex_ys.float()) <= EXACT_RTOL and relative_error(final, ex_final) <= EXACT_RTOL
+    assert relative_error(ys, ref_ys) <= 1e-6  # the original, float32-rounded readout
+    w = make_tensor(ys.shape, seed=5)
+    got = torch.autograd.grad((ys.double() * w).sum(), ins + [A, Dp])
+    want = torch.autograd.grad((ex_ys * w.float().double()).sum(), ins + [A, Dp])
+    for g, r in zip(got, want):
+        assert relative_error(g, r, scale=1e-12) <= EXACT_RTOL
+    report = opt.report
+    note = f"computes in float64 where the original body computed `{op}` in float32"
+    assert report.count("scan_to_selective_scan") == 1 and report.count("adjoint_sharded_scan") == 1
+    assert all(note in r.details["precision"] for r in report.rewrites if r.pass_name.endswith("scan")), report.rewrites
+    assert note in str(report)
+
+
+@pytest.mark.parametrize("readout", ["sum_dtype_float64", "double_state"])
+def test_a_readout_wider_than_the_scan_is_refused(readout):
+    # A float32 body that sums its readout in float64: the op (float32) would be less precise.
+    A, Dp = (t.detach().float().requires_grad_() for t in params())
+    f = _readout_body(A, Dp, readout)
+    opt = optimized(f)
+    ins = [x.detach().float().requires_grad_() for x in inputs(7, 1)]
+    with torch.no_grad():
+        for r, g in zip(f(*ins), opt(*ins)):
+            assert r.dtype == g.dtype and relative_error(g, r) <= 1e-12
+    assert opt.report.count("scan_to_selective_scan") == 0
+    (refusal,) = opt.report.refusals
+    assert "wider than the scan's float32" in refusal.reason and "less precise" in refusal.reason
+
+
+def test_autocast_matmul_readout_and_bfloat16_activations_are_raised_within_the_dtype_rule():
+    # Under torch.autocast the readout matmul runs in bfloat16 and an input projection gives a
+    # bfloat16 u next to float32 Δ, B, C: the op widens the activations (exact), computes in
+    # float32, returns y in the original's bfloat16 and says where it is more precise; its error
+    # against float64 is within 2x plain PyTorch's autocast error, outputs and every gradient.
+    def make(dtype):
+        A, _ = params()
+        A = A.detach().to(dtype).requires_grad_()
+        W = make_tensor((D_, D_), seed=11, dtype=dtype).requires_grad_()
+        body_fn = selective_scan_fn(A, None, "matmul")
+
+        def f(dt, Bm, u, Cm, h0):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return body_fn(dt, Bm, u @ W, Cm, h0)
+
+        return f, [A, W]
+
+    f64, p64 = make(torch.float64)
+    f32, p32 = make(torch.float32)
+    opt = optimized(f32)
+    ins64 = inputs(13, 4)
+    ins32 = [x.detach().float().requires_grad_() for x in ins64]
+    weights = [make_tensor((B_, D_, N_), seed=9), make_tensor((B_, 13, D_), seed=10)]
+
+    def run(fn, ins, params):
+        outs = fn(*ins)
+        loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, ins + params))
+
+    ref, base, got = run(f64, ins64, p64), run(f32, ins32, p32), run(opt, ins32, p32)
+    assert [t.dtype for t in got[:2]] == [t.dtype for t in base[:2]] == [torch.float32, torch.bfloat16]
+    for name, r, b, g in zip(["final", "ys", "dt", "B", "u", "C", "h0", "A", "W"], ref, base, got):
+        assert relative_error(g, r) <= 2 * relative_error(b, r) + 4 * torch.finfo(torch.float32).eps, name
+    report = opt.report
+    assert report.count("scan_to_selective_scan") == 1 and report.count("adjoint_sharded_scan") == 1
+    rw = next(r for r in report.rewrites if r.pass_name == "scan_to_selective_scan")
+    assert rw.details["compute_dtype"] == "float32"
+    assert "`matmul` in bfloat16" in rw.details["precision"]

@@ -309,20 +309,104 @@ def test_refusals_leave_the_loss_alone_with_the_reason(case):
     assert len(refusals) == 1 and reason in refusals[0].reason, [r.reason for r in om.report.refusals]
 
 
-def test_autocast_head_is_refused():
-    eager, cand = pair(PlainLoss, False, "mean", torch.float32)
+@pytest.mark.parametrize("where", ["inside", "outside"])
+@pytest.mark.parametrize("module", ["plain", "hf"])
+def test_autocast_head_is_rewritten_within_the_dtype_rule(where, module):
+    # Under torch.autocast (HF Trainer's bf16=True) the head runs in bfloat16 on float32
+    # operands and the loss in float32 (cross_entropy is on autocast's float32 list). The op
+    # takes the same dtypes (explicit casts of h, W, b to bfloat16; float32 accumulation): loss
+    # and every gradient within 2x plain PyTorch's autocast error against float64. Autocast
+    # entered inside the compiled function (enter/exit nodes in the graph) or around it.
+    torch.manual_seed(0)
+    make = (lambda dt: PlainLoss(True, "mean", dt)) if module == "plain" else (lambda dt: HFStyleLoss("float", return_logits=True, dtype=dt))
+    reference, baseline, cand = make(torch.float64), make(torch.float32), make(torch.float32)
+    baseline.load_state_dict(reference.state_dict())
+    cand.load_state_dict(reference.state_dict())
 
-    def run(m):
+    def autocast(m):
         def f(h, labels):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return m(h, labels)
         return f
 
-    om = lc.optimize(run(cand), backend="aot_eager", strict=True)
-    h, labels = inputs(2, 9, 4, dtype=torch.float32)
-    torch.testing.assert_close(om(h, labels), run(eager)(h, labels))
+    if where == "inside":
+        om = lc.optimize(autocast(cand), backend="aot_eager", strict=True, lm_loss={"chunk_size": 4})
+        compiled = om
+    else:
+        om = opt(cand, chunk=4)
+        compiled = autocast(om)
+
+    def run(m, h, y):  # the candidate's parameters are cand's; it runs compiled (float64 is never autocast)
+        return compiled(h, y) if m is cand else autocast(m)(h, y)
+
+    h, labels = inputs(2, 21, 4, dtype=torch.float32)
+    assert_gradients_match(reference, cand, [h, labels], loss_fn=first, baseline=baseline, call=run)
+    assert om.report.count(PASS) == 1
+    rw = om.report.rewrites[0]
+    assert "bfloat16" in rw.details["autocast"] and "precision" not in rw.details
+    assert not [r for r in om.report.refusals if r.pass_name == PASS]
+
+
+PRECISION_CASES = {
+    # name: (model dtype, cast between head and loss, expected note)
+    "float64 .float()": (torch.float64, "float", "computes in float64 where the original rounded the logits to float32 (`.float()`"),
+    "float64 .half()": (torch.float64, "half", "computes in float64 where the original rounded the logits to float16 (`.half()`"),
+    "float64 .bfloat16()": (torch.float64, "bfloat16", "computes in float64 where the original rounded the logits to bfloat16 (`.bfloat16()`"),
+    "float32 .half()": (torch.float32, "half", "computes in float32 where the original rounded the logits to float16"),
+    "bfloat16, no upcast": (torch.bfloat16, None, "computes in float32 where the original computed cross_entropy in bfloat16"),
+}
+
+
+class CastHead(torch.nn.Module):
+    def __init__(self, dtype, cast):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(H, V, bias=False, dtype=dtype)
+        self.cast = cast
+
+    def forward(self, h, labels):
+        logits = self.lm_head(h)
+        if self.cast is not None:
+            logits = getattr(logits, self.cast)()
+        return F.cross_entropy(logits.view(-1, V), labels.view(-1))
+
+
+@pytest.mark.parametrize("case", sorted(PRECISION_CASES))
+def test_a_lossy_cast_the_op_does_not_reproduce_is_in_the_report(case):
+    # Between the head and the loss the original rounds the logits (or computes the loss in 16
+    # bits); the op computes in its accumulation dtype instead — more precise, by design, and
+    # said per site: details["precision"] and the report's table. The value is the exact
+    # loss in that dtype, returned in the original's dtype.
+    dtype, cast, note = PRECISION_CASES[case]
+    eager, cand = pair(CastHead, dtype, cast)
+    exact = CastHead(torch.float64, None)
+    exact.load_state_dict({k: v.double() for k, v in eager.state_dict().items()})
+    om = opt(cand)
+    h, labels = inputs(2, 11, 2, dtype=dtype)
+    out = om(h, labels)
+    assert out.dtype == eager(h, labels).dtype
+    assert om.report.count(PASS) == 1
+    rw = om.report.rewrites[0]
+    assert rw.details["precision"].startswith(note), rw.details["precision"]
+    assert note in str(om.report)
+    if dtype == torch.float64:
+        # exactly the float64 loss without the cast, rounded once to the original's dtype
+        g = torch.autograd.grad(out, [cand.lm_head.weight])[0]
+        want = exact(h.detach(), labels)
+        assert relative_error(out, want) <= 2 * torch.finfo(out.dtype).eps
+        g_want = torch.autograd.grad(want, [exact.lm_head.weight])[0]
+        assert relative_error(g, g_want) <= (EXACT_RTOL if out.dtype == torch.float32 or cast is None else 2 * torch.finfo(out.dtype).eps)
+
+
+def test_a_cast_up_beyond_the_op_accumulation_is_refused():
+    # float32 logits cast up to float64 before the loss: the original's log-softmax is float64,
+    # the op would accumulate in float32 (less precise): refused with the reason.
+    eager, cand = pair(CastHead, torch.float32, "double")
+    om = opt(cand)
+    h, labels = inputs(2, 7, 1, dtype=torch.float32)
+    torch.testing.assert_close(om(h, labels), eager(h, labels))
     assert om.report.count(PASS) == 0
-    assert any("mixed dtypes" in r.reason for r in om.report.refusals if r.pass_name == PASS)
+    (refusal,) = [r for r in om.report.refusals if r.pass_name == PASS]
+    assert "cast up to float64" in refusal.reason and "less precise" in refusal.reason
 
 
 def test_other_losses_are_not_matched():
