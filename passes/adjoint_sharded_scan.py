@@ -23,7 +23,10 @@ user planned by hand keeps the user's plan).
 The report's ``kind`` says where the node came from: ``"transformers mamba scan ->
 selective_scan(adjoint-sharded)"`` for a captured library function (read from the node's
 provenance, see :func:`longctx_compiler.capture.source_of`), ``"scan -> ..."`` for a raised
-``scan`` higher-order op, ``"selective_scan -> ..."`` for a node emitted by a model.
+``scan`` higher-order op, ``"selective_scan -> ..."`` for a node emitted by a model. Where the
+op computes more precisely than what it replaced (the library function's ``.float()`` or
+16-bit steps, a raised body's rounded readout), ``details["precision"]`` says so (from
+:func:`longctx_compiler.capture.precision_of` or the raising pass).
 """
 
 from __future__ import annotations

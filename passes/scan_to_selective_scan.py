@@ -34,7 +34,16 @@ The number of nodes added is fixed: the graph never grows with T.
    (``(h * C).sum(-1)`` or ``(h @ C[..., None]).squeeze(-1)``), optionally ``+ D ⊙ u_t`` with
    D ``[D]`` constant and u the same input as in b. Returning the per-step states themselves
    is refused: that output *is* the O(T·D·N) tensor.
-4. One ``[B, D, N]`` carry, at most one per-step output, one floating dtype throughout.
+4. One ``[B, D, N]`` carry, at most one per-step output, real floating dtypes. The op
+   computes in the promotion of its tensors and at least float32 (activations of different
+   dtypes are widened to their promotion, exactly). Every body value must be computed in at
+   most that dtype (a readout summed in float64 in a float32 body is refused: the op would be
+   less precise); where the body computes in a narrower one — a readout rounded down
+   (``.sum(-1, dtype=float32)``, ``.float()`` in a float64 body), 16-bit products, a readout
+   ``matmul`` autocast runs in bfloat16 — the op is more precise than the original, its
+   outputs keep the original's dtypes, and ``details["precision"]`` says what the original
+   rounded. Rounding the *state* (``h.float()`` in a float64 body) changes the recurrence and
+   stays refused.
 
 Linear bodies that are not expressible (a precomputed or constant decay, a time-varying A,
 an extra factor in b, ...) are refused with the precise reason.
@@ -340,8 +349,19 @@ def _factors(node: Any, amap: tuple, out: list) -> None:
     labels: list[str | None] = [None] * rank
     for frame_axis, a in enumerate(amap):
         if a is not None:
+            if not 0 <= a < rank:
+                raise CantApply(f"{_fmt(node)} does not line up with the [batch, channel, state] frame (broadcast axis {a} of a {rank}-D value)")
             labels[a] = _FRAME[frame_axis] if len(amap) == 3 else ("b", "d")[frame_axis]
     out.append((node, tuple(labels)))
+
+
+def _frame_map(node: Any, frame_rank: int = 3) -> tuple:
+    """The axis map of a value broadcast against the ``frame_rank``-D frame (aligned from the
+    right, as broadcasting aligns): frame axis i -> the value's axis, or None."""
+    v = example_value(node)
+    rank = v.dim() if isinstance(v, torch.Tensor) else 0
+    shift = frame_rank - rank
+    return tuple(None if i < shift else i - shift for i in range(frame_rank))
 
 
 def _dtype_cast_source(node: fx.Node) -> fx.Node | None:
@@ -422,7 +442,7 @@ def analyse_scan_body(body: fx.GraphModule, n_init: int, n_xs: int) -> ScanPlan:
             base = _view_map(base)[0]
         raise CantApply(f"the decay a in h' = a·h + b is {roles.describe(base)}, not exp(Δ·A) (a precomputed or constant decay has no [D, N] A)")
     arg_factors: list = []
-    _factors(dec.args[0], (0, 1, 2), arg_factors)
+    _factors(dec.args[0], _frame_map(dec.args[0]), arg_factors)
     if len(arg_factors) != 2:
         raise CantApply(f"the decay's exponent is a product of {len(arg_factors)} factors, not Δ·A")
     scanned = [f for f in arg_factors if isinstance(f[0], fx.Node) and f[0] in roles.xs]
@@ -443,7 +463,7 @@ def analyse_scan_body(body: fx.GraphModule, n_init: int, n_xs: int) -> ScanPlan:
         raise CantApply(f"the input term b in h' = a·h + b is {'missing' if not fc.b else 'a sum of several terms'}, not Δ·B·u")
     b_factors: list = []
     for f in fc.b[0]:
-        _factors(f, (0, 1, 2), b_factors)
+        _factors(f, _frame_map(f), b_factors)
     if len(b_factors) != 3:
         raise CantApply(f"the input term b is a product of {len(b_factors)} factors ({', '.join(roles.describe(f[0]) for f in b_factors)}), not Δ·B·u")
     d_in_b = [f for f in b_factors if f[0] is d_entry[0] and f[1] == d_entry[1]]
@@ -477,7 +497,7 @@ def analyse_scan_body(body: fx.GraphModule, n_init: int, n_xs: int) -> ScanPlan:
             raise CantApply("the per-step output adds several terms to the readout; only D·u is supported")
         if fy.extra:
             d_factors: list = []
-            _factors(fy.extra[0], (0, 1), d_factors)
+            _factors(fy.extra[0], _frame_map(fy.extra[0], 2), d_factors)
             if len(d_factors) != 2:
                 raise CantApply("the term added to the readout is not D·u")
             u_like = [f for f in d_factors if f[0] is b_d[0][0]]

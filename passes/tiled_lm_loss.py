@@ -29,13 +29,27 @@ by a division (``num_items_in_batch``) keeps the division in the graph.
 What makes the rewrite exact (refused otherwise, with the reason): plain class-index targets
 (int64), no class weights, ``label_smoothing == 0``, reduction ``"mean"`` or ``"sum"``,
 nothing else between the head and the loss (a soft-capping ``tanh``, a scale, a mask...),
-the logits never modified in place, ``h``/``W``/bias of one float dtype equal to the head's
-output dtype (so no autocast region), a static vocabulary and hidden size.
+the logits never modified in place, ``h``/``W``/bias in the head's dtype or in dtypes that
+autocast casts to it (below), no cast up beyond the op's accumulation dtype (a float32 model
+whose logits are cast to float64 before the loss: the op would be less precise), a static
+vocabulary and hidden size.
 
-Precision: the op computes each tile's logits with ``F.linear`` in the input dtype, then in
-float32 (float64 for float64 inputs) — at least the precision of ``.float()`` followed by the
-loss; for a float64 model whose ``.float()`` rounds the logits *down* to float32 the op stays
-in float64 and its loss is cast to the original (float32) loss dtype.
+Autocast (``torch.autocast``, e.g. Hugging Face Trainer's ``bf16=True``): ``linear`` and
+``matmul`` are on autocast's lower-precision list, so the head runs in bfloat16 on float32
+operands (the recorded output dtype says so), and ``cross_entropy`` is on its float32 list.
+The rewrite casts ``h``, ``W`` and the bias to the head's dtype explicitly, as autocast
+casts them (only mixed dtypes that autocast explains are accepted: an autocast kernel for the
+head's aten op on that device, a 16-bit result, eligible operands), and the op accumulates in
+float32 — the original's dtypes, whatever the ambient autocast state when the graph runs
+(``details["autocast"]``).
+
+Precision: the op computes each tile's logits with ``F.linear`` in the head's dtype, then the
+log-sum-exp and the loss in float32 (float64 for float64 logits) — at least the precision of
+the original. Where the original rounds on the way — a float64 model's ``.float()``,
+``.half()`` or ``.bfloat16()``, or ``cross_entropy`` computed on 16-bit logits — the op stays
+in its wider dtype and returns the loss in the original's dtype; the rewrite records it in
+``details["precision"]`` ("computes in float64 where the original rounded the logits to
+float16 (`.half()`, ...)"), which the report's table shows next to the rewrite.
 """
 
 from __future__ import annotations
