@@ -39,6 +39,7 @@ from longctx_compiler.passes.fx_utils import example_value
 from longctx_compiler.passes.recompute_ssm_blocks import find_scan_blocks
 from longctx_compiler.passes.registry import register_pass
 from longctx_compiler.passes.sequence_window import SCAN, CarrySite, WindowAnalysis, analyse_window
+from longctx_compiler.runtime.autocast import current_autocast
 
 __all__ = ["AdjointShardedBlocksPass", "BLOCK_OP", "sequence_block_plan"]
 
@@ -92,6 +93,7 @@ def sequence_block_plan(gm: fx.GraphModule, match: Match, window: WindowAnalysis
         attentions=sum(v for k, v in counts.items() if k != SCAN),
         host_inputs=tuple(example_value(a).dim() if host_inputs and a in window.input_dims else 0 for a in tensors),
         host_budget=host_budget,
+        autocast=current_autocast(),
     )
     return register_plan(plan), tensors, sizes
 

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from longctx_compiler.runtime.autocast import AUTOCAST_DEVICE_TYPES, autocast_cast, register_autocast
+
 from longctx_compiler.runtime.host_pool import get_default_pool
 
 from .chunked import CUDA_AUTO_CHUNK, auto_chunk_size, check_arguments, chunked_attention_backward, chunked_attention_forward, out_like
@@ -302,42 +304,10 @@ chunked_attention_fwd_offload.register_autograd(_backward_fwd_offload, setup_con
 
 
 # ---------------------------------------------------------------------------- autocast
-def _autocast_cast(x, device_type: str, dtype: torch.dtype):
-    # autocast's own rule for its lower-precision ops (SDPA among them): floating tensors on
-    # the autocast device, float64 excepted, go to the autocast dtype; nothing else changes.
-    if isinstance(x, Tensor) and x.is_floating_point() and x.device.type == device_type and x.dtype != torch.float64:
-        return x.to(dtype)
-    return x
-
-
-def _register_autocast(opdef, lib: torch.library.Library) -> None:
-    """An Autocast kernel per device type that reads the autocast dtype when it runs.
-
-    ``torch.library.register_autocast`` fixes the target dtype at registration; autocast
-    regions choose theirs (bf16 or fp16), so this kernel asks ``torch.get_autocast_dtype``.
-    It casts, then calls the op again below the Autocast key (autograd records the casts, so
-    gradients flow back to the uncast inputs in their own dtypes).
-    """
-    name = opdef._name if hasattr(opdef, "_name") else opdef.__name__
-    overload = opdef._opoverload
-    for device_type in ("cpu", "cuda"):
-        if not torch.amp.is_autocast_available(device_type):
-            continue
-        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-        def kernel(_keyset, *args, _device_type=device_type, _excluded=keyset, **kwargs):
-            dtype = torch.get_autocast_dtype(_device_type)
-            cast = [_autocast_cast(a, _device_type, dtype) for a in args]
-            with torch._C._ExcludeDispatchKeyGuard(_excluded):
-                return overload(*cast, **kwargs)
-
-        lib.impl(name, kernel, key, with_keyset=True)
-
-
+# SDPA is on autocast's lower-precision list: every floating input is cast (float64 excepted).
 _AUTOCAST_LIB = torch.library.Library("longctx", "FRAGMENT")
-_register_autocast(chunked_attention_fwd, _AUTOCAST_LIB)
-_register_autocast(chunked_attention_fwd_offload, _AUTOCAST_LIB)
+register_autocast(_AUTOCAST_LIB, "chunked_attention_fwd", chunked_attention_fwd._opoverload, cast="all")
+register_autocast(_AUTOCAST_LIB, "chunked_attention_fwd_offload", chunked_attention_fwd_offload._opoverload, cast="all")
 
 
 # ---------------------------------------------------------------------------- public API
@@ -372,11 +342,10 @@ def chunked_attention(
     """
     if not isinstance(offload, bool):
         raise TypeError(f"chunked_attention: offload must be a bool, got {type(offload).__name__}")
-    if isinstance(q, Tensor) and torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
+    if isinstance(q, Tensor) and q.device.type in AUTOCAST_DEVICE_TYPES:
         # What the op's Autocast kernel does, done first so the arguments are checked as the
         # op will see them (q/k/v of different dtypes are fine under autocast, as for SDPA).
-        dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = (_autocast_cast(t, q.device.type, dtype) for t in (q, k, v))
+        q, k, v = autocast_cast((q, k, v), q.device.type)
     scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention")
     if host_pool_bytes is not None and (isinstance(host_pool_bytes, bool) or not isinstance(host_pool_bytes, int) or host_pool_bytes < 0):
         raise ValueError(f"chunked_attention: host_pool_bytes must be a non-negative int or None, got {host_pool_bytes!r}")

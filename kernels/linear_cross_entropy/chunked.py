@@ -72,10 +72,15 @@ def linear_cross_entropy_forward(
         z = logits[s:e].to(acc) if logits is not None else _tile_logits(h, weight, bias, s, e, acc)
         y = labels[s:e]
         valid = y != ignore_index
-        lse_t = torch.logsumexp(z, dim=-1)
-        target = z.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
-        total += torch.where(valid, lse_t - target, 0).sum(dtype=torch.float64)
-        lse[s:e] = lse_t
+        # The loss as log_softmax computes it: log Σ exp(z − m) − (z_y − m) with m the row max.
+        # (lse − z_y would cancel where z_y is the max and the loss ≪ lse.)
+        m = z.amax(dim=-1, keepdim=True)
+        m = torch.where(m.isfinite(), m, 0)  # an all -inf row: lse -inf, as logsumexp gives
+        shifted = z - m
+        log_s = shifted.exp().sum(dim=-1).log()
+        target = shifted.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
+        total += torch.where(valid, log_s - target, 0).sum(dtype=torch.float64)
+        lse[s:e] = log_s + m.squeeze(1)
     if reduction == "mean":
         # 0 / 0 = NaN when every label is ignored, as F.cross_entropy gives.
         total = total / (labels != ignore_index).sum()

@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from longctx_compiler.runtime.autocast import AUTOCAST_DEVICE_TYPES, register_autocast
+
 from .chunked import AUTO, linear_cross_entropy_backward, linear_cross_entropy_forward
 from .reference import accumulation_dtype, validate_arguments
 
@@ -93,34 +95,10 @@ linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
 # the op with autocast off; the backward op only runs with autocast off. Inside the op nothing
 # is autocast again: its numerics depend on its input dtypes alone, whatever the ambient state.
 _lib = torch.library.Library("longctx", "FRAGMENT")  # noqa: TOR901 - kept alive with the module
-AUTOCAST_DEVICE_TYPES = tuple(d for d in ("cpu", "cuda", "xpu", "mps") if torch.amp.is_autocast_available(d))
-
-
-def autocast_eligible(t: object, device_type: str) -> bool:
-    """Whether autocast would cast ``t`` (torch.amp's rule: floating point, on the autocast
-    device type, not float64)."""
-    return isinstance(t, Tensor) and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64
-
-
-def _autocast_kernel(op, device_type: str, cast: tuple[int, ...]):
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-    def kernel(_keyset, *args):
-        if cast:
-            dtype = torch.get_autocast_dtype(device_type)
-            args = tuple(a.to(dtype) if i in cast and autocast_eligible(a, device_type) else a for i, a in enumerate(args))
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return op(*args)
-
-    return kernel, key
-
-
-for _device_type in AUTOCAST_DEVICE_TYPES:
-    # fwd: h, weight, bias are the linear's operands (positions 0-2); labels and the given
-    # logits (already the linear's output, in the autocast dtype) are left alone.
-    _lib.impl("linear_cross_entropy_fwd", *_autocast_kernel(torch.ops.longctx.linear_cross_entropy_fwd.default, _device_type, (0, 1, 2)), with_keyset=True)
-    _lib.impl("linear_cross_entropy_bwd", *_autocast_kernel(torch.ops.longctx.linear_cross_entropy_bwd.default, _device_type, ()), with_keyset=True)
+# fwd: h, weight, bias are the linear's operands (positions 0-2); labels and the given logits
+# (already the linear's output, in the autocast dtype) are left alone.
+register_autocast(_lib, "linear_cross_entropy_fwd", torch.ops.longctx.linear_cross_entropy_fwd.default, cast=(0, 1, 2))
+register_autocast(_lib, "linear_cross_entropy_bwd", torch.ops.longctx.linear_cross_entropy_bwd.default)
 
 
 def linear_cross_entropy(

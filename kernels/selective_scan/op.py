@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from longctx_compiler.runtime.autocast import register_autocast
+
 from ._args import compute_dtype
 from .chunked import selective_scan_chunked_bwd, selective_scan_chunked_fwd
 
@@ -195,20 +197,5 @@ selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 # the ambient autocast state. A model that feeds the scan autocast's bfloat16 activations gets
 # its float32 compute and the output in the activations' dtype, as in eager.
 _lib = torch.library.Library("longctx", "FRAGMENT")  # noqa: TOR901 - kept alive with the module
-AUTOCAST_DEVICE_TYPES = tuple(d for d in ("cpu", "cuda", "xpu", "mps") if torch.amp.is_autocast_available(d))
-
-
-def _autocast_off(op, device_type: str):
-    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type)))
-
-    def kernel(_keyset, *args):
-        with torch._C._ExcludeDispatchKeyGuard(keyset):
-            return op(*args)
-
-    return kernel
-
-
-for _device_type in AUTOCAST_DEVICE_TYPES:
-    _key = "Autocast" + torch._C._dispatch_key_for_device(_device_type)
-    _lib.impl("selective_scan_fwd", _autocast_off(torch.ops.longctx.selective_scan_fwd.default, _device_type), _key, with_keyset=True)
-    _lib.impl("selective_scan_bwd", _autocast_off(torch.ops.longctx.selective_scan_bwd.default, _device_type), _key, with_keyset=True)
+register_autocast(_lib, "selective_scan_fwd", torch.ops.longctx.selective_scan_fwd.default)
+register_autocast(_lib, "selective_scan_bwd", torch.ops.longctx.selective_scan_bwd.default)

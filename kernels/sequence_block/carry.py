@@ -31,6 +31,7 @@ from longctx_compiler.kernels.attention import op as _attention_op  # noqa: F401
 from longctx_compiler.kernels.attention.chunked import chunked_attention_backward, chunked_attention_forward, merge_partial
 from longctx_compiler.kernels.attention.reference import accumulation_dtype
 from longctx_compiler.kernels.selective_scan import op as _scan_op  # noqa: F401
+from longctx_compiler.runtime.autocast import AUTOCAST_DEVICE_TYPES, autocast_cast
 from longctx_compiler.runtime.host_pool import HostHandle, HostPool
 
 __all__ = ["Carry", "KVHistory", "scan_in_window", "attention_in_window"]
@@ -96,6 +97,9 @@ def attention_in_window(q, k, v, causal: bool, scale: float, chunk_size: int, *r
         return torch.ops.longctx.chunked_attention_fwd(q, k, v, causal, scale, chunk_size, *extra)
     if not causal:
         raise RuntimeError("sequence_block: a windowed attention must be causal (the prover checks this)")
+    if q.device.type in AUTOCAST_DEVICE_TYPES:
+        # The op's Autocast kernel (SDPA's rule) is not on this path: cast here, as it would.
+        q, k, v = autocast_cast((q, k, v), q.device.type)
     hc = carry.hc
     n = q.shape[2] - hc
     qo, ko, vo = (t.narrow(2, hc, n) for t in (q, k, v))

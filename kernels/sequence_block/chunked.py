@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from longctx_compiler.runtime.autocast import autocast_as
 from longctx_compiler.runtime.host_pool import HostHandle, HostPool, get_default_pool
 
 from .carry import Carry, KVHistory, offload
@@ -73,6 +74,9 @@ class BlockPlan:
             pool (sequence inputs only), 0 if it is saved on the device; empty: all on the device.
         host_budget: the bound on host-pool bytes this block's copies count against (the
             configured ``host_pool_bytes``); None: the pool's own bound only.
+        autocast: the autocast state the block was traced in
+            (:func:`~longctx_compiler.runtime.autocast.current_autocast`); every run of the
+            body (:meth:`run_body`) is in exactly that state.
     """
 
     body: fx.GraphModule
@@ -87,6 +91,14 @@ class BlockPlan:
     attentions: int = 0
     host_inputs: tuple[int, ...] = ()
     host_budget: int | None = None
+    autocast: tuple[tuple[str, torch.dtype], ...] = ()
+
+    def run_body(self, *args):
+        """``body(*args)`` in the autocast state it was traced in (a bf16 autocast region's
+        casts happen again in every chunk, as in the original), whatever the caller's. Only the
+        forward: the backward of a chunk runs outside autocast, as autograd's does."""
+        with autocast_as(self.autocast):
+            return self.body(*args)
 
     def kept_on_host(self, i: int) -> bool:
         return bool(self.host_inputs) and self.host_inputs[i] > 0
@@ -209,7 +221,7 @@ def block_forward(
             for c, (a, t0, t1) in enumerate(spans):
                 hc = t0 - a
                 carry = Carry(hc, t0, list(states), histories, plan.attentions)
-                outs = plan.body(*_window(plan, tensors, a, t1 - a), *plan.sizes_at(sizes, t1 - a), carry)
+                outs = plan.run_body(*_window(plan, tensors, a, t1 - a), *plan.sizes_at(sizes, t1 - a), carry)
                 if outputs is None:
                     outputs = [o.new_empty(_with(o.shape, d, t)) for o, d in zip(outs, plan.output_dims)]
                     boundaries = [f.new_zeros((*f.shape[:2], len(spans), f.shape[2])) for f in carry.states_out]
@@ -299,7 +311,7 @@ def _chunk_vjp(plan, tensors, sizes, needs, leaves_fixed, states, histories, gro
     ]
     h_ins = [s[:, :, c].detach().requires_grad_() if c else None for s in states]
     carry = Carry(hc, t0, h_ins, histories, plan.attentions)
-    outs = plan.body(*window, *plan.sizes_at(sizes, t1 - a), carry)
+    outs = plan.run_body(*window, *plan.sizes_at(sizes, t1 - a), carry)
     roots, cotangents = [], []
     for o, d, g in zip(outs, plan.output_dims, grad_outputs):
         if o.requires_grad:

@@ -50,7 +50,7 @@ def register_plan(plan: BlockPlan) -> str:
     text = "\n".join([
         plan.body.code, repr(plan.tensor_dims), repr([str(e) for e in plan.size_exprs]), str(plan.length),
         repr(plan.output_dims), str(plan.halo), str(plan.min_length), str(plan.chunk), str(plan.scans),
-        str(plan.attentions), repr(plan.host_inputs), repr(plan.host_budget),
+        str(plan.attentions), repr(plan.host_inputs), repr(plan.host_budget), repr(plan.autocast),
     ])
     key = "sequence_block_" + hashlib.sha256(text.encode()).hexdigest()[:24]
     _PLANS.setdefault(key, plan)
@@ -106,7 +106,7 @@ def _(tensors, sizes, plan):
     # The whole-sequence run of the body on fake inputs gives the output shapes (symbolic T
     # stays symbolic) and each state's shape and dtype.
     carry = Carry.whole(p.scans, p.attentions)
-    outs = p.body(*tensors, *sizes, carry)
+    outs = p.run_body(*tensors, *sizes, carry)
     m = (p.seq_len(tensors) + p.chunk - 1) // p.chunk
     boundaries = [f.new_empty((f.shape[0], f.shape[1], m * f.shape[2])) for f in carry.states_out]
     return [o.new_empty(o.shape) for o in outs] + boundaries + [torch.empty((), dtype=torch.int64, device="cpu")]

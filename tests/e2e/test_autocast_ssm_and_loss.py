@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import longctx_compiler as lc
-from longctx_compiler.backend import PassFailure, PassFailureWarning, RefusalWarning
+from longctx_compiler.backend import PassFailureWarning, RefusalWarning
 from longctx_compiler.nn import TinyMambaLM
 from longctx_compiler.testing import assert_gradients_match
 
@@ -111,25 +111,14 @@ def check(name, dtype, call, shard_blocks=True):
     return report
 
 
-def _blocks_under_autocast(name):
-    # The block pass (passes/adjoint_sharded_blocks.py, kernels/sequence_block/) runs the
-    # block's captured body again inside its op; under autocast that body needs the autocast
-    # state it was traced in, which it does not get yet: the pass fails (PassFailure with
-    # strict=True). Everything else is tested with shard_blocks=False below.
-    return pytest.param(name, True, marks=pytest.mark.xfail(
-        raises=PassFailure, strict=False,
-        reason="adjoint_sharded_blocks: the block body runs without the autocast state it was traced in",
-    ), id=f"{name}-blocks")
-
-
 @pytest.mark.parametrize(
     "name, shard_blocks",
     [
         pytest.param("llama", True, id="llama"),
         pytest.param("hf_mamba", False, id="hf_mamba-recompute"),
         pytest.param("tiny_mamba", False, id="tiny_mamba-recompute"),
-        _blocks_under_autocast("hf_mamba"),
-        _blocks_under_autocast("tiny_mamba"),
+        pytest.param("hf_mamba", True, id="hf_mamba-blocks"),
+        pytest.param("tiny_mamba", True, id="tiny_mamba-blocks"),
     ],
 )
 def test_bf16_autocast_training_is_rewritten_within_the_dtype_rule(name, shard_blocks):
@@ -160,14 +149,15 @@ def test_bf16_models_are_rewritten_within_the_dtype_rule(name):
 
 def test_autocast_leaves_no_fallback_and_no_fake_tensor_noise(caplog):
     # Before: the Mamba graph fell back with a RuntimeError warning and pages of fake-tensor
-    # errors on the log. Now (shard_blocks=False: see the xfail above for the block pass) it is
-    # rewritten, silently, with strict=False too.
+    # errors on the log; then the block pass failed (its body ran without the autocast state it
+    # was traced in). Now, with the default passes, it is rewritten, silently, strict=False too.
     torch.manual_seed(0)
-    opt = lc.optimize(hf_mamba(), backend="aot_eager", ssm={"chunk_size": 8, "shard_blocks": False})
+    opt = lc.optimize(hf_mamba(), backend="aot_eager", ssm={"chunk_size": 8})
     ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         autocast_call(opt, ids).loss.backward()
     assert not [w for w in caught if issubclass(w.category, (RefusalWarning, PassFailureWarning))]
     assert not opt.report.fallbacks and opt.report.count("adjoint_sharded_scan") == 2
+    assert opt.report.count("adjoint_sharded_blocks") == 2
     assert not [r for r in caplog.records if r.levelname == "ERROR"]

@@ -147,3 +147,18 @@ def test_inductor_float32_within_twice_plain_torch_compile_error():
     ids = ids_for(21, 7)
     assert_gradients_match(reference, cand, [ids], call=logits_of, baseline=plain)
     assert pipelined_everywhere(cand)
+
+
+def test_bf16_autocast_pipelined_within_twice_plain_pytorch_autocast_error():
+    # Trainer(bf16=True): the forward under autocast, the backward outside. Each chunk runs the
+    # layer's captured body again, in the autocast state the layer was traced in.
+    def autocast_logits(m, ids):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(ids, use_cache=False)
+
+    reference = model()
+    plain = clone_module(reference, torch.float32)
+    cand = optimized(clone_module(reference, torch.float32), 6)
+    ids = ids_for(21, 7)
+    assert_gradients_match(reference, cand, [ids], call=autocast_logits, baseline=plain)
+    assert pipelined_everywhere(cand)
