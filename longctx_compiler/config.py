@@ -138,14 +138,21 @@ class LMLossConfig:
             their gradient: O(chunk_size · vocab) working memory instead of O(T · vocab).
             None (default): tiles whose logits hold no more numbers than the hidden states
             ``[T, hidden]`` (``⌈T·hidden / vocab⌉`` tokens), chosen at run time.
+        return_logits: in training (the loss needs a gradient) a model that returns its logits
+            next to the loss returns ``None`` instead (Liger Kernel's convention), so the
+            ``[T, vocab]`` logits and their zero gradient never exist. True keeps them (computed
+            once, read by the tiled loss). Evaluation and ``generate`` (no gradient) always
+            return them.
     """
 
     enabled: bool = True
     chunk_size: int | None = None
+    return_logits: bool = False
 
     def __post_init__(self) -> None:
         _check_bool("LMLossConfig", "enabled", self.enabled)
         _check_positive_int("LMLossConfig", "chunk_size", self.chunk_size, allow_none=True)
+        _check_bool("LMLossConfig", "return_logits", self.return_logits)
 
 
 @dataclass(frozen=True)

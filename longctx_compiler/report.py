@@ -198,8 +198,10 @@ def format_table(report: RewriteReport) -> str:
     lines = [f"longctx_compiler rewrite report: {len(report.graphs)} graph(s), {len(report.rewrites)} rewrite(s), {len(report.refusals)} refusal(s)"]
     rows = [("pass", "site", "nodes", "what")]
     for r in report.rewrites:
-        # A rewrite more precise than the original (a lossy cast it does not reproduce) says so.
-        note = r.details.get("precision") if isinstance(r.details, dict) else None
+        # A rewrite more precise than the original (a lossy cast it does not reproduce) says so,
+        # and one that changes what the model returns (logits None in training).
+        notes = [r.details[k] for k in ("precision", "logits") if isinstance(r.details, dict) and r.details.get(k)]
+        note = "; ".join(notes)
         rows.append((r.pass_name, r.site, f"-{len(r.nodes_replaced)} +{len(r.nodes_added)}", f"{r.kind} [{note}]" if note else r.kind))
     for r in report.refusals:
         rows.append((r.pass_name, r.site, "", f"REFUSED: {r.reason}"))

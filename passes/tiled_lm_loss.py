@@ -120,6 +120,7 @@ class TiledLMLossPass(Pass):
             "hidden": d.get("H"),
             "bias": d.get("bias") is not None,
             "logits_kept": d.get("logits_kept"),
+            **({"logits": "returned as None (training with labels; lm_loss.return_logits=True keeps them)"} if d.get("logits_dropped") else {}),
             "shift_slice": any(kind == "index" for _, kind in d.get("steps", ())),
             "saved": "h, weight, bias, labels, lse [N]",
             **({"autocast": f"head in {_name(d['autocast'])} (operands cast as autocast casts linear), loss in float32"} if d.get("autocast") else {}),
@@ -206,10 +207,22 @@ class TiledLMLossPass(Pass):
 
         _check_no_inplace(head)
         d["precision"] = _precision(ce, head, d["steps"])
-        d["removed"] = _removable(ce, [n for n, _ in reversed(d["steps"])] + [head])
+        chain = [n for n, _ in reversed(d["steps"])] + [head]
+        d["removed"] = _removable(ce, chain)
+        d["logits_dropped"] = False
+        if head not in d["removed"] and self._drop_returned_logits(ce, ctx):
+            d["removed"] = _removable(ce, chain, returned=True)
+            d["logits_dropped"] = head in d["removed"]
         d["logits_kept"] = head not in d["removed"]
         # The report's "nodes replaced": what actually disappears.
         match.nodes = [n for n in match.nodes if n in d["removed"]]
+
+    def _drop_returned_logits(self, ce: fx.Node, ctx: PassContext) -> bool:
+        """Whether the logits the graph returns become None (Liger Kernel's convention): in
+        training — the loss needs a gradient, which Dynamo only records with grad mode on, so
+        evaluation and ``generate`` keep their logits — unless ``return_logits`` is set."""
+        loss = example_value(ce)
+        return not ctx.config.lm_loss.return_logits and isinstance(loss, torch.Tensor) and loss.requires_grad
 
     def _check_loss_arguments(self, ce: fx.Node, d: dict) -> None:
         if arg(ce, 2, "weight") is not None:
@@ -280,6 +293,10 @@ class TiledLMLossPass(Pass):
                 loss = graph.call_method("to", (loss, want.dtype))
                 propagate_example_value(loss)
         ce.replace_all_uses_with(loss)
+        if d["logits_dropped"]:
+            out = next(n for n in graph.nodes if n.op == "output")
+            gone = set(d["removed"])
+            out.args = fx.node.map_arg(out.args, lambda a: None if a in gone else a)
         for n in d["removed"]:
             if not n.users:
                 graph.erase_node(n)
@@ -491,12 +508,14 @@ def _check_no_inplace(head: fx.Node) -> None:
                 todo.append(u)
 
 
-def _removable(ce: fx.Node, chain: list[fx.Node]) -> list[fx.Node]:
+def _removable(ce: fx.Node, chain: list[fx.Node], returned: bool = False) -> list[fx.Node]:
     """The loss and the chain nodes (loss-side first) that die with it: a node survives when
-    something outside the dying set uses it, and then so does everything upstream of it."""
+    something outside the dying set uses it, and then so does everything upstream of it.
+    ``returned``: the graph's output does not count as a use (what it returns of the logits —
+    the head's result, its ``.float()``, ... — becomes None)."""
     dead = [ce]
     for n in chain:
-        if all(u in dead for u in n.users):
+        if all(u in dead or (returned and u.op == "output") for u in n.users):
             dead.append(n)
         else:
             break

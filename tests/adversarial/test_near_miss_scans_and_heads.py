@@ -662,7 +662,9 @@ class HeadProgram(torch.nn.Module):
         self.fns = list(self.heads)
         # (plain attributes, not submodules: the wrapper holds this module)
         object.__setattr__(self, "program", self)
-        object.__setattr__(self, "compiled", lc.optimize(self, backend="aot_eager", strict=True, lm_loss={"chunk_size": 3}))
+        # return_logits: the judge compares every output and its gradient with eager's (the
+        # default, logits None in training, is tested in tests/passes/test_tiled_lm_loss.py).
+        object.__setattr__(self, "compiled", lc.optimize(self, backend="aot_eager", strict=True, lm_loss={"chunk_size": 3, "return_logits": True}))
 
     def inputs(self, t: int, seed: int):
         """Per head: (h, labels) and the leaves its gradients are taken for (h, its parameters)."""

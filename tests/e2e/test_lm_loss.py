@@ -16,7 +16,7 @@ from longctx_compiler.testing import EXACT_RTOL, GRADIENT_FLOOR, assert_gradient
 transformers = pytest.importorskip("transformers")
 
 PASS = "tiled_lm_loss"
-KIND = "linear+cross_entropy -> linear_cross_entropy (logits kept)"
+KIND = "linear+cross_entropy -> linear_cross_entropy"
 VOCAB = 64
 
 
@@ -90,9 +90,26 @@ def test_llama_float64_gradients_exact_and_equal_to_eager():
     # Lengths below, above and not a multiple of the tile share one graph.
     assert opt.compile_count == 1
     (rw,) = [r for r in opt.report.rewrites if r.pass_name == PASS]
-    # transformers returns the logits too: the head stays for them, the loss reads them.
-    assert rw.kind == KIND and rw.details["logits_kept"] and rw.site.startswith("lm_head")
+    # transformers returns the logits too; in training they are None (Liger's convention):
+    # the head's [T, vocab] matmul is gone, the op computes each tile's logits itself.
+    assert rw.kind == KIND and not rw.details["logits_kept"] and rw.site.startswith("lm_head")
+    assert "None" in rw.details["logits"] and "None" in str(opt.report)
     assert rw.details["vocab"] == VOCAB and rw.details["chunk_size"] == 8
+    ids = ids_for(11, 0)
+    assert call(opt, ids).logits is None
+    # Evaluation (no gradient) gets its logits and the same loss as eager.
+    with torch.no_grad():
+        want, got = call(eager, ids), call(opt, ids)
+    torch.testing.assert_close(got.logits, want.logits, rtol=EXACT_RTOL, atol=0)
+    torch.testing.assert_close(got.loss, want.loss)
+
+
+def test_return_logits_keeps_them_in_training():
+    eager, opt = llama(), optimized(llama(), return_logits=True)
+    ids = ids_for(13, 1)
+    assert_gradients_match(eager, opt, [ids], loss_fn=lambda out: out.loss + out.logits.sum() * 1e-3, call=call, rtol=1e-5)
+    (rw,) = [r for r in opt.report.rewrites if r.pass_name == PASS]
+    assert rw.details["logits_kept"] and rw.kind.endswith("(logits kept)") and "logits" not in rw.details
 
 
 def test_mamba_float64_loss_and_every_gradient_match_eager():
@@ -106,7 +123,7 @@ def test_mamba_float64_loss_and_every_gradient_match_eager():
         assert opt.report.count(PASS) == 1
     assert opt.compile_count == 1
     (rw,) = [r for r in opt.report.rewrites if r.pass_name == PASS]
-    assert rw.kind == KIND and rw.site.startswith("lm_head")
+    assert rw.kind == KIND and rw.site.startswith("lm_head") and "None" in rw.details["logits"]
 
 
 @pytest.mark.parametrize("make", [llama, mamba], ids=["llama", "mamba"])

@@ -18,7 +18,8 @@ H, V = 6, 11
 
 
 def opt(module, chunk=4, **kw):
-    return lc.optimize(module, backend="aot_eager", strict=True, lm_loss={"chunk_size": chunk}, **kw)
+    kw.setdefault("lm_loss", {"chunk_size": chunk})
+    return lc.optimize(module, backend="aot_eager", strict=True, **kw)
 
 
 def inputs(b, t, seed, *, ignore=True, dtype=torch.float64):
@@ -203,7 +204,7 @@ def test_shift_slice_spelling_exact(transposed_matmul, bias):
 @pytest.mark.parametrize("module", ["hf", "shift"])
 def test_logits_also_returned_are_kept_and_not_recomputed_in_forward(module):
     eager, cand = pair(HFStyleLoss, "double", False, True) if module == "hf" else pair(ShiftSliceLoss, True, False, True)
-    om = opt(cand, chunk=4)
+    om = opt(cand, chunk=4, lm_loss={"chunk_size": 4, "return_logits": True})
     for t, seed in ((10, 0), (5, 1), (19, 2)):
         h, labels = inputs(2, t, seed)
         report = assert_gradients_match(eager, om, [h, labels], loss_fn=loss_and_logits)
@@ -216,6 +217,27 @@ def test_logits_also_returned_are_kept_and_not_recomputed_in_forward(module):
     # one head matmul in the graph (for the returned logits), none added by the rewrite
     targets = graph_targets(om)
     assert targets.count("torch.nn.linear") == 1 and any(str(t).endswith(".detach") for t in targets)
+
+
+@pytest.mark.parametrize("module", ["hf", "shift"])
+def test_returned_logits_are_none_in_training_and_kept_without_gradient(module):
+    eager, cand = pair(HFStyleLoss, "double", False, True) if module == "hf" else pair(ShiftSliceLoss, True, False, True)
+    om = opt(cand, chunk=4)
+    for t, seed in ((10, 0), (5, 1), (19, 2)):
+        h, labels = inputs(2, t, seed)
+        assert_gradients_match(eager, om, [h, labels], loss_fn=first)
+        assert om(h, labels)[1] is None
+    assert om.compile_count == 1 and om.report.count(PASS) == 1
+    rw = om.report.rewrites[0]
+    assert not rw.details["logits_kept"] and "None" in rw.details["logits"]
+    # the head's [.., V] matmul is gone: the op computes its tiles' logits itself
+    assert "torch.nn.linear" not in [str(t) for t in graph_targets(om)]
+    # without a gradient (evaluation, generate) the logits come back, equal to eager's
+    h, labels = inputs(2, 7, 3)
+    with torch.no_grad():
+        want, got = eager(h, labels), om(h, labels)
+    assert got[1] is not None
+    torch.testing.assert_close(got, want, rtol=EXACT_RTOL, atol=0)
 
 
 def test_loss_through_nn_cross_entropy_module():
