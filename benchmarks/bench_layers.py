@@ -7,6 +7,9 @@ SwiGLU 688, vocabulary 16000, float32, SDPA, ``use_cache=False``), one training 
 ``eager``       plain eager PyTorch (the baseline every ratio is taken against);
 ``checkpoint``  ``model.gradient_checkpointing_enable(use_reentrant=False)``;
 ``compile``     plain ``torch.compile(model, dynamic=True)`` with ``--compile-backend``;
+``defaults``    ``optimize(model)`` with the default configuration (attention chunked and
+                offloaded, the LM loss tiled, logits None in training; AOT-eager backend so the
+                CPU compile stays short): what a user gets from one call;
 ``ours``        ``optimize(model)`` with every decoder layer pipelined along T
                 (``PipelinedLayersPass``: chunks of ``--chunk-size`` tokens, layer inputs and
                 K/V histories in the host pool).
@@ -34,7 +37,7 @@ from benchmarks.common import (
     time_steps, token_label, write_results,
 )
 
-METHODS = ("eager", "checkpoint", "compile", "ours")
+METHODS = ("eager", "checkpoint", "compile", "defaults", "ours")
 
 
 def layer_step(*, method: str, tokens: int, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
@@ -46,7 +49,6 @@ def layer_step(*, method: str, tokens: int, layers: int, hidden: int, heads: int
 
     import longctx_compiler as lc
     from longctx_compiler.memory import measure_step
-    from longctx_compiler.passes.pipelined_layers import PipelinedLayersPass
     from longctx_compiler.runtime import get_default_pool
 
     model = _build_llama(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -56,9 +58,11 @@ def layer_step(*, method: str, tokens: int, layers: int, hidden: int, heads: int
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif method == "compile":
         run = torch.compile(model, backend=compile_backend, dynamic=True)
+    elif method == "defaults":
+        run = lc.optimize(model, backend="aot_eager")
     elif method == "ours":
         run = lc.optimize(model, backend="aot_eager", attention={"chunk_size": chunk_size, "offload": True},
-                          extra_passes=(PipelinedLayersPass(enabled=True, chunk_size=chunk_size, offload=True),))
+                          layers={"enabled": True, "chunk_size": chunk_size, "offload": True})
     elif method != "eager":
         raise ValueError(f"unknown method {method!r}; one of {METHODS}")
     gen = torch.Generator().manual_seed(seed)
@@ -75,8 +79,8 @@ def layer_step(*, method: str, tokens: int, layers: int, hidden: int, heads: int
     t0 = time.perf_counter()
     step_on(torch.randint(0, vocab, (1, min(warmup_tokens, tokens)), generator=gen))
     out["warmup_s"] = time.perf_counter() - t0
-    if method == "ours":
-        out["pipelined_layers"] = run.report.count("pipelined_layers")
+    if method in ("defaults", "ours"):
+        out["rewrites"] = {p: run.report.count(p) for p in ("pipelined_layers", "chunked_attention", "tiled_lm_loss")}
     zero()
     mem = measure_step(lambda: step_on(ids), parameters=model, host_pool=get_default_pool())
     out.update(_memory_fields(mem))
@@ -120,7 +124,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run layers", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tokens", nargs="+", default=["8K", "16K", "32K"], help="sequence lengths (8K = 8192)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "defaults"], choices=METHODS)
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per layer chunk (and attention chunk)")
     p.add_argument("--compile-backend", default="inductor", help="backend of the plain torch.compile baseline")
     p.add_argument("--layers", type=int, default=4)
