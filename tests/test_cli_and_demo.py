@@ -64,11 +64,12 @@ def test_cli_factory_errors_are_one_line(tmp_path, factory, words):
 
 @pytest.mark.slow
 def test_demo_runs_and_reports(tmp_path):
-    res = run([str(ROOT / "examples" / "train_long_context.py"), "--backend", "aot_eager", "--seq-len", "256",
+    res = run([str(ROOT / "examples" / "train_long_context.py"), "--seq-len", "256", "--layers", "2", "--vocab", "256",
                "--steps", "2", "--chunk-size", "64", "--out", str(tmp_path / "demo")], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "demo.json").read_text())
     passes = sorted(r["pass"] for r in summary["report"]["rewrites"])
-    assert passes == ["chunked_attention", "chunked_attention", "tiled_lm_loss"], passes
+    assert passes == ["chunked_attention", "chunked_attention", "pipelined_layers", "pipelined_layers", "tiled_lm_loss"], passes
     assert summary["memory"]["optimized"]["host_pool_peak_bytes"] > 0
+    assert summary["memory"]["peak_ratio"] > 1 and "device peak of one training step" in res.stdout
     assert (tmp_path / "demo.dot").exists()
