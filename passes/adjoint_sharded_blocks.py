@@ -15,7 +15,7 @@ keeping the state entering each chunk. Its backward walks the chunks in reverse:
 the chunk, take its vector-Jacobian product with the output gradient and the state adjoint
 ``λ`` from the chunk after, pass ``λ`` on. Exact; saved: the block's inputs and ``M``
 states; working memory: one chunk's activations instead of the whole sequence's.
-(``kernels/ssm_block/chunked.py`` has the schedule.)
+(``kernels/sequence_block/chunked.py`` has the schedule.)
 
 Which nodes form "the block" and what disqualifies it are as in :mod:`recompute_ssm_blocks`
 (which handles any block this pass refuses). On top, the block must be provably local
@@ -35,10 +35,9 @@ from longctx_compiler.kernels.sequence_block import BLOCK_OP, BlockPlan, registe
 from longctx_compiler.passes.adjoint_sharded_scan import _B, _C, _DELTA, _U, _Z, SCAN_OP, _all_args
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.block_region import check_region, copy_body, replace_region
-from longctx_compiler.passes.fx_utils import example_value
+from longctx_compiler.passes.analysis.fx_utils import example_value
 from longctx_compiler.passes.recompute_ssm_blocks import find_scan_blocks
-from longctx_compiler.passes.registry import register_pass
-from longctx_compiler.passes.sequence_window import SCAN, CarrySite, WindowAnalysis, analyse_window
+from longctx_compiler.passes.analysis.sequence_window import SCAN, CarrySite, WindowAnalysis, analyse_window
 from longctx_compiler.runtime.autocast import current_autocast
 
 __all__ = ["AdjointShardedBlocksPass", "BLOCK_OP", "sequence_block_plan"]
@@ -98,7 +97,6 @@ def sequence_block_plan(gm: fx.GraphModule, match: Match, window: WindowAnalysis
     return register_plan(plan), tensors, sizes
 
 
-@register_pass("rewrite", order=85)
 class AdjointShardedBlocksPass(Pass):
     """Each block around a scan → one op that runs it chunk by chunk, forward and backward."""
 

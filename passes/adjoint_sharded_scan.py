@@ -40,8 +40,7 @@ import torch.fx as fx
 from longctx_compiler.capture import WRAPPER_NAME, precision_of, source_of
 from longctx_compiler.kernels.selective_scan import op as _op  # noqa: F401
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.fx_utils import example_value
-from longctx_compiler.passes.registry import register_pass
+from longctx_compiler.passes.analysis.fx_utils import example_value
 
 __all__ = ["AdjointShardedScanPass", "SCAN_OP", "RAISED_KEY", "PRECISION_META"]
 
@@ -57,7 +56,6 @@ _NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus",
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@register_pass("rewrite", order=20)
 class AdjointShardedScanPass(Pass):
     """Plan every canonical selective-scan node: chunk size, exact or truncated adjoint."""
 
@@ -143,7 +141,7 @@ class AdjointShardedScanPass(Pass):
             new = graph.call_function(SCAN_OP, tuple(args), {})
         new.meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
         # The boundary-state output's length M depends on Q: recompute the fake values.
-        from longctx_compiler.passes.fx_utils import propagate_example_value
+        from longctx_compiler.passes.analysis.fx_utils import propagate_example_value
 
         propagate_example_value(new)
         node.replace_all_uses_with(new)

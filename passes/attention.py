@@ -52,7 +52,7 @@ state around the compiled call, which Dynamo guards on, updated by the graph's o
 
 What makes a rewrite exact (checked, refused otherwise with the reason in the report):
 dropout is exactly 0 (or the module is in eval mode), the mask is absent or *proven* causal
-for every sequence length (:mod:`longctx_compiler.passes.causal_mask`), the relations above,
+for every sequence length (:mod:`longctx_compiler.passes.analysis.causal_mask`), the relations above,
 and — for the hand-written form — the intermediate scores and probabilities are used by
 nothing else (``output_attentions=True`` returns them).
 
@@ -79,9 +79,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 # Importing the kernels registers the torch.library ops the rewrite inserts.
 import longctx_compiler.kernels.attention  # noqa: F401
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.causal_mask import NotProvable, prove_causal
-from longctx_compiler.passes.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value, strip_repeat_kv
-from longctx_compiler.passes.registry import register_pass
+from longctx_compiler.passes.analysis.causal_mask import NotProvable, prove_causal
+from longctx_compiler.passes.analysis.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value, strip_repeat_kv
 
 __all__ = ["ChunkedAttentionPass", "autocast_state_at"]
 
@@ -92,7 +91,6 @@ _ENTER_AUTOCAST = getattr(torch.amp.autocast_mode, "_enter_autocast", None)
 _EXIT_AUTOCAST = getattr(torch.amp.autocast_mode, "_exit_autocast", None)
 
 
-@register_pass("rewrite", order=10)
 class ChunkedAttentionPass(Pass):
     """Scaled-dot-product attention (SDPA or hand-written) → ``longctx::chunked_attention_fwd``."""
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch.fx as fx
 
-from longctx_compiler.passes.fx_utils import writes_in_place
+from longctx_compiler.passes.analysis.fx_utils import writes_in_place
 from longctx_compiler.passes import checkpoint_regions as regions
 from longctx_compiler.passes.checkpoint_regions import REGION_KEY
 from longctx_compiler.report import PROVENANCE_KEY, GraphRecord, Refusal, Rewrite, node_site

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from longctx_compiler.passes.base import CantApply, Match
-from longctx_compiler.passes.fx_utils import example_value, propagate_example_value, writes_in_place
+from longctx_compiler.passes.analysis.fx_utils import example_value, propagate_example_value, writes_in_place
 
 __all__ = ["module_stack", "random_op", "find_blocks", "check_region", "replace_region", "copy_body"]
 

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from longctx_compiler.passes.fx_utils import example_value, propagate_example_value, writes_in_place
+from longctx_compiler.passes.analysis.fx_utils import example_value, propagate_example_value, writes_in_place
 from longctx_compiler.report import PROVENANCE_KEY, GraphRecord, Refusal, node_site
 
 if TYPE_CHECKING:

@@ -36,8 +36,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.fx_utils import arg, example_value, insert_call, propagate_example_value
-from longctx_compiler.passes.registry import register_pass
+from longctx_compiler.passes.analysis.fx_utils import arg, example_value, insert_call, propagate_example_value
 
 __all__ = ["DepthwiseConvPass", "MAX_TAPS"]
 
@@ -87,7 +86,6 @@ def _to(graph: fx.Graph, x: Any, dtype: torch.dtype) -> Any:
     return node
 
 
-@register_pass("rewrite", order=50)
 class DepthwiseConvPass(Pass):
     """Depthwise ``conv1d`` → shifted multiply-adds."""
 

@@ -48,9 +48,8 @@ from longctx_compiler.passes.adjoint_sharded_blocks import scan_site, sequence_b
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.block_region import check_region, find_blocks, replace_region
-from longctx_compiler.passes.fx_utils import example_value
-from longctx_compiler.passes.registry import register_pass
-from longctx_compiler.passes.sequence_window import ATTENTION, SCAN, CarrySite, analyse_window
+from longctx_compiler.passes.analysis.fx_utils import example_value
+from longctx_compiler.passes.analysis.sequence_window import ATTENTION, SCAN, CarrySite, analyse_window
 
 __all__ = ["PipelinedLayersPass", "ATTENTION_OPS"]
 
@@ -74,7 +73,6 @@ def _is_carry(n: fx.Node) -> bool:
     return n.op == "call_function" and (n.target in ATTENTION_OPS or n.target is SCAN_OP)
 
 
-@register_pass("rewrite", order=87)
 class PipelinedLayersPass(Pass):
     """Each layer around one causal attention → one op that runs it chunk by chunk.
 

@@ -42,8 +42,7 @@ from longctx_compiler.kernels.sequence_block import BLOCK_OP
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.block_region import check_region, find_blocks, replace_region
-from longctx_compiler.passes.fx_utils import example_value
-from longctx_compiler.passes.registry import register_pass
+from longctx_compiler.passes.analysis.fx_utils import example_value
 
 __all__ = ["RecomputeSSMBlocksPass", "CHECKPOINT_HOP", "find_scan_blocks"]
 
@@ -68,7 +67,6 @@ def find_scan_blocks(gm: fx.GraphModule) -> Iterable[Match]:
         yield m
 
 
-@register_pass("rewrite", order=90)
 class RecomputeSSMBlocksPass(Pass):
     """Wrap each block around an adjoint-sharded scan in an activation-checkpoint region."""
 

@@ -1,13 +1,25 @@
-"""The ordered registry of built-in passes.
+"""The built-in pipeline: every pass, in the order it runs, in one place.
 
-Stages run in this order: ``raise`` (known spellings → canonical ops) before ``rewrite``
-(canonical ops → memory-bounded implementations); within a stage, by ``order``.
+Two stages: the passes that *raise* known spellings into canonical ``longctx`` ops run first,
+then the passes that *rewrite* canonical ops into memory-bounded implementations. Within the
+rewrite stage the order matters where passes compete for the same nodes:
+
+* attention before the block passes: a pipelined layer carries the chunked-attention op;
+* the per-scan rewrite before the block passes, which carry the rewritten scan;
+* ``adjoint_sharded_blocks`` and ``pipelined_layers`` before ``recompute_ssm_blocks``: a block
+  run chunk by chunk needs no recompute region;
+* the LM loss last: it reads the head that the layers feed.
+
+(``checkpoint_regions`` is not a pass of this list: the runner inlines activation-checkpoint
+regions before the first pass and outlines what is left after the last, see ``base.py``.)
+Pass modules are imported on first use, so importing the package stays cheap and a pass module
+can import the kernels it needs. User passes go in ``Config(extra_passes=...)``, after these.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from longctx_compiler.config import Config
@@ -15,44 +27,28 @@ if TYPE_CHECKING:
 
 STAGES = ("raise", "rewrite")
 
-# (stage index, order, name, factory)
-_REGISTRY: list[tuple[int, int, str, Callable[[], "Pass"]]] = []
-
-# Modules holding built-in passes; imported on first use so that importing the package
-# stays cheap and a pass module can import the kernels it needs.
-_BUILTIN_MODULES: tuple[str, ...] = (
-    "longctx_compiler.passes.attention",
-    "longctx_compiler.passes.scan_to_selective_scan",
-    "longctx_compiler.passes.adjoint_sharded_scan",
-    "longctx_compiler.passes.depthwise_conv",
-    "longctx_compiler.passes.adjoint_sharded_blocks",
-    "longctx_compiler.passes.recompute_ssm_blocks",
-    "longctx_compiler.passes.tiled_lm_loss",
-    "longctx_compiler.passes.pipelined_layers",
+#: (stage, "module:class") in pipeline order.
+PIPELINE: tuple[tuple[str, str], ...] = (
+    ("raise", "scan_to_selective_scan:ScanToSelectiveScanPass"),
+    ("rewrite", "attention:ChunkedAttentionPass"),
+    ("rewrite", "adjoint_sharded_scan:AdjointShardedScanPass"),
+    ("rewrite", "depthwise_conv:DepthwiseConvPass"),
+    ("rewrite", "adjoint_sharded_blocks:AdjointShardedBlocksPass"),
+    ("rewrite", "pipelined_layers:PipelinedLayersPass"),
+    ("rewrite", "recompute_ssm_blocks:RecomputeSSMBlocksPass"),
+    ("rewrite", "tiled_lm_loss:TiledLMLossPass"),
 )
 
 
-def register_pass(stage: str, order: int) -> Callable[[type], type]:
-    """Class decorator: add a pass class to the built-in pipeline at ``stage``/``order``."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
-
-    def deco(cls: type) -> type:
-        name = cls.name
-        if any(n == name for _, _, n, _ in _REGISTRY):
-            raise ValueError(f"a pass named {name!r} is already registered")
-        _REGISTRY.append((STAGES.index(stage), order, name, cls))
-        _REGISTRY.sort(key=lambda e: (e[0], e[1]))
-        return cls
-
-    return deco
+def pass_class(entry: str) -> type:
+    """The class a ``"module:class"`` entry of :data:`PIPELINE` names."""
+    module, name = entry.split(":")
+    return getattr(importlib.import_module(f"longctx_compiler.passes.{module}"), name)
 
 
 def builtin_passes() -> list["Pass"]:
     """Fresh instances of the built-in passes, in pipeline order."""
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
-    return [factory() for _, _, _, factory in _REGISTRY]
+    return [pass_class(entry)() for _, entry in PIPELINE]
 
 
 def pipeline(config: "Config") -> list["Pass"]:

@@ -73,8 +73,7 @@ import torch.fx as fx
 from longctx_compiler.kernels.selective_scan import op as _op  # noqa: F401
 from longctx_compiler.passes.adjoint_sharded_scan import PRECISION_META, RAISED_KEY
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.fx_utils import example_value, getitem, insert_call, is_call, propagate_example_value
-from longctx_compiler.passes.registry import register_pass
+from longctx_compiler.passes.analysis.fx_utils import example_value, getitem, insert_call, is_call, propagate_example_value
 
 __all__ = ["ScanToSelectiveScanPass", "analyse_scan_body", "ScanPlan"]
 
@@ -570,7 +569,6 @@ def _canonical_perm(labels: tuple[str, ...], order: tuple[str, ...], time_axis: 
     return perm + ([0] if time_axis else [])
 
 
-@register_pass("raise", order=20)
 class ScanToSelectiveScanPass(Pass):
     """``higher_order.scan`` with a linear selective-scan body → ``longctx::selective_scan_fwd``."""
 

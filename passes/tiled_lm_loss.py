@@ -65,8 +65,7 @@ import torch.nn.functional as F
 # Importing the kernels registers the torch.library ops the rewrite inserts.
 import longctx_compiler.kernels.linear_cross_entropy  # noqa: F401
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value, writes_in_place
-from longctx_compiler.passes.registry import register_pass
+from longctx_compiler.passes.analysis.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value, writes_in_place
 
 __all__ = ["TiledLMLossPass"]
 
@@ -96,7 +95,6 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOOKBACK = 6
 
 
-@register_pass("rewrite", order=100)
 class TiledLMLossPass(Pass):
     """``cross_entropy(linear(h, W, b) [cast/view/shift], labels)`` → ``longctx::linear_cross_entropy_fwd``."""
 

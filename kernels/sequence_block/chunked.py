@@ -1,7 +1,7 @@
 """A sequence block, run chunk by chunk along the sequence, forward and backward.
 
 The block is a captured graph (``BlockPlan.body``) that is local along the sequence except
-through its *carries* (proved by :mod:`longctx_compiler.passes.sequence_window`): output token
+through its *carries* (proved by :mod:`longctx_compiler.passes.analysis.sequence_window`): output token
 ``t`` reads input tokens ``t - H .. t``, and the outputs of its carry ops (scans, causal
 attentions) at ``t``. With ``M = ⌈T/Q⌉`` chunks ``[t0, t1)``, each run on the window
 ``[a, t1)`` (``hc = t0 - a``, at least ``min(H, t0)``):

@@ -69,7 +69,7 @@ from sympy.core.relational import Relational
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from longctx_compiler.dynamo_names import readable_input_name
-from longctx_compiler.passes.fx_utils import example_value, writes_in_place
+from longctx_compiler.passes.analysis.fx_utils import example_value, writes_in_place
 
 __all__ = ["NotProvable", "prove_causal", "mask_inputs", "MASKED_THRESHOLD"]
 

@@ -51,8 +51,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from longctx_compiler.passes.base import CantApply
-from longctx_compiler.passes.fx_utils import arg as _arg
-from longctx_compiler.passes.fx_utils import example_value
+from longctx_compiler.passes.analysis.fx_utils import arg as _arg
+from longctx_compiler.passes.analysis.fx_utils import example_value
 
 __all__ = ["SeqValue", "WindowAnalysis", "CarrySite", "analyse_window", "INPUT", "SCAN", "ATTENTION"]
 
