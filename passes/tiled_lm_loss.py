@@ -26,9 +26,16 @@ vocabulary dimension alone — the classic shift ``logits[..., :-1, :]`` — whi
 or ``h @ M`` with a 2-D ``M`` (``h @ W.T``: then ``W = Mᵀ``). A reduction ``"sum"`` followed
 by a division (``num_items_in_batch``) keeps the division in the graph.
 
+The heads that transform their logits before the loss have the transform folded into the op
+(its ``logit_scale``/``softcap`` arguments, applied to each tile in the accumulation dtype):
+constant scales — Granite's ``logits / logits_scaling``, Cohere's ``logits * logit_scale`` —
+then optionally a soft-capping ``cap · tanh(x / cap)`` — Gemma 2's
+``final_logit_softcapping`` (``x / cap → tanh → · cap``; a bare ``tanh`` is cap 1). A scale
+after the soft-capping, two ``tanh``, a ``tanh`` times a cap it was not divided by: refused.
+
 What makes the rewrite exact (refused otherwise, with the reason): plain class-index targets
 (int64), no class weights, ``label_smoothing == 0``, reduction ``"mean"`` or ``"sum"``,
-nothing else between the head and the loss (a soft-capping ``tanh``, a scale, a mask...),
+nothing else between the head and the loss (a mask, a scale known only at run time...),
 the logits never modified in place, ``h``/``W``/bias in the head's dtype or in dtypes that
 autocast casts to it (below), no cast up beyond the op's accumulation dtype (a float32 model
 whose logits are cast to float64 before the loss: the op would be less precise), a static
@@ -77,6 +84,9 @@ _MATMUL = (torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
 _CASTS = ("to", "type", "float", "double", "half", "bfloat16", "long", "int", "short", "bool", "char", "byte")
 _RESHAPES = (torch.reshape, "view", "reshape")
 _FLATTEN = (torch.flatten, "flatten")
+_MUL = (operator.mul, torch.mul, "mul")
+_DIV = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
+_TANH = (torch.tanh, "tanh")
 _TRANSPOSE_2D = ("t", torch.t)
 # Users through which a tensor is still the same memory (for the in-place check).
 _ALIASING_METHODS = {
@@ -123,6 +133,8 @@ class TiledLMLossPass(Pass):
             "saved": "h, weight, bias, labels, lse [N]",
             **({"autocast": f"head in {_name(d['autocast'])} (operands cast as autocast casts linear), loss in float32"} if d.get("autocast") else {}),
             **({"precision": d["precision"]} if d.get("precision") else {}),
+            **({"logit_scale": d["logit_scale"]} if d.get("logit_scale", 1.0) != 1.0 else {}),
+            **({"softcap": d["softcap"]} if d.get("softcap") else {}),
         }
 
     # -- match ------------------------------------------------------------------------------
@@ -139,6 +151,11 @@ class TiledLMLossPass(Pass):
         cur = arg(ce, 0, "input")
         while isinstance(cur, fx.Node) and _head_kind(cur) is None:
             kind = _step_kind(cur)
+            scaled = _scale_step(cur) if kind is None else None
+            if scaled is not None:
+                steps.append((cur, "scale"))
+                cur = scaled[0]
+                continue
             if kind is None:
                 head = _find_head_upstream(cur)
                 if head is None:
@@ -148,7 +165,8 @@ class TiledLMLossPass(Pass):
                 return Match(
                     anchor=head, nodes=[ce, *[n for n, _ in steps], cur],
                     data={"refuse": f"`{what}` ({cur.name}) between the LM head ({head.name}) and the loss: only casts, "
-                                    "reshapes and slicing are exact to move into the tiled loss (soft-capping or scaling is not)"},
+                                    "reshapes, slicing, constant scales and soft-capping (cap · tanh(x / cap)) are "
+                                    "folded into the tiled loss"},
                 )
             steps.append((cur, kind))
             cur = cur.args[0]
@@ -199,11 +217,15 @@ class TiledLMLossPass(Pass):
                     raise CantApply(f"{node.name} is not a plain reshape")
             elif kind == "flatten":
                 _check_flatten(node, prev)
+            elif kind in ("scale", "tanh"):
+                if out.dtype not in _FLOATS or tuple(out.shape) != tuple(prev.shape):
+                    raise CantApply(f"{node.name} changes the logits' shape or dtype")
             if out.dim() == 0 or not _same_size(out.shape[-1], V) or not _same_size(prev.shape[-1], V):
                 raise CantApply(f"{node.name} does not keep the vocabulary ({V}) as the last dimension")
             prev = out
 
         _check_no_inplace(head)
+        d["logit_scale"], d["softcap"] = _transform(d["steps"])
         d["precision"] = _precision(ce, head, d["steps"])
         chain = [n for n, _ in reversed(d["steps"])] + [head]
         d["removed"] = _removable(ce, chain)
@@ -284,7 +306,8 @@ class TiledLMLossPass(Pass):
             logits = None
             if d["logits_kept"]:
                 logits = _replay(graph, insert_call(graph, torch.detach, (head,)), d["steps"], d["V"])
-            res = insert_call(graph, OP, (h, weight, bias, d["labels"], logits, d["ignore_index"], d["reduction"], _chunk(ctx)))
+            res = insert_call(graph, OP, (h, weight, bias, d["labels"], logits, d["ignore_index"], d["reduction"], _chunk(ctx),
+                                          d["logit_scale"], d["softcap"]))
             loss = getitem(graph, res, 0)
             want = example_value(ce)
             if isinstance(want, torch.Tensor) and example_value(loss).dtype != want.dtype:
@@ -361,6 +384,9 @@ def _precision(ce: fx.Node, head: fx.Node, steps: list[tuple[fx.Node, str]]) -> 
         if _bits(dt) < _bits(acc):
             what = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
             notes.append(f"the original rounded the logits to {_name(dt)} (`.{what}()`, {node.name})")
+    narrow = sorted({_name(example_value(n).dtype) for n, kind in steps if kind in ("scale", "tanh") and _bits(example_value(n).dtype) < _bits(acc)})
+    if narrow:
+        notes.append(f"the original scaled or soft-capped the logits in {', '.join(narrow)}")
     if _bits(loss_dtype) < _bits(acc):
         notes.append(f"the original computed cross_entropy in {_name(loss_dtype)}")
     if not notes:
@@ -404,7 +430,61 @@ def _step_kind(node: fx.Node) -> str | None:
         return "reshape"
     if is_call(node, *_FLATTEN):
         return "flatten"
+    if is_call(node, *_TANH) and len(node.args) == 1 and not node.kwargs:
+        return "tanh"
     return None
+
+
+def _scale_step(node: fx.Node) -> tuple[fx.Node, str, float] | None:
+    """``(logits, "mul"|"div", constant)`` when ``node`` multiplies or divides one value by a
+    number known at compile time (``logits * 0.5``, ``2.0 * logits``, ``logits / 8``)."""
+    if not isinstance(node, fx.Node) or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if is_call(node, *_MUL):
+        if isinstance(a, fx.Node) and _is_number(b):
+            return a, "mul", float(b)
+        if isinstance(b, fx.Node) and _is_number(a):
+            return b, "mul", float(a)
+    elif is_call(node, *_DIV) and isinstance(a, fx.Node) and _is_number(b):
+        return a, "div", float(b)
+    return None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _transform(steps: list[tuple[fx.Node, str]]) -> tuple[float, float]:
+    """``(logit_scale, softcap)`` of the elementwise steps between head and loss (head side
+    first): any number of constant scales, then optionally a soft-capping
+    ``cap · tanh(x / cap)`` (Gemma's ``x / cap → tanh → · cap``; a bare ``tanh`` is cap 1)."""
+    ops = [(n, kind, *(_scale_step(n)[1:] if kind == "scale" else ())) for n, kind in steps if kind in ("scale", "tanh")]
+    tanhs = [i for i, o in enumerate(ops) if o[1] == "tanh"]
+    if len(tanhs) > 1:
+        raise CantApply(f"tanh applied {len(tanhs)} times to the logits: only one soft-capping is folded into the tiled loss")
+    scale, cap = 1.0, 0.0
+    pre = ops
+    if tanhs:
+        t = tanhs[0]
+        before, after = ops[:t], ops[t + 1:]
+        cap = 1.0
+        if after:
+            last = after[0]
+            if len(after) != 1 or last[2] != "mul":
+                raise CantApply(f"{last[0].name} after the tanh of the logits: only `cap · tanh(x / cap)` (soft-capping) is folded into the tiled loss")
+            cap = last[3]
+            if not before or not ((before[-1][2] == "div" and before[-1][3] == cap) or (before[-1][2] == "mul" and before[-1][3] * cap == 1.0)):
+                raise CantApply(f"`tanh(...) · {cap:g}` without the matching `x / {cap:g}` before it: not a soft-capping `cap · tanh(x / cap)`")
+            before = before[:-1]
+        if not cap > 0:
+            raise CantApply(f"soft-capping with cap {cap:g}: the tiled loss takes a positive cap")
+        pre = before
+    for _, _, op, c in pre:
+        if op == "div" and c == 0:
+            raise CantApply("the logits are divided by 0")
+        scale = scale * c if op == "mul" else scale / c
+    return scale, cap
 
 
 def _find_head_upstream(node: fx.Node) -> fx.Node | None:

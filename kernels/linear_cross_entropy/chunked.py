@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import accumulation_dtype
+from .reference import accumulation_dtype, transform_logits
 
 __all__ = ["linear_cross_entropy_forward", "linear_cross_entropy_backward", "tiles", "tile_rows", "AUTO"]
 
@@ -57,12 +57,15 @@ def _tile_logits(h: Tensor, weight: Tensor, bias: Tensor | None, s: int, e: int,
 
 def linear_cross_entropy_forward(
     h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, logits: Tensor | None,
-    ignore_index: int, reduction: str, chunk_size: int,
+    ignore_index: int, reduction: str, chunk_size: int, logit_scale: float = 1.0, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """``(loss, lse)``: the scalar loss and the per-token log-sum-exp ``[N]``, tile by tile.
+    """``(loss, lse)``: the scalar loss and the per-token log-sum-exp ``[N]`` (of the transformed
+    logits), tile by tile.
 
     ``logits`` (``[N, V]``), when given, are the already-computed ``F.linear(h, weight, bias)``
     and are read tile by tile instead of multiplying again; they carry no gradient.
+    ``logit_scale``/``softcap``: the transform applied to each tile's logits before the loss
+    (:func:`~.reference.transform_logits`).
     """
     acc = accumulation_dtype(h.dtype)
     n = h.shape[0]
@@ -70,6 +73,7 @@ def linear_cross_entropy_forward(
     total = torch.zeros((), dtype=torch.float64, device=h.device)
     for s, e in tiles(n, tile_rows(n, h.shape[1], weight.shape[0], chunk_size)):
         z = logits[s:e].to(acc) if logits is not None else _tile_logits(h, weight, bias, s, e, acc)
+        z = transform_logits(z, logit_scale, softcap)
         y = labels[s:e]
         valid = y != ignore_index
         # The loss as log_softmax computes it: log Σ exp(z − m) − (z_y − m) with m the row max.
@@ -89,13 +93,15 @@ def linear_cross_entropy_forward(
 
 def linear_cross_entropy_backward(
     dloss: Tensor | None, dlse: Tensor | None, h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-    lse: Tensor, ignore_index: int, reduction: str, chunk_size: int,
+    lse: Tensor, ignore_index: int, reduction: str, chunk_size: int, logit_scale: float = 1.0, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(dh, dweight, dbias)`` from the loss cotangent (and an optional ``lse`` cotangent).
 
-    Per tile, with ``P = exp(z − lse)`` from the recomputed logits ``z``::
+    Per tile, with ``P = exp(f − lse)`` from the recomputed, transformed logits
+    ``f = cap·tanh(s·z / cap)`` (or ``s·z``)::
 
-        dz = c_i · (P − onehot(y_i))   (+ dlse_i · P)
+        df = c_i · (P − onehot(y_i))   (+ dlse_i · P)
+        dz = df · (1 − tanh²(s·z / cap)) · s       (the transform's derivative)
 
     where ``c_i`` is the loss cotangent (divided by the number of non-ignored tokens for
     ``"mean"``) and ``0`` for ignored tokens, so no NaN appears even when every label is
@@ -116,6 +122,12 @@ def linear_cross_entropy_backward(
     db = torch.zeros((V,), dtype=acc, device=h.device) if bias is not None else None
     for s, e in tiles(n, tile_rows(n, h.shape[1], V, chunk_size)):
         z = _tile_logits(h, weight, bias, s, e, acc)
+        capped = None
+        if logit_scale != 1.0:
+            z = z * logit_scale
+        if softcap:
+            capped = torch.tanh(z / softcap)
+            z = capped * softcap
         y = labels[s:e]
         valid = valid_all[s:e]
         p = torch.exp(z - lse[s:e].unsqueeze(1))
@@ -124,6 +136,10 @@ def linear_cross_entropy_backward(
         dz.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -coef.unsqueeze(1))
         if dlse is not None:
             dz += p * dlse[s:e].to(acc).unsqueeze(1)
+        if capped is not None:
+            dz *= 1 - capped * capped
+        if logit_scale != 1.0:
+            dz *= logit_scale
         dh[s:e] = torch.matmul(dz.to(weight.dtype), weight).to(h.dtype)
         dw.addmm_(dz.t(), h[s:e].to(acc))
         if db is not None:

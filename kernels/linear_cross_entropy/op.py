@@ -31,7 +31,7 @@ from torch import Tensor
 from longctx_compiler.runtime.autocast import AUTOCAST_DEVICE_TYPES, register_autocast
 
 from .chunked import AUTO, linear_cross_entropy_backward, linear_cross_entropy_forward
-from .reference import accumulation_dtype, validate_arguments
+from .reference import accumulation_dtype, check_transform, validate_arguments
 
 __all__ = ["linear_cross_entropy"]
 
@@ -39,14 +39,15 @@ __all__ = ["linear_cross_entropy"]
 @torch.library.custom_op("longctx::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(
     h: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, logits: Optional[Tensor],
-    ignore_index: int, reduction: str, chunk_size: int,
+    ignore_index: int, reduction: str, chunk_size: int, logit_scale: float = 1.0, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """``(loss [], lse [N])`` of ``cross_entropy(linear(h, weight, bias), labels)``, tile by tile."""
-    return linear_cross_entropy_forward(h, weight, bias, labels, logits, ignore_index, reduction, chunk_size)
+    """``(loss [], lse [N])`` of ``cross_entropy(transform(linear(h, weight, bias)), labels)``, tile
+    by tile (``transform``: ``reference.transform_logits``, the identity by default)."""
+    return linear_cross_entropy_forward(h, weight, bias, labels, logits, ignore_index, reduction, chunk_size, logit_scale, softcap)
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(h, weight, bias, labels, logits, ignore_index, reduction, chunk_size):
+def _(h, weight, bias, labels, logits, ignore_index, reduction, chunk_size, logit_scale=1.0, softcap=0.0):
     acc = accumulation_dtype(h.dtype)
     return h.new_empty((), dtype=acc), h.new_empty((h.shape[0],), dtype=acc)
 
@@ -54,32 +55,33 @@ def _(h, weight, bias, labels, logits, ignore_index, reduction, chunk_size):
 @torch.library.custom_op("longctx::linear_cross_entropy_bwd", mutates_args=())
 def linear_cross_entropy_bwd(
     dloss: Optional[Tensor], dlse: Optional[Tensor], h: Tensor, weight: Tensor, bias: Optional[Tensor],
-    labels: Tensor, lse: Tensor, ignore_index: int, reduction: str, chunk_size: int,
+    labels: Tensor, lse: Tensor, ignore_index: int, reduction: str, chunk_size: int, logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dh [N, H], dweight [V, H], dbias [V] or [0])``; logits recomputed tile by tile."""
-    dh, dw, db = linear_cross_entropy_backward(dloss, dlse, h, weight, bias, labels, lse, ignore_index, reduction, chunk_size)
+    dh, dw, db = linear_cross_entropy_backward(dloss, dlse, h, weight, bias, labels, lse, ignore_index, reduction, chunk_size,
+                                               logit_scale, softcap)
     return dh, dw, (db if db is not None else h.new_empty((0,)))
 
 
 @linear_cross_entropy_bwd.register_fake
-def _(dloss, dlse, h, weight, bias, labels, lse, ignore_index, reduction, chunk_size):
+def _(dloss, dlse, h, weight, bias, labels, lse, ignore_index, reduction, chunk_size, logit_scale=1.0, softcap=0.0):
     db = bias.new_empty(bias.shape) if bias is not None else h.new_empty((0,))
     return h.new_empty(h.shape), weight.new_empty(weight.shape), db
 
 
 def _setup(ctx, inputs, output):
-    h, weight, bias, labels, _logits, ignore_index, reduction, chunk_size = inputs
+    h, weight, bias, labels, _logits, *args = inputs
     _, lse = output
     # The logits input is deliberately not saved: backward recomputes tile logits.
     ctx.save_for_backward(h, weight, bias, labels, lse)
-    ctx.args = (ignore_index, reduction, chunk_size)
+    ctx.args = tuple(args)  # ignore_index, reduction, chunk_size[, logit_scale, softcap]
 
 
 def _backward(ctx, dloss, dlse):
     h, weight, bias, labels, lse = ctx.saved_tensors
-    ignore_index, reduction, chunk_size = ctx.args
-    dh, dw, db = linear_cross_entropy_bwd(dloss, dlse, h, weight, bias, labels, lse, ignore_index, reduction, chunk_size)
-    return dh, dw, (db if bias is not None else None), None, None, None, None, None
+    dh, dw, db = linear_cross_entropy_bwd(dloss, dlse, h, weight, bias, labels, lse, *ctx.args)
+    return (dh, dw, (db if bias is not None else None)) + (None,) * (2 + len(ctx.args))
 
 
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
@@ -111,6 +113,8 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(h, weight, bias).float(), labels)`` without ``[N, V]`` saved.
 
@@ -128,6 +132,10 @@ def linear_cross_entropy(
             gradients, as ``F.cross_entropy``) or ``"sum"``.
         chunk_size: tokens per tile; the largest temporaries are ``[chunk_size, V]``. None
             (default): tiles whose logits are no larger than ``h`` (``⌈N·H / V⌉`` rows).
+        logit_scale, softcap: the head's transform of its logits before the loss, in float32
+            (float64 for float64 inputs): ``z · logit_scale`` (Cohere; Granite's division by
+            ``logits_scaling`` is ``logit_scale = 1 / logits_scaling``), then with ``softcap >
+            0`` ``softcap · tanh(z / softcap)`` (Gemma's final soft-capping).
     Returns:
         the scalar loss in float32 (float64 for float64 inputs). Differentiable in ``h``,
         ``weight`` and ``bias``.
@@ -137,6 +145,8 @@ def linear_cross_entropy(
     """
     validate_arguments(h, weight, bias, labels, logits, ignore_index, reduction, chunk_size, "linear_cross_entropy",
                        autocast=torch.is_autocast_enabled(h.device.type) and h.device.type in AUTOCAST_DEVICE_TYPES)
+    check_transform(logit_scale, softcap, "linear_cross_entropy")
     if logits is not None:
         logits = logits.detach()
-    return linear_cross_entropy_fwd(h, weight, bias, labels, logits, ignore_index, reduction, AUTO if chunk_size is None else chunk_size)[0]
+    return linear_cross_entropy_fwd(h, weight, bias, labels, logits, ignore_index, reduction, AUTO if chunk_size is None else chunk_size,
+                                    float(logit_scale), float(softcap))[0]

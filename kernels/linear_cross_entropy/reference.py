@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["linear_cross_entropy_reference", "validate_arguments", "accumulation_dtype", "REDUCTIONS"]
+__all__ = ["linear_cross_entropy_reference", "validate_arguments", "accumulation_dtype", "transform_logits", "check_transform", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,6 +27,28 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype logits, log-sum-exp and weight gradients are computed in: float64 stays float64,
     everything else uses float32 (as ``transformers`` upcasts logits before the loss)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def transform_logits(z: Tensor, logit_scale: float, softcap: float) -> Tensor:
+    """What some heads do to their logits before the loss, in the accumulation dtype:
+    ``z · logit_scale`` (Cohere's ``logit_scale``; Granite's ``/ logits_scaling`` is the scale
+    ``1 / logits_scaling``), then, with ``softcap > 0``, ``softcap · tanh(z / softcap)`` (Gemma's
+    final soft-capping)."""
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def check_transform(logit_scale: float, softcap: float, name: str) -> None:
+    import math
+
+    for arg_name, v in (("logit_scale", logit_scale), ("softcap", softcap)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise TypeError(f"{name}: {arg_name} must be a finite float, got {v!r}")
+    if softcap < 0:
+        raise ValueError(f"{name}: softcap must be > 0 (or 0: none), got {softcap}")
 
 
 def validate_arguments(
@@ -89,6 +111,8 @@ def linear_cross_entropy_reference(
     *,
     ignore_index: int = -100,
     reduction: str = "mean",
+    logit_scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(h, weight, bias), labels)`` with the logits upcast.
 
@@ -97,6 +121,7 @@ def linear_cross_entropy_reference(
         ignore_index: label value whose tokens contribute nothing (``-100`` in ``transformers``).
         reduction: ``"mean"`` over the non-ignored tokens (NaN when every label is ignored,
             as ``F.cross_entropy``), or ``"sum"``.
+        logit_scale, softcap: the logits' transform before the loss (:func:`transform_logits`).
     Returns:
         the scalar loss in the accumulation dtype (float32, or float64 for float64 inputs).
 
@@ -105,5 +130,6 @@ def linear_cross_entropy_reference(
     float64 ground truth.
     """
     validate_arguments(h, weight, bias, labels, None, ignore_index, reduction, None, "linear_cross_entropy_reference")
-    logits = F.linear(h, weight, bias).to(accumulation_dtype(h.dtype))
+    check_transform(logit_scale, softcap, "linear_cross_entropy_reference")
+    logits = transform_logits(F.linear(h, weight, bias).to(accumulation_dtype(h.dtype)), logit_scale, softcap)
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)

@@ -33,8 +33,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longctx_compiler.passes.causal_mask import MASKED_THRESHOLD, NotProvable, prove_causal
-from longctx_compiler.passes.fx_utils import example_value
+from longctx_compiler.passes.analysis.causal_mask import MASKED_THRESHOLD, NotProvable, prove_causal
+from longctx_compiler.passes.analysis.fx_utils import example_value
 
 PROGRAMS = int(os.environ.get("LONGCTX_FUZZ_EXAMPLES", "160"))
 BATCH = 8  # programs per Dynamo trace (tracing dominates the cost; the prover takes ~10 ms)

@@ -230,3 +230,30 @@ def test_automatic_tiles_hold_no_more_logits_than_the_hidden_states():
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
     for a, b in zip(torch.autograd.grad(ours, (h, w)), torch.autograd.grad(ref, (h, w))):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+@settings(deadline=None, max_examples=30)
+@given(c=lce_cases(allow_all_ignored=False), logit_scale=st.sampled_from([1.0, 0.125, -0.5, 3.0]),
+       softcap=st.sampled_from([0.0, 0.5, 2.5, 30.0]))
+def test_logit_transform_float64_exact(c, logit_scale, softcap):
+    # Granite (scale 1/logits_scaling), Cohere (logit_scale), Gemma (soft-capping), combined.
+    h, w, b, labels = _inputs(c, torch.float64)
+    want = _loss_and_grads(lambda h, w, b, y: linear_cross_entropy_reference(
+        h, w, y, b, ignore_index=c["ignore_index"], reduction=c["reduction"], logit_scale=logit_scale, softcap=softcap), h, w, b, labels)
+
+    def ours(h, w, b, y):
+        logits = F.linear(h, w, b) if c["precomputed"] else None
+        return linear_cross_entropy(h, w, y, b, logits=logits, ignore_index=c["ignore_index"], reduction=c["reduction"],
+                                    chunk_size=c["chunk"], logit_scale=logit_scale, softcap=softcap)
+
+    for name, g, r in zip(NAMES, _loss_and_grads(ours, h, w, b, labels), want):
+        assert_exact(g, r, name=name)
+
+
+@pytest.mark.parametrize("kw, err", [({"softcap": -1.0}, ValueError), ({"logit_scale": float("nan")}, TypeError),
+                                     ({"softcap": True}, TypeError)])
+def test_bad_logit_transform_is_a_clear_error(kw, err):
+    c = dict(N=3, H=2, V=4, chunk=2, bias=False, reduction="mean", ignore="none", ignore_index=-100, precomputed=False, seed=0)
+    h, w, _, labels = _inputs(c, torch.float64)
+    with pytest.raises(err, match="linear_cross_entropy: (softcap|logit_scale)"):
+        linear_cross_entropy(h, w, labels, **kw)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longctx_compiler.passes.causal_mask import MASKED_THRESHOLD, NotProvable, mask_inputs, prove_causal
-from longctx_compiler.passes.fx_utils import example_value
+from longctx_compiler.passes.analysis.causal_mask import MASKED_THRESHOLD, NotProvable, mask_inputs, prove_causal
+from longctx_compiler.passes.analysis.fx_utils import example_value
 
 F64 = torch.float64
 NEG = torch.finfo(F64).min

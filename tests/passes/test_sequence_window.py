@@ -1,7 +1,7 @@
 """Which blocks run chunk by chunk along the sequence: the sequence-window analysis, end to end.
 
 ``adjoint_sharded_blocks`` rewrites a block (the outermost module holding exactly one scan)
-to run chunk by chunk only when ``passes/sequence_window.py`` proves it local along the
+to run chunk by chunk only when ``passes/analysis/sequence_window.py`` proves it local along the
 sequence: causal, with a finite halo H (the tokens before a chunk that its window reads),
 and its outputs pointwise in the scan's output. Proved here through ``lc.optimize``, in
 float64, on stacks of two small blocks run in chunks of Q = 3 tokens:

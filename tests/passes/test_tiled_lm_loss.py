@@ -277,11 +277,6 @@ def test_matmul_with_a_vocab_last_projection():
     assert om.report.rewrites[0].kind == "matmul+cross_entropy -> linear_cross_entropy"
 
 
-def _soft_cap(logits, labels):
-    logits = torch.tanh(logits / 30.0) * 30.0
-    return F.cross_entropy(logits.view(-1, V), labels.view(-1))
-
-
 def _inplace(logits, labels):
     logits[..., 0] = -1.0
     return F.cross_entropy(logits.view(-1, V), labels.view(-1))
@@ -301,7 +296,6 @@ REFUSALS = {
     "class weights": (lambda x, y: F.cross_entropy(x.view(-1, V), y.view(-1), weight=torch.linspace(0.5, 2, V, dtype=x.dtype)), "class weights"),
     "reduction none": (lambda x, y: F.cross_entropy(x.view(-1, V), y.view(-1), reduction="none").sum(), "reduction='none'"),
     "soft targets": (lambda x, y: F.cross_entropy(x.view(-1, V), F.one_hot(y.view(-1).clamp(min=0), V).to(x.dtype)), "soft"),
-    "soft-capping": (_soft_cap, "between the LM head"),
     "in-place setitem": (_inplace, "modified in place by `setitem`"),
     "in-place method": (_inplace_method, "modified in place by `mul_`"),
     "vocabulary slice": (_vocab_slice, "selects vocabulary entries"),
@@ -450,3 +444,56 @@ def test_disabled_config_and_chunk_size():
     om = lc.optimize(eager, backend="aot_eager", lm_loss={"chunk_size": 3})
     om(h, labels)
     assert om.report.rewrites[0].details["chunk_size"] == 3
+
+
+class TransformedHead(torch.nn.Module):
+    """``cross_entropy(transform(lm_head(h)).view(-1, V), labels)`` with ``transform`` given."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(H, V, bias=False, dtype=torch.float64)
+        self.transform = transform
+
+    def forward(self, h, labels):
+        return F.cross_entropy(self.transform(self.lm_head(h)).view(-1, V), labels.view(-1))
+
+
+_FOLDED = {
+    "scale": (lambda x: x * 0.5, 0.5, 0.0),
+    "scale first": (lambda x: 2.0 * x, 2.0, 0.0),
+    "division": (lambda x: x / 4.0, 0.25, 0.0),
+    "softcap": (lambda x: torch.tanh(x / 3.0) * 3.0, 1.0, 3.0),
+    "scale then softcap": (lambda x: torch.tanh((x * 2.0) / 5.0) * 5.0, 2.0, 5.0),
+    "bare tanh": (lambda x: torch.tanh(x), 1.0, 1.0),
+    "tanh of a scaled logit": (lambda x: torch.tanh(x / 2.0), 0.5, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FOLDED))
+def test_scales_and_softcapping_are_folded_into_the_op_exactly(name):
+    transform, scale, cap = _FOLDED[name]
+    eager, cand = pair(TransformedHead, transform)
+    om = opt(cand)
+    for t, seed in ((9, 0), (4, 1)):
+        assert_gradients_match(eager, om, list(inputs(2, t, seed)), loss_fn=first)
+    (rw,) = om.report.rewrites
+    assert rw.details.get("logit_scale", 1.0) == scale and rw.details.get("softcap", 0.0) == cap
+
+
+_NOT_FOLDED = {
+    "scale after softcap": (lambda x: torch.tanh(x / 3.0) * 3.0 * 2.0, "after the tanh"),
+    "cap without its division": (lambda x: torch.tanh(x) * 3.0, "without the matching"),
+    "two tanh": (lambda x: torch.tanh(torch.tanh(x)), "tanh applied 2 times"),
+    "negative cap": (lambda x: torch.tanh(x / -2.0) * -2.0, "positive cap"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NOT_FOLDED))
+def test_transforms_the_op_cannot_take_are_refused_and_exact(name):
+    transform, reason = _NOT_FOLDED[name]
+    eager, cand = pair(TransformedHead, transform)
+    om = lc.optimize(cand, backend="aot_eager", lm_loss={"chunk_size": 4})
+    with pytest.warns(lc.RefusalWarning):
+        assert_gradients_match(eager, om, list(inputs(2, 7, 0)), loss_fn=first)
+    (refusal,) = om.report.refusals
+    assert reason in refusal.reason and om.report.count(PASS) == 0
