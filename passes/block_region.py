@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from longctx_compiler.passes.base import CantApply, Match
+from longctx_compiler.dynamo_names import module_path
 from longctx_compiler.passes.analysis.fx_utils import example_value, propagate_example_value, writes_in_place
 
 __all__ = ["module_stack", "random_op", "find_blocks", "check_region", "replace_region", "copy_body"]
@@ -42,9 +43,10 @@ _DROPOUT = {torch.nn.functional.dropout, torch.dropout, torch.nn.functional.drop
 
 
 def module_stack(node: fx.Node) -> list[tuple[str, str]]:
-    """``[(key, path), ...]`` outermost first, from Dynamo's ``nn_module_stack``."""
+    """``[(key, path), ...]`` outermost first, from Dynamo's ``nn_module_stack``; ``path`` as
+    the report writes it (``model.layers.0.mlp``, whatever Dynamo's source spelling)."""
     stack = node.meta.get("nn_module_stack") or {}
-    return [(k, v[0]) for k, v in stack.items()]
+    return [(k, module_path(v[0])) for k, v in stack.items()]
 
 
 def random_op(node: fx.Node) -> str | None:

@@ -8,7 +8,9 @@ rewrite stage the order matters where passes compete for the same nodes:
 * the per-scan rewrite before the block passes, which carry the rewritten scan;
 * ``adjoint_sharded_blocks`` and ``pipelined_layers`` before ``recompute_ssm_blocks``: a block
   run chunk by chunk needs no recompute region;
-* the LM loss last: it reads the head that the layers feed.
+* the LM loss after the layers: it reads the head that the layers feed;
+* ``tiled_tokenwise`` last: it takes the token-wise modules nothing else took (the MLPs of
+  layers not pipelined), never the LM head.
 
 (``checkpoint_regions`` is not a pass of this list: the runner inlines activation-checkpoint
 regions before the first pass and outlines what is left after the last, see ``base.py``.)
@@ -37,6 +39,7 @@ PIPELINE: tuple[tuple[str, str], ...] = (
     ("rewrite", "pipelined_layers:PipelinedLayersPass"),
     ("rewrite", "recompute_ssm_blocks:RecomputeSSMBlocksPass"),
     ("rewrite", "tiled_lm_loss:TiledLMLossPass"),
+    ("rewrite", "tiled_tokenwise:TiledTokenwisePass"),
 )
 
 

@@ -456,19 +456,26 @@ def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx
 
     Args:
         nodes, inputs, outputs: the region, the values it reads, the values used after it.
-        carries: the region's carry nodes. The caller computes each one's output for the
+        carries: the region's carry nodes (none: a purely token-wise region, whose sequence
+            length is the one dynamic size of its inputs). The caller computes each one's output for the
             window's own tokens only (its carry bringing in the earlier ones) and pads it with
             ``hc`` leading zeros; that output is the source ``"<what><i>"``, and every carry
             input and region output must read it at its own position only.
     """
-    if not carries:
-        raise CantApply("the block holds no scan or attention to carry along the sequence")
-    first = carries[0]
-    pos0 = min(first.seq_args)
-    u = example_value(first.args[pos0])
-    length = u.shape[first.seq_args[pos0]]
-    if not isinstance(length, torch.SymInt) or not isinstance(length.node.expr, sympy.Symbol):
-        raise CantApply(f"the sequence length is not a symbol of the captured graph ({length}); the graph is not dynamic in it")
+    if carries:
+        first = carries[0]
+        pos0 = min(first.seq_args)
+        u = example_value(first.args[pos0])
+        length = u.shape[first.seq_args[pos0]]
+        if not isinstance(length, torch.SymInt) or not isinstance(length.node.expr, sympy.Symbol):
+            raise CantApply(f"the sequence length is not a symbol of the captured graph ({length}); the graph is not dynamic in it")
+    else:
+        # A purely token-wise region: the sequence is the one dynamic size of its inputs.
+        symbols = {d.node.expr: d for a in inputs if isinstance(v := example_value(a), torch.Tensor)
+                   for d in v.shape if isinstance(d, torch.SymInt) and isinstance(d.node.expr, sympy.Symbol)}
+        if len(symbols) != 1:
+            raise CantApply(f"the region's inputs have {len(symbols)} dynamic sizes, not one sequence length")
+        length = next(iter(symbols.values()))
     an = _Analysis(length.node.expr)
     for a in inputs:
         an.input(a)

@@ -1,0 +1,127 @@
+"""Tile a layer's token-wise work (its MLP) along the sequence, with recompute in backward.
+
+A decoder layer that is not pipelined whole (``layers.enabled`` off, or the layer refused)
+still holds token-wise work whose activations grow with ``T``: an MLP saves ``[T,
+intermediate]`` tensors for backward (SwiGLU: gate, up, their activation and product — four
+of them). This pass runs each such region one chunk of ``Q`` tokens at a time — ALST's
+TiledMLP, found from the graph for every model::
+
+    before:  x ─ gate_proj ─ silu ─┐
+               └ up_proj ──────────┴ (*) ─ down_proj ─ out           # saves 4 × [T, intermediate]
+    after:   out, _ = longctx.sequence_block_fwd([x, *weights], sizes, plan)   # saves x
+
+Forward runs the region chunk by chunk without autograd; backward recomputes each chunk and
+takes its vector-Jacobian product. Saved for backward: the region's input (and the weights);
+the device holds one chunk's intermediates. Exact. The runtime is the sequence-block runtime
+(``kernels/sequence_block/``) with no carry at all.
+
+Which regions: the outermost module around a ``linear`` that holds at least two linears and
+no long-context op (attention, scan, a block already chunked, the tiled loss) — a layer's
+MLP; a lone projection saves nothing worth tiling. :mod:`sequence_window` proves it
+token-wise (no reduction, shift or look-ahead along the sequence; halo 0) or the pass refuses
+with the reason. It runs after ``pipelined_layers`` (a pipelined layer's MLP is already
+chunked) and after ``tiled_lm_loss`` (the LM head is the loss's).
+
+Configuration: ``Config.layers.tile_tokenwise`` (off by default: the recompute costs about one
+more MLP forward per step), ``layers.chunk_size`` tokens per chunk and ``layers.offload`` for
+the region's input.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from longctx_compiler.kernels.sequence_block import BLOCK_OP
+from longctx_compiler.passes.adjoint_sharded_blocks import sequence_block_plan
+from longctx_compiler.passes.analysis.fx_utils import example_value, is_call
+from longctx_compiler.passes.analysis.sequence_window import analyse_window
+from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
+from longctx_compiler.passes.block_region import check_region, module_stack, replace_region
+from longctx_compiler.passes.pipelined_layers import DEFAULT_CHUNK
+
+__all__ = ["TiledTokenwisePass"]
+
+_LINEAR = (F.linear, torch._C._nn.linear)
+
+
+def _long_context_op(n: fx.Node) -> bool:
+    ns = getattr(n.target, "namespace", None) or getattr(getattr(n.target, "_schema", None), "name", "")
+    return n.op == "call_function" and (str(ns).startswith("longctx") or isinstance(n.target, torch._ops.HigherOrderOperator))
+
+
+class TiledTokenwisePass(Pass):
+    """Each MLP-like token-wise module → one op that runs it chunk by chunk (recompute in backward)."""
+
+    name = "tiled_tokenwise"
+    kind = "token-wise region -> chunked along T (recomputed in backward)"
+
+    def enabled(self, ctx: PassContext) -> bool:
+        return ctx.config.layers.tile_tokenwise
+
+    def chunk(self, ctx: PassContext) -> int:
+        return ctx.config.layers.chunk_size or ctx.config.attention.chunk_size or DEFAULT_CHUNK
+
+    @staticmethod
+    def offload(ctx: PassContext) -> bool:
+        layers = ctx.config.layers
+        return bool(ctx.config.attention.offload if layers.offload is None else layers.offload)
+
+    def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
+        return {"module": match.data["path"], "nodes": len(match.nodes), "linears": match.data["linears"],
+                "chunk_size": self.chunk(ctx), "offload": self.offload(ctx),
+                "saved": "region input" + (" (host pool)" if self.offload(ctx) else "") + " + weights"}
+
+    def match(self, gm: fx.GraphModule, ctx: PassContext) -> Iterable[Match]:
+        # Per module: its nodes, its linears, whether it holds a long-context op.
+        nodes: dict[str, list[fx.Node]] = {}
+        paths: dict[str, str] = {}
+        dirty: set[str] = set()
+        for n in gm.graph.nodes:
+            if n.op not in ("call_function", "call_method", "call_module"):
+                continue
+            for key, path in module_stack(n):
+                nodes.setdefault(key, []).append(n)
+                paths[key] = path
+                if _long_context_op(n):
+                    dirty.add(key)
+        done: set[str] = set()
+        for n in gm.graph.nodes:
+            if not is_call(n, *_LINEAR):
+                continue
+            key = next((k for k, _ in module_stack(n) if k not in dirty), None)
+            if key is None or key in done:
+                continue
+            done.add(key)
+            region = [m for m in nodes[key] if not (isinstance(example_value(m), (torch.SymInt, int)) and not set(m.all_input_nodes) & set(nodes[key]))]
+            linears = sum(1 for m in region if is_call(m, *_LINEAR))
+            if linears < 2:
+                continue  # a lone projection: its saved input is all it holds
+            # The report names the module: anchor on its first node of its own (not a submodule's).
+            first = next((m for m in region if module_stack(m)[-1][0] == key), region[0])
+            yield Match(anchor=first, nodes=region, data={"path": paths[key], "linears": linears})
+
+    def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
+        check_region(gm, match, lambda n: False)
+        window = analyse_window(match.nodes, match.data["inputs"], match.data["outputs"], [])
+        if window.halo:
+            raise CantApply(f"the module reads {window.halo} earlier tokens (a convolution or shift along the sequence): not token-wise")
+        if not window.input_dims:
+            raise CantApply("no input of the module runs along the sequence")
+        for a in match.data["inputs"]:
+            v = example_value(a)
+            if not isinstance(v, (torch.Tensor, torch.SymInt, int)):
+                raise CantApply(f"module input {a.name} is a {type(v).__name__}")
+        match.data["window"] = window
+
+    def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
+        window = match.data["window"]
+        key, tensors, sizes = sequence_block_plan(
+            gm, match, window, [], {}, max(self.chunk(ctx), window.min_length),
+            host_inputs=self.offload(ctx), host_budget=ctx.config.attention.host_pool_bytes,
+        )
+        call, results = replace_region(gm, match, BLOCK_OP, (list(tensors), list(sizes), key), {})
+        return [call, *results]

@@ -1,0 +1,107 @@
+"""Token-wise modules (MLPs) of layers that are not pipelined run chunk by chunk, recomputed in
+backward: float64 exact on every gradient, one compile for every length, the rewrite fired on
+every layer's MLP, no ``[T, intermediate]`` activation saved, and what is not token-wise
+refused with the reason."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import longctx_compiler as lc
+from lm_helpers import ids_for
+from longctx_compiler.memory import measure_step
+from longctx_compiler.testing import EXACT_RTOL, assert_gradients_match, clone_module
+
+transformers = pytest.importorskip("transformers")
+
+PASS = "tiled_tokenwise"
+COMMON = dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
+              max_position_embeddings=256)
+MODELS = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **COMMON)),
+    "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(use_parallel_residual=True, **COMMON)),
+}
+
+
+def optimized(m, chunk=8, **layers):
+    # The LM loss is left to the model: logits are compared (its `.float()` would blur float64).
+    return lc.optimize(m, backend="aot_eager", strict=True, lm_loss={"enabled": False}, attention={"chunk_size": 8},
+                       layers={"tile_tokenwise": True, "chunk_size": chunk, **layers})
+
+
+def logits_of(m, ids):
+    return m(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_mlp_is_tiled_exactly_with_one_compile(name):
+    torch.manual_seed(0)
+    eager = MODELS[name]().double()
+    opt = optimized(clone_module(eager, torch.float64))
+    for t, seed in ((21, 0), (8, 1), (5, 2)):  # not a multiple of, at, and below the chunk
+        assert_gradients_match(eager, opt, [ids_for(t, seed)], call=logits_of, rtol=EXACT_RTOL)
+    modules = [r.details["module"] for r in opt.report.rewrites if r.pass_name == PASS]
+    root = "gpt_neox" if name == "gpt_neox" else "model"
+    assert modules == [f"{root}.layers.0.mlp", f"{root}.layers.1.mlp"], modules
+    assert opt.compile_count == 1
+
+
+def test_no_intermediate_activation_is_saved():
+    torch.manual_seed(0)
+    base = MODELS["llama"]()
+    plain = lc.optimize(clone_module(base), backend="aot_eager", lm_loss={"enabled": False}, attention={"chunk_size": 64, "offload": False})
+    tiled = lc.optimize(clone_module(base), backend="aot_eager", lm_loss={"enabled": False}, attention={"chunk_size": 64, "offload": False},
+                        layers={"tile_tokenwise": True, "chunk_size": 64, "offload": False})
+    ids = ids_for(512, 0)
+
+    def step(m):
+        return lambda: logits_of(m, ids).sum().backward()
+
+    for m in (plain, tiled):
+        step(m)()  # compile
+    peak_plain = measure_step(step(plain), parameters=plain).peak_bytes
+    peak_tiled = measure_step(step(tiled), parameters=tiled).peak_bytes
+    # SwiGLU saves gate, up, silu(gate) and their product: 4 x [T, 96] per layer, 2 layers,
+    # all alive at the start of backward; tiled, one chunk's at a time.
+    assert peak_plain - peak_tiled >= 0.75 * 2 * 4 * 512 * 96 * 4, (peak_plain, peak_tiled)
+    assert tiled.report.count(PASS) == 2
+
+
+def test_off_by_default():
+    torch.manual_seed(0)
+    opt = lc.optimize(MODELS["llama"](), backend="aot_eager", lm_loss={"enabled": False})
+    logits_of(opt, ids_for(9, 0)).sum().backward()
+    assert opt.report.count(PASS) == 0 and not [r for r in opt.report.refusals if r.pass_name == PASS]
+
+
+class ShiftedMLP(torch.nn.Module):
+    """An MLP that mixes each token with the previous one: not token-wise."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16, dtype=torch.float64)
+        self.down = torch.nn.Linear(16, 8, dtype=torch.float64)
+
+    def forward(self, x):
+        y = F.gelu(self.up(x))
+        return self.down(y + F.pad(y, (0, 0, 1, 0))[:, :-1])
+
+
+class Model(torch.nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+def test_a_module_that_mixes_tokens_is_refused_with_the_reason_and_stays_exact():
+    torch.manual_seed(0)
+    eager = Model(ShiftedMLP())
+    opt = lc.optimize(clone_module(eager, torch.float64), backend="aot_eager", layers={"tile_tokenwise": True, "chunk_size": 4})
+    x = torch.randn(2, 11, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.warns(lc.RefusalWarning):
+        assert_gradients_match(eager, opt, [x], rtol=EXACT_RTOL)
+    (refusal,) = [r for r in opt.report.refusals if r.pass_name == PASS]
+    assert "not token-wise" in refusal.reason and opt.report.count(PASS) == 0
