@@ -38,7 +38,7 @@ def test_every_mlp_is_tiled_exactly_with_one_compile(name):
     torch.manual_seed(0)
     eager = MODELS[name]().double()
     opt = optimized(clone_module(eager, torch.float64))
-    for t, seed in ((21, 0), (8, 1), (5, 2)):  # not a multiple of, at, and below the chunk
+    for t, seed in ((21, 0), (5, 1)):  # not a multiple of, and below, the chunk
         assert_gradients_match(eager, opt, [ids_for(t, seed)], call=logits_of, rtol=EXACT_RTOL)
     modules = [r.details["module"] for r in opt.report.rewrites if r.pass_name == PASS]
     root = "gpt_neox" if name == "gpt_neox" else "model"
