@@ -49,6 +49,12 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
     return [(k, module_path(v[0])) for k, v in stack.items()]
 
 
+def long_context_op(node: fx.Node) -> bool:
+    """Whether ``node`` calls one of our ``longctx::`` ops (attention, scan, block, loss)."""
+    ns = getattr(node.target, "namespace", None) or getattr(getattr(node.target, "_schema", None), "name", "")
+    return node.op == "call_function" and str(ns).startswith("longctx")
+
+
 def random_op(node: fx.Node) -> str | None:
     """What ``node`` draws from the random-number generator, None if nothing."""
     if node.op == "call_function" and node.target in _RANDOM:
@@ -113,8 +119,7 @@ def check_region(gm: fx.GraphModule, match: Match, own_ops: Callable[[fx.Node], 
             raise CantApply(f"{n.name} ({n.target}) has side effects")
         if n.op == "call_module":
             raise CantApply(f"{n.name} calls a module ({n.target}) that Dynamo did not inline")
-        ns = getattr(n.target, "namespace", None) or getattr(getattr(n.target, "_schema", None), "name", "")
-        if n.op == "call_function" and str(ns).startswith("longctx"):
+        if long_context_op(n):
             raise CantApply(f"the block holds another long-context op ({n.target}); recomputing it is not supported")
         if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator):
             raise CantApply(f"the block holds a higher-order op ({n.target.name()})")

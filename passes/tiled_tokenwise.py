@@ -40,7 +40,7 @@ from longctx_compiler.passes.adjoint_sharded_blocks import sequence_block_plan
 from longctx_compiler.passes.analysis.fx_utils import example_value, is_call
 from longctx_compiler.passes.analysis.sequence_window import analyse_window
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.block_region import check_region, module_stack, replace_region
+from longctx_compiler.passes.block_region import check_region, long_context_op, module_stack, replace_region
 from longctx_compiler.passes.pipelined_layers import DEFAULT_CHUNK
 
 __all__ = ["TiledTokenwisePass"]
@@ -48,9 +48,9 @@ __all__ = ["TiledTokenwisePass"]
 _LINEAR = (F.linear, torch._C._nn.linear)
 
 
-def _long_context_op(n: fx.Node) -> bool:
-    ns = getattr(n.target, "namespace", None) or getattr(getattr(n.target, "_schema", None), "name", "")
-    return n.op == "call_function" and (str(ns).startswith("longctx") or isinstance(n.target, torch._ops.HigherOrderOperator))
+def _not_tileable(n: fx.Node) -> bool:
+    # Our ops (and higher-order ops such as a raised scan) carry state along the sequence.
+    return long_context_op(n) or (n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator))
 
 
 class TiledTokenwisePass(Pass):
@@ -86,7 +86,7 @@ class TiledTokenwisePass(Pass):
             for key, path in module_stack(n):
                 nodes.setdefault(key, []).append(n)
                 paths[key] = path
-                if _long_context_op(n):
+                if _not_tileable(n):
                     dirty.add(key)
         done: set[str] = set()
         for n in gm.graph.nodes:
