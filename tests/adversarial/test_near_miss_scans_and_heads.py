@@ -756,5 +756,6 @@ def test_named_head_near_misses():
     figures = Figures("named heads")
     judge_heads(NAMED_HEADS, (6, 9), 0, figures, 7)
     c = figures.counts
-    assert c["refused"] == 6 and c["not matched"] == 1, c
-    assert c["rewritten (precision note)"] == 4 and c["rewritten"] == 1, c
+    # The soft-capping and the scale are folded into the op (exact, judged against eager).
+    assert c["refused"] == 4 and c["not matched"] == 1, c
+    assert c["rewritten (precision note)"] == 4 and c["rewritten"] == 3, c
