@@ -81,7 +81,9 @@ def linear_cross_entropy_forward(
         m = z.amax(dim=-1, keepdim=True)
         m = torch.where(m.isfinite(), m, 0)  # an all -inf row: lse -inf, as logsumexp gives
         shifted = z - m
-        log_s = shifted.exp().sum(dim=-1).log()
+        # The row sum in float64, as PyTorch's CPU log_softmax accumulates float32: for a
+        # confident token Σ = 1 + δ, and a float32 Σ would lose δ below 2^-24.
+        log_s = shifted.exp().sum(dim=-1, dtype=torch.float64).log().to(acc)
         target = shifted.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
         total += torch.where(valid, log_s - target, 0).sum(dtype=torch.float64)
         lse[s:e] = log_s + m.squeeze(1)
@@ -97,7 +99,8 @@ def linear_cross_entropy_backward(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(dh, dweight, dbias)`` from the loss cotangent (and an optional ``lse`` cotangent).
 
-    Per tile, with ``P = exp(f − lse)`` from the recomputed, transformed logits
+    Per tile, with ``P = softmax(f)`` (from the row max, as ``F.softmax``) of the recomputed,
+    transformed logits
     ``f = cap·tanh(s·z / cap)`` (or ``s·z``)::
 
         df = c_i · (P − onehot(y_i))   (+ dlse_i · P)
@@ -130,7 +133,12 @@ def linear_cross_entropy_backward(
             z = capped * softcap
         y = labels[s:e]
         valid = valid_all[s:e]
-        p = torch.exp(z - lse[s:e].unsqueeze(1))
+        # P as softmax computes it, exp(z − m) / Σ exp(z − m) from the row max m, rather than
+        # exp(z − lse): lse = m + log Σ carries round-off of the size of |m|, which swamps
+        # 1 − P_y for a confident token (dz_y = c·(P_y − 1)).
+        m = z.amax(dim=-1, keepdim=True)
+        p = torch.exp(z - torch.where(m.isfinite(), m, 0))
+        p = (p / p.sum(dim=-1, keepdim=True, dtype=torch.float64)).to(acc)
         coef = torch.where(valid, g, torch.zeros((), dtype=acc, device=h.device))
         dz = p * coef.unsqueeze(1)
         dz.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -coef.unsqueeze(1))

@@ -246,7 +246,11 @@ def test_logit_transform_float64_exact(c, logit_scale, softcap):
         return linear_cross_entropy(h, w, y, b, logits=logits, ignore_index=c["ignore_index"], reduction=c["reduction"],
                                     chunk_size=c["chunk"], logit_scale=logit_scale, softcap=softcap)
 
+    all_ignored = bool((labels == c["ignore_index"]).all())
     for name, g, r in zip(NAMES, _loss_and_grads(ours, h, w, b, labels), want):
+        if name == "loss" and all_ignored and c["reduction"] == "mean":
+            assert torch.isnan(g) and torch.isnan(r)  # F.cross_entropy's 0/0
+            continue
         assert_exact(g, r, name=name)
 
 
