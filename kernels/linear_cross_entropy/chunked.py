@@ -55,6 +55,18 @@ def _tile_logits(h: Tensor, weight: Tensor, bias: Tensor | None, s: int, e: int,
     return F.linear(h[s:e], weight, bias).to(acc)
 
 
+def _rest_of_row_sum(shifted: Tensor) -> Tensor:
+    """``δ`` with ``Σ_j exp(shifted_j) = 1 + δ`` per row (``shifted = z − max``): the sum without
+    one maximal entry (its ``exp`` is exactly 1). ``log Σ = log1p(δ)`` then keeps ``δ`` whole for a
+    confident token, where a float32 ``Σ = 1 + δ`` would round ``δ`` away below 2^-24. (An
+    all ``-inf`` row gives ``δ = -1``: ``log1p`` → ``-inf``, as ``logsumexp``.)"""
+    e = shifted.exp()
+    e.scatter_(1, shifted.argmax(dim=-1, keepdim=True), 0.0)
+    rest = e.sum(dim=-1)
+    # A row whose maximum is -inf has no entry equal to 1 to take out.
+    return torch.where(shifted.amax(dim=-1).isfinite(), rest, rest - 1)
+
+
 def linear_cross_entropy_forward(
     h: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, logits: Tensor | None,
     ignore_index: int, reduction: str, chunk_size: int, logit_scale: float = 1.0, softcap: float = 0.0,
@@ -81,9 +93,7 @@ def linear_cross_entropy_forward(
         m = z.amax(dim=-1, keepdim=True)
         m = torch.where(m.isfinite(), m, 0)  # an all -inf row: lse -inf, as logsumexp gives
         shifted = z - m
-        # The row sum in float64, as PyTorch's CPU log_softmax accumulates float32: for a
-        # confident token Σ = 1 + δ, and a float32 Σ would lose δ below 2^-24.
-        log_s = shifted.exp().sum(dim=-1, dtype=torch.float64).log().to(acc)
+        log_s = torch.log1p(_rest_of_row_sum(shifted))
         target = shifted.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
         total += torch.where(valid, log_s - target, 0).sum(dtype=torch.float64)
         lse[s:e] = log_s + m.squeeze(1)
@@ -137,8 +147,8 @@ def linear_cross_entropy_backward(
         # exp(z − lse): lse = m + log Σ carries round-off of the size of |m|, which swamps
         # 1 − P_y for a confident token (dz_y = c·(P_y − 1)).
         m = z.amax(dim=-1, keepdim=True)
-        p = torch.exp(z - torch.where(m.isfinite(), m, 0))
-        p = (p / p.sum(dim=-1, keepdim=True, dtype=torch.float64)).to(acc)
+        shifted = z - torch.where(m.isfinite(), m, 0)
+        p = torch.exp(shifted).div_(1 + _rest_of_row_sum(shifted).unsqueeze(1))
         coef = torch.where(valid, g, torch.zeros((), dtype=acc, device=h.device))
         dz = p * coef.unsqueeze(1)
         dz.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -coef.unsqueeze(1))
