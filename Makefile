@@ -18,6 +18,8 @@ LATEST := .venv-latest
 # heads cost seconds each.
 FUZZ_MASKS ?= 10000
 FUZZ_EXAMPLES ?= 400
+# pytest-xdist workers for `make test` (tests compile graphs: mostly one core each).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-latest lock fuzz graphviz
 
@@ -39,7 +41,7 @@ demo: $(VENV)/.installed graphviz
 	$(PY) examples/train_long_context.py
 
 test: $(VENV)/.installed graphviz
-	LONGCTX_EXPECT_LOCK=$(LOCK) $(PY) -m pytest
+	LONGCTX_EXPECT_LOCK=$(LOCK) $(PY) -m pytest -n $(TEST_WORKERS)
 
 test-latest: graphviz
 	$(PYTHON) -m venv $(LATEST)

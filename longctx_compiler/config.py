@@ -172,21 +172,25 @@ class LayerConfig:
         offload: keep the K/V history and layer inputs in the host pool (None: ``attention.offload``).
         tile_tokenwise: run the token-wise modules of layers that are not pipelined (their MLPs)
             chunk by chunk, recomputed in backward (``passes/tiled_tokenwise.py``): the
-            ``[T, intermediate]`` activations are never saved. Exact; costs about one more MLP
-            forward per step, so it is opt-in.
+            ``[T, intermediate]`` activations are never saved. With ``offload``, the module
+            between the last layer and the tiled LM loss (the final norm) runs so too, its
+            input in the host pool. Exact; costs about one more MLP forward per step.
+            None (default): on when ``enabled`` is (a pipelined stack's refused layers and its
+            end are tiled), off otherwise.
     """
 
     enabled: bool = False
     chunk_size: int | None = None
     offload: bool | None = None
-    tile_tokenwise: bool = False
+    tile_tokenwise: bool | None = None
 
     def __post_init__(self) -> None:
         _check_bool("LayerConfig", "enabled", self.enabled)
         _check_positive_int("LayerConfig", "chunk_size", self.chunk_size, allow_none=True)
         if self.offload is not None:
             _check_bool("LayerConfig", "offload", self.offload)
-        _check_bool("LayerConfig", "tile_tokenwise", self.tile_tokenwise)
+        if self.tile_tokenwise is not None:
+            _check_bool("LayerConfig", "tile_tokenwise", self.tile_tokenwise)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 Shared by the passes that rewrite whole blocks (:mod:`recompute_ssm_blocks`,
 :mod:`adjoint_sharded_blocks`, :mod:`pipelined_layers`):
 
+* :func:`module_region` — the nodes of one module, as a region.
 * :func:`find_blocks` — for each *anchor* (a scan, an attention), the outermost module (from
   Dynamo's ``nn_module_stack``) that holds it and no other anchor of the same kind: a
   ``MambaBlock`` in a stack of layers, a ``LlamaDecoderLayer``, the whole backbone in a
@@ -30,7 +31,7 @@ from longctx_compiler.passes.base import CantApply, Match
 from longctx_compiler.dynamo_names import module_path
 from longctx_compiler.passes.analysis.fx_utils import example_value, propagate_example_value, writes_in_place
 
-__all__ = ["module_stack", "random_op", "find_blocks", "check_region", "replace_region", "copy_body"]
+__all__ = ["module_stack", "long_context_op", "random_op", "find_blocks", "module_region", "check_region", "replace_region", "copy_body"]
 
 #: Functions whose result depends on the random-number generator: recomputing them would
 #: draw new numbers (and the forward/backward pair would disagree).
@@ -84,21 +85,26 @@ def find_blocks(gm: fx.GraphModule, anchors: list[fx.Node], counted: Callable[[f
             yield Match(anchor=s, nodes=[s], data={"path": None, "anchor_node": s})
             continue
         key, path = block
-        nodes: list[fx.Node] = []
-        members: set[fx.Node] = set()
-        for n in gm.graph.nodes:
-            if n.op not in ("call_function", "call_method", "call_module") or all(k != key for k, _ in module_stack(n)):
-                continue
-            if isinstance(example_value(n), (torch.SymInt, int)) and not members.intersection(n.all_input_nodes):
-                # Size arithmetic on the graph's size symbols (``T - 2``): Dynamo computes
-                # it once and may reuse it in later blocks, so it stays outside, an input.
-                continue
-            nodes.append(n)
-            members.add(n)
-        # The report names the block: anchor on its first node that belongs to the block
-        # itself rather than to a submodule (the scan sits in the mixer).
-        first = next((n for n in nodes if module_stack(n)[-1][0] == key), s)
-        yield Match(anchor=first, nodes=nodes, data={"path": path, "anchor_node": s})
+        nodes, first = module_region(gm, key)
+        yield Match(anchor=first or s, nodes=nodes, data={"path": path, "anchor_node": s})
+
+
+def module_region(gm: fx.GraphModule, key: str) -> tuple[list[fx.Node], fx.Node | None]:
+    """The nodes of the module with ``nn_module_stack`` key ``key``, in graph order, and the
+    node the report names it by: its first node that belongs to the module itself rather
+    than to a submodule (the scan sits in the mixer), None if it has none."""
+    nodes: list[fx.Node] = []
+    members: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module") or all(k != key for k, _ in module_stack(n)):
+            continue
+        if isinstance(example_value(n), (torch.SymInt, int)) and not members.intersection(n.all_input_nodes):
+            # Size arithmetic on the graph's size symbols (``T - 2``): Dynamo computes it
+            # once and may reuse it in later blocks, so it stays outside, an input.
+            continue
+        nodes.append(n)
+        members.add(n)
+    return nodes, next((n for n in nodes if module_stack(n)[-1][0] == key), None)
 
 
 def check_region(gm: fx.GraphModule, match: Match, own_ops: Callable[[fx.Node], bool]) -> None:

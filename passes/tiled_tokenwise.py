@@ -17,14 +17,17 @@ the device holds one chunk's intermediates. Exact. The runtime is the sequence-b
 
 Which regions: the outermost module around a ``linear`` that holds at least two linears and
 no long-context op (attention, scan, a block already chunked, the tiled loss) — a layer's
-MLP; a lone projection saves nothing worth tiling. :mod:`sequence_window` proves it
+MLP; a lone projection saves nothing worth tiling. And, when the region's input goes to the
+host pool, the stack's end: the module whose output the tiled LM loss reads (a final norm),
+whose input — the last layer's output, ``[T, hidden]`` — the device would otherwise hold
+from the end of the forward until the backward reaches it. :mod:`sequence_window` proves it
 token-wise (no reduction, shift or look-ahead along the sequence; halo 0) or the pass refuses
 with the reason. It runs after ``pipelined_layers`` (a pipelined layer's MLP is already
 chunked) and after ``tiled_lm_loss`` (the LM head is the loss's).
 
-Configuration: ``Config.layers.tile_tokenwise`` (off by default: the recompute costs about one
-more MLP forward per step), ``layers.chunk_size`` tokens per chunk and ``layers.offload`` for
-the region's input.
+Configuration: ``Config.layers.tile_tokenwise`` (default: on when ``layers.enabled`` is; the
+recompute costs about one more MLP forward per step), ``layers.chunk_size`` tokens per chunk
+and ``layers.offload`` for the region's input.
 """
 
 from __future__ import annotations
@@ -40,12 +43,21 @@ from longctx_compiler.passes.adjoint_sharded_blocks import sequence_block_plan
 from longctx_compiler.passes.analysis.fx_utils import example_value, is_call
 from longctx_compiler.passes.analysis.sequence_window import analyse_window
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.block_region import check_region, long_context_op, module_stack, replace_region
+from longctx_compiler.passes.block_region import check_region, long_context_op, module_region, module_stack, replace_region
 from longctx_compiler.passes.pipelined_layers import DEFAULT_CHUNK
+from longctx_compiler.passes.tiled_lm_loss import OP as LOSS_OP
 
 __all__ = ["TiledTokenwisePass"]
 
 _LINEAR = (F.linear, torch._C._nn.linear)
+_VIEWS = {"reshape", "view", "getitem", "contiguous", "to", "float", "flatten"}
+
+
+def _through_views(n: fx.Node) -> fx.Node:
+    """The node whose value ``n`` views (through reshapes, slices and casts)."""
+    while n.op in ("call_function", "call_method") and n.all_input_nodes and getattr(n.target, "__name__", n.target) in _VIEWS:
+        n = n.args[0]
+    return n
 
 
 def _not_tileable(n: fx.Node) -> bool:
@@ -60,7 +72,8 @@ class TiledTokenwisePass(Pass):
     kind = "token-wise region -> chunked along T (recomputed in backward)"
 
     def enabled(self, ctx: PassContext) -> bool:
-        return ctx.config.layers.tile_tokenwise
+        layers = ctx.config.layers
+        return layers.enabled if layers.tile_tokenwise is None else layers.tile_tokenwise
 
     def chunk(self, ctx: PassContext) -> int:
         return ctx.config.layers.chunk_size or ctx.config.attention.chunk_size or DEFAULT_CHUNK
@@ -71,38 +84,47 @@ class TiledTokenwisePass(Pass):
         return bool(ctx.config.attention.offload if layers.offload is None else layers.offload)
 
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
-        return {"module": match.data["path"], "nodes": len(match.nodes), "linears": match.data["linears"],
+        return {"module": match.data["path"], "role": match.data["role"], "nodes": len(match.nodes), "linears": match.data["linears"],
                 "chunk_size": self.chunk(ctx), "offload": self.offload(ctx),
                 "saved": "region input" + (" (host pool)" if self.offload(ctx) else "") + " + weights"}
 
     def match(self, gm: fx.GraphModule, ctx: PassContext) -> Iterable[Match]:
-        # Per module: its nodes, its linears, whether it holds a long-context op.
-        nodes: dict[str, list[fx.Node]] = {}
-        paths: dict[str, str] = {}
+        # Modules holding a long-context op are not token-wise; their submodules may be.
         dirty: set[str] = set()
+        paths: dict[str, str] = {}
         for n in gm.graph.nodes:
-            if n.op not in ("call_function", "call_method", "call_module"):
-                continue
             for key, path in module_stack(n):
-                nodes.setdefault(key, []).append(n)
                 paths[key] = path
                 if _not_tileable(n):
                     dirty.add(key)
+
+        def outermost_clean(n: fx.Node) -> str | None:
+            return next((k for k, _ in module_stack(n) if k not in dirty), None)
+
         done: set[str] = set()
+        # The stack's end: the module (a final norm) whose output the tiled LM loss reads.
+        # Alone it saves only its input, but that input is the last layer's output, a
+        # [T, hidden] tensor the device would hold until the backward reaches it; as a
+        # block with its input in the host pool it holds nothing.
+        if self.offload(ctx):
+            for loss in gm.graph.find_nodes(op="call_function", target=LOSS_OP):
+                key = outermost_clean(_through_views(loss.args[0]))
+                if key is not None and key not in done:
+                    done.add(key)
+                    nodes, first = module_region(gm, key)
+                    yield Match(anchor=first or nodes[0], nodes=nodes, data={"path": paths[key], "linears": 0, "role": "stack end"})
         for n in gm.graph.nodes:
             if not is_call(n, *_LINEAR):
                 continue
-            key = next((k for k, _ in module_stack(n) if k not in dirty), None)
+            key = outermost_clean(n)
             if key is None or key in done:
                 continue
             done.add(key)
-            region = [m for m in nodes[key] if not (isinstance(example_value(m), (torch.SymInt, int)) and not set(m.all_input_nodes) & set(nodes[key]))]
-            linears = sum(1 for m in region if is_call(m, *_LINEAR))
+            nodes, first = module_region(gm, key)
+            linears = sum(1 for m in nodes if is_call(m, *_LINEAR))
             if linears < 2:
                 continue  # a lone projection: its saved input is all it holds
-            # The report names the module: anchor on its first node of its own (not a submodule's).
-            first = next((m for m in region if module_stack(m)[-1][0] == key), region[0])
-            yield Match(anchor=first, nodes=region, data={"path": paths[key], "linears": linears})
+            yield Match(anchor=first or nodes[0], nodes=nodes, data={"path": paths[key], "linears": linears, "role": "MLP"})
 
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
         check_region(gm, match, lambda n: False)

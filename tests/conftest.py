@@ -29,6 +29,12 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 # A cache hit must never hide a pass bug: compile every graph for real.
 torch._inductor.config.force_disable_caches = True
 
+# Under pytest-xdist the workers share the machine's cores: each takes its share of intra-op
+# threads, so OpenMP pools do not spin against each other (that costs far more than it gives
+# on the many small ops of a chunked graph).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_report_header(config):
     # Which releases this run tested: a red build on a new release is then one line away.

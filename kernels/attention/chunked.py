@@ -80,9 +80,10 @@ def auto_chunk_size(q: Tensor, k: Tensor, *, fast: bool, triton: bool = False) -
     * ATen's CPU flash kernel (``fast``): ``max(T, S)``, one chunk pair — the kernel tiles
       internally, so its memory is what eager SDPA's is, and every extra chunk would only
       add merges.
-    * The torch path (any device): the largest ``C`` whose score block ``[B, Hkv, G·C, C]``
-      holds no more numbers than ``q`` itself (``C² ≤ T·D``), at least ``MIN_AUTO_CHUNK``:
-      the working set then never outgrows the ``O(T·D)`` tensors the step holds anyway.
+    * The torch path (any device): the largest ``C`` whose two live score blocks
+      ``[B, Hkv, G·C, C]`` (the backward's probabilities and their gradient) hold no more
+      numbers than ``q`` itself (``2·C² ≤ T·D``), at least ``MIN_AUTO_CHUNK``: the working
+      set then never outgrows the ``O(T·D)`` tensors the step holds anyway.
     """
     T, S, D = q.shape[2], k.shape[2], q.shape[3]
     n = max(T, S, 1)
@@ -90,7 +91,7 @@ def auto_chunk_size(q: Tensor, k: Tensor, *, fast: bool, triton: bool = False) -
         return min(n, CUDA_AUTO_CHUNK)
     if fast:
         return n
-    return min(n, max(MIN_AUTO_CHUNK, math.isqrt(n * max(D, 1))))
+    return min(n, max(MIN_AUTO_CHUNK, math.isqrt(n * max(D, 1) // 2)))
 
 
 def chunk_schedule(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: bool = False):
@@ -351,6 +352,9 @@ def chunked_attention_backward(
             ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(deltac).mul_(p)
             dk_acc += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
             dq_acc[:, :, qs:qe] += _ungroup_rows(torch.matmul(ds, kc).mul_(scale), Hq, qe - qs)
+            # Two score blocks live, not three: the next pair's scores are not allocated
+            # while this pair's still are.
+            del s, p, ds
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc
     return dq_acc.to(q.dtype), dk, dv

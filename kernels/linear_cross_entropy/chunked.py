@@ -4,8 +4,9 @@ Shapes (see ``reference.py``): ``h [N, H]``, ``weight [V, H]``, ``bias [V]`` or 
 ``labels [N]`` int64, optional precomputed ``logits [N, V]``; ``lse [N]`` in the
 accumulation dtype (float32, float64 for float64 inputs).
 
-Memory: the largest temporaries are one tile's logits and their gradient, ``[C, V]`` in the
-accumulation dtype for ``C = chunk_size`` tokens, plus the ``[V, H]`` weight-gradient
+Memory: the largest temporaries are one tile's logits (shifted by the row max in place) and
+their exponentials (which become the logits' gradient in place), ``[C, V]`` each in the
+accumulation dtype for ``C`` tokens (:func:`tile_rows`), plus the ``[V, H]`` weight-gradient
 accumulator; never ``[N, V]``. The Python loops run ``⌈N / C⌉`` iterations; everything inside
 a tile is vectorised (two matmuls, a log-sum-exp, a gather and a scatter).
 
@@ -32,17 +33,23 @@ __all__ = ["linear_cross_entropy_forward", "linear_cross_entropy_backward", "til
 AUTO = 0
 #: Fewest rows in an automatic tile: below this the Python loop, not memory, dominates.
 MIN_AUTO_ROWS = 64
+#: Most logits in an automatic tile (16 MiB in float32): the loss's working memory stops
+#: growing with the sequence there, so a long sequence's step peak is set by its ``[T, H]``
+#: tensors, not by the loss.
+MAX_AUTO_TILE = 1 << 22
 
 
 def tile_rows(n: int, hidden: int, vocab: int, chunk_size: int) -> int:
     """Rows per tile: ``chunk_size``, or for :data:`AUTO` the most rows whose ``[rows, V]``
     logits hold no more numbers than the ``[N, H]`` hidden states themselves
-    (``⌈N·H / V⌉``, at least :data:`MIN_AUTO_ROWS`). The loss's working memory then stays
-    at the size of its input at every vocabulary and length.
+    (``⌈N·H / V⌉``) and no more than :data:`MAX_AUTO_TILE`, at least :data:`MIN_AUTO_ROWS`.
+    The loss's working memory then stays below the size of its input, and bounded at every
+    length.
     """
     if chunk_size != AUTO:
         return chunk_size
-    return max(MIN_AUTO_ROWS, -(-n * hidden // max(vocab, 1)))
+    vocab = max(vocab, 1)
+    return max(MIN_AUTO_ROWS, min(-(-n * hidden // vocab), MAX_AUTO_TILE // vocab))
 
 
 def tiles(n: int, chunk_size: int):
@@ -55,16 +62,28 @@ def _tile_logits(h: Tensor, weight: Tensor, bias: Tensor | None, s: int, e: int,
     return F.linear(h[s:e], weight, bias).to(acc)
 
 
-def _rest_of_row_sum(shifted: Tensor) -> Tensor:
-    """``δ`` with ``Σ_j exp(shifted_j) = 1 + δ`` per row (``shifted = z − max``): the sum without
-    one maximal entry (its ``exp`` is exactly 1). ``log Σ = log1p(δ)`` then keeps ``δ`` whole for a
-    confident token, where a float32 ``Σ = 1 + δ`` would round ``δ`` away below 2^-24. (An
-    all ``-inf`` row gives ``δ = -1``: ``log1p`` → ``-inf``, as ``logsumexp``.)"""
+def _exp_and_rest(shifted: Tensor) -> tuple[Tensor, Tensor]:
+    """``(exp(shifted), δ)`` with ``Σ_j exp(shifted_j) = 1 + δ`` per row (``shifted = z − max``):
+    ``δ`` is the sum without one maximal entry (its ``exp`` is exactly 1). ``log Σ = log1p(δ)``
+    then keeps ``δ`` whole for a confident token, where a float32 ``Σ = 1 + δ`` would round
+    ``δ`` away below 2^-24. (An all ``-inf`` row gives ``δ = -1``: ``log1p`` → ``-inf``, as
+    ``logsumexp``.) One ``[rows, V]`` tensor is allocated: the exponentials."""
     e = shifted.exp()
-    e.scatter_(1, shifted.argmax(dim=-1, keepdim=True), 0.0)
+    top = shifted.argmax(dim=-1, keepdim=True)
+    e.scatter_(1, top, 0.0)
     rest = e.sum(dim=-1)
+    e.scatter_(1, top, shifted.gather(1, top).exp())
     # A row whose maximum is -inf has no entry equal to 1 to take out.
-    return torch.where(shifted.amax(dim=-1).isfinite(), rest, rest - 1)
+    return e, torch.where(shifted.amax(dim=-1).isfinite(), rest, rest - 1)
+
+
+def _shift_by_row_max(z: Tensor, owned: bool) -> tuple[Tensor, Tensor]:
+    """``(z − m, m)`` with ``m`` the row max (0 for an all ``-inf`` row, as ``logsumexp``);
+    in place when the tile is ``owned`` (a temporary of this op), so a tile costs one
+    ``[rows, V]`` tensor, not two."""
+    m = z.amax(dim=-1, keepdim=True)
+    m = torch.where(m.isfinite(), m, 0)
+    return (z.sub_(m) if owned else z - m), m
 
 
 def linear_cross_entropy_forward(
@@ -84,16 +103,19 @@ def linear_cross_entropy_forward(
     lse = torch.empty((n,), dtype=acc, device=h.device)
     total = torch.zeros((), dtype=torch.float64, device=h.device)
     for s, e in tiles(n, tile_rows(n, h.shape[1], weight.shape[0], chunk_size)):
-        z = logits[s:e].to(acc) if logits is not None else _tile_logits(h, weight, bias, s, e, acc)
-        z = transform_logits(z, logit_scale, softcap)
+        if logits is not None:
+            # The caller's logits: a view unless the upcast copied them; never written to.
+            z, owned = logits[s:e].to(acc), logits.dtype != acc
+        else:
+            z, owned = _tile_logits(h, weight, bias, s, e, acc), True
+        if logit_scale != 1.0 or softcap:
+            z, owned = transform_logits(z, logit_scale, softcap), True
         y = labels[s:e]
         valid = y != ignore_index
         # The loss as log_softmax computes it: log Σ exp(z − m) − (z_y − m) with m the row max.
         # (lse − z_y would cancel where z_y is the max and the loss ≪ lse.)
-        m = z.amax(dim=-1, keepdim=True)
-        m = torch.where(m.isfinite(), m, 0)  # an all -inf row: lse -inf, as logsumexp gives
-        shifted = z - m
-        log_s = torch.log1p(_rest_of_row_sum(shifted))
+        shifted, m = _shift_by_row_max(z, owned)
+        log_s = torch.log1p(_exp_and_rest(shifted)[1])
         target = shifted.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
         total += torch.where(valid, log_s - target, 0).sum(dtype=torch.float64)
         lse[s:e] = log_s + m.squeeze(1)
@@ -137,27 +159,27 @@ def linear_cross_entropy_backward(
         z = _tile_logits(h, weight, bias, s, e, acc)
         capped = None
         if logit_scale != 1.0:
-            z = z * logit_scale
+            z.mul_(logit_scale)
         if softcap:
-            capped = torch.tanh(z / softcap)
-            z = capped * softcap
+            capped = torch.tanh(z.div_(softcap))
+            z = torch.mul(capped, softcap, out=z)
         y = labels[s:e]
         valid = valid_all[s:e]
         # P as softmax computes it, exp(z − m) / Σ exp(z − m) from the row max m, rather than
         # exp(z − lse): lse = m + log Σ carries round-off of the size of |m|, which swamps
         # 1 − P_y for a confident token (dz_y = c·(P_y − 1)).
-        m = z.amax(dim=-1, keepdim=True)
-        shifted = z - torch.where(m.isfinite(), m, 0)
-        p = torch.exp(shifted).div_(1 + _rest_of_row_sum(shifted).unsqueeze(1))
+        p, rest = _exp_and_rest(_shift_by_row_max(z, True)[0])
+        del z
+        p.div_(1 + rest.unsqueeze(1))
         coef = torch.where(valid, g, torch.zeros((), dtype=acc, device=h.device))
-        dz = p * coef.unsqueeze(1)
+        # dz = c·P − c·onehot(y) (+ dlse·P), in P's own storage.
+        dz = p.mul_((coef if dlse is None else coef + dlse[s:e].to(acc)).unsqueeze(1))
         dz.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), -coef.unsqueeze(1))
-        if dlse is not None:
-            dz += p * dlse[s:e].to(acc).unsqueeze(1)
         if capped is not None:
-            dz *= 1 - capped * capped
+            dz.mul_(capped.mul_(capped).neg_().add_(1))
+            del capped
         if logit_scale != 1.0:
-            dz *= logit_scale
+            dz.mul_(logit_scale)
         dh[s:e] = torch.matmul(dz.to(weight.dtype), weight).to(h.dtype)
         dw.addmm_(dz.t(), h[s:e].to(acc))
         if db is not None:

@@ -162,3 +162,37 @@ def test_bf16_autocast_pipelined_within_twice_plain_pytorch_autocast_error():
     ids = ids_for(21, 7)
     assert_gradients_match(reference, cand, [ids], call=autocast_logits, baseline=plain)
     assert pipelined_everywhere(cand)
+
+
+def jamba(attn_period, dtype=torch.float64):
+    """A Jamba stack: an attention layer every ``attn_period`` layers (from layer 1 when the
+    period is 2: Mamba, attention, Mamba, attention), no experts, no RoPE (Jamba has none)."""
+    torch.manual_seed(0)
+    cfg = transformers.JambaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, attn_layer_period=attn_period, attn_layer_offset=attn_period - 1, expert_layer_period=100,
+        expert_layer_offset=99, num_experts=1, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4)
+    return transformers.JambaForCausalLM(cfg).to(dtype).train()
+
+
+def test_jamba_attention_layers_are_exact():
+    # Every layer an attention layer: nothing computed in float32 inside, so exact.
+    eager, opt = jamba(1), optimized(jamba(1), 5)
+    for t in (7, 16):
+        assert_gradients_match(eager, opt, [ids_for(t, t)], call=logits_of, rtol=EXACT_RTOL)
+    assert [r.site.split(" ")[0] for r in opt.report.rewrites if r.pass_name == PASS] == [f"model.layers.{i}" for i in range(4)]
+    assert opt.compile_count == 1
+
+
+def test_jamba_hybrid_stack_runs_every_layer_chunk_by_chunk():
+    # Mamba layers as adjoint-sharded blocks, attention layers pipelined: every layer chunked.
+    # transformers rounds the scan's B and u to float32 (`.float()`) even in a float64 model;
+    # ours stays in float64, so the tolerance is float32 round-off.
+    eager, opt = jamba(2), optimized(jamba(2), 5)
+    assert_gradients_match(eager, opt, [ids_for(13, 3)], call=logits_of, rtol=1e-5)
+    by_pass = {}
+    for r in opt.report.rewrites:
+        by_pass.setdefault(r.pass_name, []).append(r.site.split(" ")[0])
+    assert by_pass[PASS] == ["model.layers.1", "model.layers.3"], opt.report
+    assert by_pass["adjoint_sharded_blocks"] == ["model.layers.0", "model.layers.2"], opt.report
+    assert not opt.report.refusals

@@ -214,11 +214,16 @@ def test_arguments_are_validated_with_a_remedy():
         linear_cross_entropy(h, w, y, logits=make_tensor((4, 4), seed=2))
 
 
-def test_automatic_tiles_hold_no_more_logits_than_the_hidden_states():
-    from longctx_compiler.kernels.linear_cross_entropy.chunked import AUTO, MIN_AUTO_ROWS, tile_rows
+def test_automatic_tiles_hold_no_more_logits_than_the_hidden_states_and_stay_bounded():
+    from longctx_compiler.kernels.linear_cross_entropy.chunked import AUTO, MAX_AUTO_TILE, MIN_AUTO_ROWS, tile_rows
 
     assert tile_rows(2048, 32, 256, AUTO) == 256  # [256, 256] logits = [2048, 32] hidden
     assert tile_rows(10, 4, 1000, AUTO) == MIN_AUTO_ROWS
+    # A long sequence: the tile stops at MAX_AUTO_TILE logits, whatever T is.
+    for n in (1 << 16, 1 << 20):
+        assert tile_rows(n, 256, 16000, AUTO) == MAX_AUTO_TILE // 16000
+    # A vocabulary so large that the cap is below the minimum: the minimum wins.
+    assert tile_rows(1 << 20, 2048, 1 << 17, AUTO) == MIN_AUTO_ROWS
     assert tile_rows(2048, 32, 256, 7) == 7
     # default (automatic) tiles: 300 tokens, H = 8, V = 16 -> two tiles of 150; exact
     g = torch.Generator().manual_seed(0)

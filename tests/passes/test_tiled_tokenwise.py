@@ -105,3 +105,53 @@ def test_a_module_that_mixes_tokens_is_refused_with_the_reason_and_stays_exact()
         assert_gradients_match(eager, opt, [x], rtol=EXACT_RTOL)
     (refusal,) = [r for r in opt.report.refusals if r.pass_name == PASS]
     assert "not token-wise" in refusal.reason and opt.report.count(PASS) == 0
+
+
+def float64_lm_loss(m, ids):
+    """The causal-LM loss in float64 (transformers' own loss rounds the logits to float32)."""
+    logits = m(ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def pipelined(m, **layers):
+    return lc.optimize(m, backend="aot_eager", strict=True, attention={"chunk_size": 8, "offload": True},
+                       layers={"enabled": True, "chunk_size": 8, **layers})
+
+
+def test_the_stack_end_runs_as_a_block_with_its_input_in_the_host_pool():
+    # A pipelined stack: the final norm (between the last layer and the tiled loss) becomes a
+    # block whose input, the last layer's [B, T, H] output, waits in the host pool.
+    from longctx_compiler.runtime import HostPool, set_default_pool
+
+    torch.manual_seed(0)
+    eager = MODELS["llama"]().double()
+    opt = pipelined(clone_module(eager, torch.float64))
+    for t, seed in ((21, 0), (5, 1)):
+        ours = opt(ids_for(t, seed), labels=ids_for(t, seed), use_cache=False).loss
+        ref = float64_lm_loss(eager, ids_for(t, seed))
+        # transformers returns the loss in float32 (its `.float()`); ours computes it in float64
+        # and rounds only the returned value, once.
+        assert ours.dtype == torch.float32 and abs(ours.double() - ref) <= 2**-24 * abs(ref)
+        got = torch.autograd.grad(ours, list(opt.parameters()))
+        want = torch.autograd.grad(ref, list(eager.parameters()))
+        for (name, _), a, b in zip(eager.named_parameters(), got, want):
+            torch.testing.assert_close(a, b, rtol=EXACT_RTOL, atol=1e-13, msg=name)
+    (end,) = [r.details for r in opt.report.rewrites if r.pass_name == PASS]
+    assert end["module"] == "model.norm" and end["role"] == "stack end", end
+    assert opt.report.count("pipelined_layers") == 2 and opt.compile_count == 1
+
+    # The host tier holds the norm's input on top of what the layers keep there.
+    without = pipelined(clone_module(eager, torch.float64), tile_tokenwise=False)
+    pool, ids = HostPool(), ids_for(16, 2)
+    previous = set_default_pool(pool) or HostPool()
+    held = []
+    try:
+        for m in (opt, without):
+            loss = m(ids, labels=ids, use_cache=False).loss
+            held.append(pool.bytes_in_use)
+            loss.backward()
+            assert pool.bytes_in_use == 0
+    finally:
+        set_default_pool(previous)
+    assert without.report.count(PASS) == 0
+    assert held[0] - held[1] == ids.numel() * 32 * 8, held
