@@ -9,7 +9,7 @@ import logging as _logging
 
 from longctx_compiler.api import BypassWarning, OptimizedFunction, OptimizedModule, explain, optimize
 from longctx_compiler.backend import PassFailure, PassFailureWarning, RefusalWarning
-from longctx_compiler.config import AttentionConfig, Config, LayerConfig, LMLossConfig, SSMConfig
+from longctx_compiler.config import AttentionConfig, Config, DistributedConfig, LayerConfig, LMLossConfig, SSMConfig
 from longctx_compiler.report import Refusal, Rewrite, RewriteReport
 
 # ``lc.viz.render(report, ...)`` works after ``import longctx_compiler as lc``: the drawing
@@ -29,6 +29,7 @@ __all__ = [
     "SSMConfig",
     "LMLossConfig",
     "LayerConfig",
+    "DistributedConfig",
     "RewriteReport",
     "Rewrite",
     "Refusal",

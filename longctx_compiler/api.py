@@ -39,6 +39,9 @@ from longctx_compiler.backend import LongctxBackend, PassFailure, quiet_checkpoi
 from longctx_compiler.capture import capture_context
 from longctx_compiler.config import Config
 from longctx_compiler.report import RewriteReport
+from longctx_compiler.runtime.sequence_parallel import (
+    SequenceGroup, SequenceParallelError, active_group, global_loss, reduce_gradients_over, sequence_group, shard_inputs,
+)
 
 __all__ = ["optimize", "explain", "OptimizedModule", "OptimizedFunction", "BypassWarning"]
 
@@ -89,10 +92,15 @@ def _warn_sequence_dim_out_of_range(config: Config, args: tuple, kwargs: dict) -
 class _Compiled:
     """The shared part of a module or function wrapper: backend, compiled callable, report."""
 
-    def __init__(self, target: Callable[..., Any], config: Config) -> None:
+    def __init__(self, target: Callable[..., Any], config: Config, signature: Callable[..., Any] | None = None) -> None:
         self._lc_config = config
         self._lc_backend = LongctxBackend(config)
-        self._lc_compiled = torch.compile(target, backend=self._lc_backend)
+        # Sequence parallelism runs each rank on its shard: a graph break would run Python
+        # between graphs on a shard unchecked, so the whole call must be one graph.
+        self._lc_compiled = torch.compile(target, backend=self._lc_backend, fullgraph=config.distributed.active)
+        #: what the call's arguments are named by (a module's ``forward``)
+        self._lc_signature = signature or (target.forward if isinstance(target, torch.nn.Module) else target)
+        self._lc_sequence = _SequenceParallel(target, config) if config.distributed.active else None
         self._lc_report = RewriteReport()
         #: calls that went through the compiled callable (a wrapper compares it across a
         #: call to tell whether a replaced ``forward`` bypassed us)
@@ -102,13 +110,17 @@ class _Compiled:
 
     def _lc_call(self, args: tuple, kwargs: dict) -> Any:
         self._lc_calls += 1
+        sequence = self._lc_sequence
+        if sequence is not None:
+            # This rank's shard of every sequence input (the compiled graph sees L tokens).
+            args, kwargs = sequence.shard(self._lc_signature, args, kwargs)
         if not _mark_sequence_dynamic(self._lc_config, args, kwargs) and not self._lc_warned_sequence_dim:
             self._lc_warned_sequence_dim = True
             _warn_sequence_dim_out_of_range(self._lc_config, args, kwargs)
         before = self._lc_backend.compile_count
         pending = self._lc_backend.start_report()
         try:
-            with capture_context(self._lc_config):
+            with capture_context(self._lc_config), active_group(sequence.group if sequence else None):
                 out = self._lc_compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             # Dynamo wraps errors raised by a backend; with strict=True the user asked for our
@@ -119,6 +131,8 @@ class _Compiled:
             raise
         if self._lc_backend.compile_count != before:
             self._lc_report = pending
+        if sequence is not None:
+            out = global_loss(out, sequence.group)
         if not self._lc_checked_first_step and torch.is_grad_enabled():
             self._lc_checked_first_step = True
             if self._lc_backend.compile_count == 0:
@@ -134,6 +148,27 @@ class _Compiled:
                     stacklevel=4,
                 )
         return out
+
+
+class _SequenceParallel:
+    """A wrapper's sequence parallelism: its group (made on the first call, collectively) and
+    the gradient reduction over it (installed once on the module's parameters)."""
+
+    def __init__(self, target: Callable[..., Any], config: Config) -> None:
+        self.target, self.config = target, config
+        self.group: SequenceGroup | None = None
+        self.hooks: list[Any] = []
+
+    def shard(self, signature: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.group is None:
+            dist = self.config.distributed
+            self.group = sequence_group(dist.sequence_parallel, dist.process_group)
+            module = self.target if isinstance(self.target, torch.nn.Module) else getattr(self.target, "__self__", None)
+            if isinstance(module, torch.nn.Module):
+                self.hooks = reduce_gradients_over(module, self.group)
+        if self.config.sequence_dim is None:
+            raise SequenceParallelError("sequence parallelism needs Config.sequence_dim (the dim of the inputs to shard)")
+        return shard_inputs(self.group, signature, args, kwargs, self.config.sequence_dim)
 
 
 class _Views:

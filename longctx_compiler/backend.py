@@ -126,6 +126,10 @@ class LongctxBackend:
         what = str(exc) if isinstance(exc, PassError) else f"{type(exc).__name__}: {exc}"
         if self.config.strict:
             raise PassFailure(f"longctx_compiler: {what} (strict=True)", name, site) from exc
+        if self.config.distributed.active:
+            # Each rank holds one shard of the sequence: the un-rewritten graph would compute
+            # a wrong result on it, so there is nothing to fall back to.
+            raise PassFailure(f"longctx_compiler: {what} (sequence parallelism cannot fall back)", name, site) from exc
         warnings.warn(
             f"longctx_compiler: {what}; compiling this graph without rewrites. Pass strict=True to raise instead.",
             PassFailureWarning,

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["AttentionConfig", "SSMConfig", "LMLossConfig", "LayerConfig", "Config", "BACKENDS"]
+__all__ = ["AttentionConfig", "SSMConfig", "LMLossConfig", "LayerConfig", "DistributedConfig", "Config", "BACKENDS"]
 
 #: Backends ``optimize`` can hand the rewritten graph to.
 #: ``"inductor"`` generates code (Triton on GPU, C++ on CPU); ``"aot_eager"`` runs the same
@@ -194,6 +194,32 @@ class LayerConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Sequence parallelism over ``torch.distributed`` (Ulysses attention).
+
+    Attributes:
+        sequence_parallel: ``P``, the number of consecutive ranks of ``process_group`` that
+            share one sequence (each holds ``⌈T / P⌉`` tokens of it). None (default): off.
+            Every rank of a group calls the model with the same full batch; the loss returned
+            is the whole sequence's, and each parameter's gradient the whole batch's. Per-token
+            outputs (logits, hidden states) are the rank's own shard of the sequence.
+        process_group: the group whose ranks are split into sequence-parallel groups of ``P``
+            (None: the default group, i.e. the world).
+    """
+
+    sequence_parallel: int | None = None
+    process_group: Any = None
+
+    def __post_init__(self) -> None:
+        _check_positive_int("DistributedConfig", "sequence_parallel", self.sequence_parallel, allow_none=True, unit="ranks")
+
+    @property
+    def active(self) -> bool:
+        """Whether sequences are sharded (``P > 1``)."""
+        return self.sequence_parallel is not None and self.sequence_parallel > 1
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything ``optimize`` needs to know.
 
@@ -202,6 +228,7 @@ class Config:
         ssm: :class:`SSMConfig`.
         lm_loss: :class:`LMLossConfig`.
         layers: :class:`LayerConfig` (sequence-pipelined Transformer layers; opt-in).
+        distributed: :class:`DistributedConfig` (sequence parallelism; off by default).
         backend: ``"inductor"`` (default) or ``"aot_eager"`` (same passes, no code generation).
         strict: raise when a pass fails instead of falling back to the un-rewritten graph.
         sequence_dim: the dimension of tensor inputs that is the sequence (1 for ``[B, T]``
@@ -215,6 +242,7 @@ class Config:
     ssm: SSMConfig = field(default_factory=SSMConfig)
     lm_loss: LMLossConfig = field(default_factory=LMLossConfig)
     layers: LayerConfig = field(default_factory=LayerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     backend: str = "inductor"
     strict: bool = False
     sequence_dim: int | None = 1
@@ -222,7 +250,8 @@ class Config:
 
     def __post_init__(self) -> None:
         # Sub-configs may be given as mappings for convenience: Config(attention={"chunk_size": 64}).
-        for name, cls in (("attention", AttentionConfig), ("ssm", SSMConfig), ("lm_loss", LMLossConfig), ("layers", LayerConfig)):
+        for name, cls in (("attention", AttentionConfig), ("ssm", SSMConfig), ("lm_loss", LMLossConfig), ("layers", LayerConfig),
+                          ("distributed", DistributedConfig)):
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 object.__setattr__(self, name, _build(cls, value, f"Config.{name}"))

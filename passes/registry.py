@@ -9,8 +9,10 @@ rewrite stage the order matters where passes compete for the same nodes:
 * ``adjoint_sharded_blocks`` and ``pipelined_layers`` before ``recompute_ssm_blocks``: a block
   run chunk by chunk needs no recompute region;
 * the LM loss after the layers: it reads the head that the layers feed;
-* ``tiled_tokenwise`` last: it takes the token-wise modules nothing else took (the MLPs of
-  layers not pipelined), never the LM head.
+* ``tiled_tokenwise`` after the loss: it takes the token-wise modules nothing else took (the
+  MLPs of layers not pipelined), never the LM head;
+* ``sequence_parallel`` last: it proves the whole rewritten graph may run on a shard of the
+  sequence (every attention already the chunked op) and adds the collectives.
 
 (``checkpoint_regions`` is not a pass of this list: the runner inlines activation-checkpoint
 regions before the first pass and outlines what is left after the last, see ``base.py``.)
@@ -40,6 +42,7 @@ PIPELINE: tuple[tuple[str, str], ...] = (
     ("rewrite", "recompute_ssm_blocks:RecomputeSSMBlocksPass"),
     ("rewrite", "tiled_lm_loss:TiledLMLossPass"),
     ("rewrite", "tiled_tokenwise:TiledTokenwisePass"),
+    ("rewrite", "sequence_parallel:SequenceParallelPass"),
 )
 
 

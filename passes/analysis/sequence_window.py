@@ -111,6 +111,7 @@ class WindowAnalysis:
         input_dims: sequence dim of each region input that has one.
         size_inputs: each integer region input that depends on ``T``, as an expression in it.
         output_dims: sequence dim of each region output, in order.
+        positions: the ``arange`` nodes over the sequence (with ``global_positions``).
     """
 
     length: sympy.Symbol
@@ -119,6 +120,7 @@ class WindowAnalysis:
     input_dims: dict[fx.Node, int] = field(default_factory=dict)
     size_inputs: dict[fx.Node, sympy.Expr] = field(default_factory=dict)
     output_dims: list[int] = field(default_factory=list)
+    positions: list[fx.Node] = field(default_factory=list)
 
 
 def _union(values: list["SeqValue | _Group"], dim: int) -> SeqValue:
@@ -192,10 +194,12 @@ def _flat(x: Any) -> list[Any]:
 
 
 class _Analysis:
-    def __init__(self, length: sympy.Symbol) -> None:
+    def __init__(self, length: sympy.Symbol, global_positions: bool = False) -> None:
         self.T = length
         self.info: dict[fx.Node, Any] = {}
         self.shortest = 0  # the smallest c among sequence sizes T + c
+        self.global_positions = global_positions
+        self.positions: list[fx.Node] = []
 
     # -- sizes ----------------------------------------------------------------------------
     def offset(self, size: Any, where: str) -> int | None:
@@ -256,6 +260,9 @@ class _Analysis:
             self.info[node] = self.getitem(node, out)
             return
         size_arith = node.op == "call_function" and node.target in _SIZE_ARITH and not isinstance(out, torch.Tensor)
+        if name == "arange" and self.global_positions and not seq:
+            self.info[node] = self.positions_along(node, out)
+            return
         if sizes and name not in _RESHAPE and name != "expand" and not size_arith:
             raise CantApply(f"{node.name} ({name}) uses the sequence length as a value")
         if name in ("sym_size", "size") or size_arith:
@@ -288,6 +295,11 @@ class _Analysis:
         elif name in _ALONG_DIM or name in ("layer_norm", "rms_norm", "group_norm"):
             self.along_dim(node, name, seq[0])
             self.info[node] = vals[0].on(out_dim)
+        elif name == "embedding":
+            # A table lookup per token: the token's row, wherever it stands.
+            if seq[0] is not node.args[0] or len(seq) > 1:
+                raise CantApply(f"{node.name} (embedding) has a sequence-long table")
+            self.info[node] = vals[0].on(out_dim)
         elif name == "linear":
             x = example_value(node.args[0])
             if seq[0] is not node.args[0] or len(seq) > 1:
@@ -319,6 +331,20 @@ class _Analysis:
             self.info[node] = self.pad(node, name, seq[0], out_dim)
         else:
             raise CantApply(f"{node.name} ({name}) has no sequence-window rule")
+
+    def positions_along(self, node: fx.Node, out: Any) -> SeqValue:
+        """``arange(a, a + T)`` when the caller gives each window its global positions (it
+        rewrites the range to start at the window's first token): a sequence input."""
+        start, end = (0, node.args[0]) if len(node.args) == 1 else node.args[:2]
+        step = node.args[2] if len(node.args) > 2 else node.kwargs.get("step", 1)
+        if step != 1 or "start" in node.kwargs or "end" in node.kwargs:
+            raise CantApply(f"{node.name} (arange) is not a range of consecutive positions")
+        d = self.seq_dim(out, node.name)
+        length = example_value(end) - (example_value(start) if isinstance(start, fx.Node) else start)
+        if d is None or not isinstance(length, torch.SymInt) or sympy.simplify(length.node.expr - self.T) != 0:
+            raise CantApply(f"{node.name} (arange) does not span exactly the sequence ({out.shape if isinstance(out, torch.Tensor) else out})")
+        self.positions.append(node)
+        return SeqValue(d, ((INPUT, 0),))
 
     def along_dim(self, node: fx.Node, name: str, x: fx.Node) -> None:
         xv = example_value(x)
@@ -451,11 +477,15 @@ class CarrySite:
     what: str = SCAN
 
 
-def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], carries: list[CarrySite]) -> WindowAnalysis:
+def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], carries: list[CarrySite],
+                   global_positions: bool = False) -> WindowAnalysis:
     """Prove the region ``nodes`` (topological order) can run window by window, or refuse.
 
     Args:
         nodes, inputs, outputs: the region, the values it reads, the values used after it.
+        global_positions: the caller gives each window its global positions: ``arange`` over
+            the sequence is a sequence input (listed in ``positions``, for the caller to
+            offset), and outputs that do not depend on the sequence may leave the region.
         carries: the region's carry nodes (none: a purely token-wise region, whose sequence
             length is the one dynamic size of its inputs). The caller computes each one's output for the
             window's own tokens only (its carry bringing in the earlier ones) and pads it with
@@ -476,7 +506,7 @@ def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx
         if len(symbols) != 1:
             raise CantApply(f"the region's inputs have {len(symbols)} dynamic sizes, not one sequence length")
         length = next(iter(symbols.values()))
-    an = _Analysis(length.node.expr)
+    an = _Analysis(length.node.expr, global_positions)
     for a in inputs:
         an.input(a)
     if not any(isinstance(an.info[a], SeqValue) for a in inputs):
@@ -523,6 +553,8 @@ def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx
     output_dims: list[int] = []
     for o in outputs:
         v = an.info.get(o)
+        if v is None and global_positions:
+            continue  # the same value in every window
         if not isinstance(v, SeqValue):
             raise CantApply(f"{o.name} leaves the block without a sequence dim")
         if an.offset(example_value(o).shape[v.dim], o.name) != 0:
@@ -541,4 +573,5 @@ def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx
         input_dims={a: an.info[a].dim for a in inputs if isinstance(an.info[a], SeqValue)},
         size_inputs={a: sympy.sympify(example_value(a).node.expr) for a in inputs if an.info[a] is _SIZE},
         output_dims=output_dims,
+        positions=an.positions,
     )

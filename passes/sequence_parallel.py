@@ -1,0 +1,248 @@
+"""Shard the sequence over ``P`` ranks: Ulysses all-to-all around each attention, global positions.
+
+With ``Config.distributed.sequence_parallel = P`` every rank runs the graph on its own
+contiguous shard of ``L`` tokens (the optimized model slices the inputs, see
+:mod:`longctx_compiler.runtime.sequence_parallel`). This pass makes that exact:
+
+* **Attention** (each chunked causal attention): q, k, v ``[B, H, L, D]`` (sequence-sharded)
+  become ``[B, H/P, P·L, D]`` (head-sharded, the whole sequence) by an all-to-all; the
+  attention runs over the whole sequence for its heads; its output goes back by the inverse
+  all-to-all::
+
+      before:  out, lse = chunked_attention(q, k, v, causal)
+      after:   out, lse = chunked_attention(a2a(q), a2a(k'), a2a(v'), causal);  out = a2a⁻¹(out)
+
+  With fewer KV heads than ranks (GQA), each KV head is repeated ``P / H_kv`` times first
+  (``k'``), so each rank receives the one KV head its query heads read.
+* **Positions**: an ``arange`` over the sequence (transformers' ``cache_position``, from which
+  ``position_ids`` and RoPE come) starts at the shard's first global position ``r·L``.
+* **The loss**: the tiled LM loss sums its shard's tokens; divided by the global count of
+  labelled tokens (``num_items_in_batch``, set by the model wrapper) it is the shard's part
+  of the global mean, and the wrapper sums the parts.
+
+What makes it exact is proved from the graph by :mod:`sequence_window` over the whole graph
+(positions global): every op other than the attention is local to its token, the attention
+is causal and reads q/k/v at their own positions, nothing reduces along the sequence but the
+loss. Anything else — a selective scan, a convolution along the sequence, a reduction, an
+attention the attention pass refused — stops compilation with
+:class:`~longctx_compiler.runtime.sequence_parallel.SequenceParallelError` naming it: a shard
+run of a graph that mixes tokens would be silently wrong, so nothing falls back.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from longctx_compiler.passes.analysis.fx_utils import example_value, propagate_example_value
+from longctx_compiler.passes.analysis.sequence_window import ATTENTION, CarrySite, analyse_window
+from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
+from longctx_compiler.passes.pipelined_layers import ATTENTION_OPS
+from longctx_compiler.passes.tiled_lm_loss import OP as LOSS_OP
+from longctx_compiler.runtime.sequence_parallel import SequenceParallelError, current_group
+
+__all__ = ["SequenceParallelPass"]
+
+A2A = torch.ops.longctx.seq_all_to_all.default
+# Arguments of the loss op: h, weight, bias, labels, logits, ignore_index, reduction.
+_LOSS_LABELS, _LOSS_REDUCTION = 3, 6
+# What may stand between the loss op and the graph's output: linear in the loss.
+_LINEAR_AFTER_LOSS = {operator.getitem, operator.truediv, operator.mul, torch.div, torch.mul}
+_VIEWS = {"reshape", "view", "flatten", "contiguous", "to", "float"}
+
+
+def _name(n: fx.Node) -> str:
+    return getattr(n.target, "__name__", str(n.target))
+
+
+def _downstream(starts: Iterable[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(starts)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.users)
+    return seen
+
+
+class SequenceParallelPass(Pass):
+    """The graph on one shard of the sequence: all-to-all around attention, global positions."""
+
+    name = "sequence_parallel"
+    kind = "sequence sharded over P ranks"
+
+    def enabled(self, ctx: PassContext) -> bool:
+        return ctx.config.distributed.active
+
+    def kind_of(self, match: Match) -> str:
+        return {"attention": "attention -> Ulysses all-to-all (heads <-> sequence)",
+                "positions": "arange -> global positions of the shard",
+                "loss": "loss -> this shard's part of the global sum"}[match.data["what"]]
+
+    def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
+        group = match.data["group"]
+        out = {"P": group.size, "rank": group.rank}
+        if match.data["what"] == "attention":
+            out.update(kv_replicated=match.data["replicate"], collectives="4 all-to-all forward, 4 backward")
+        if match.data["what"] == "loss":
+            out.update(collectives="1 all-reduce (in the model wrapper)")
+        return out
+
+    # -- the whole-graph proof ---------------------------------------------------------------
+    def match(self, gm: fx.GraphModule, ctx: PassContext) -> Iterable[Match]:
+        group = current_group()
+        if group is None:
+            raise SequenceParallelError("sequence parallelism: the graph was compiled outside the optimized model's call (no sequence group)")
+        graph = gm.graph
+        losses = list(graph.find_nodes(op="call_function", target=LOSS_OP))
+        after = _downstream(losses)
+        # The loss's own reshapes of h and labels ([B, L, H] -> [B·L, H]) belong to it.
+        prologue: set[fx.Node] = set()
+        for loss in losses:
+            for a in loss.args[:_LOSS_LABELS + 1]:
+                while isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and _name(a) in _VIEWS \
+                        and all(u in after or u in prologue for u in a.users):
+                    prologue.add(a)
+                    a = a.args[0]
+        nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method") and n not in after and n not in prologue]
+        region = set(nodes)
+        inputs = [n for n in graph.nodes if n.op == "placeholder" and any(u in region for u in n.users)]
+        outputs = [n for n in nodes if any(u not in region for u in n.users)]
+        carries = [CarrySite(n, tuple(n.args), {0: 2, 1: 2, 2: 2}, 0, ATTENTION) for n in nodes if n.target in ATTENTION_OPS]
+        for n in nodes:
+            if n.op == "call_function" and getattr(n.target, "namespace", None) == "longctx" and n.target not in ATTENTION_OPS:
+                raise SequenceParallelError(
+                    f"sequence parallelism does not shard {n.target} ({n.name}) yet: the graph holds a scan or a block "
+                    "run chunk by chunk (turn off layers.enabled, or train this model on one rank per sequence)")
+        try:
+            window = analyse_window(nodes, inputs, outputs, carries, global_positions=True)
+        except CantApply as why:
+            raise SequenceParallelError(
+                f"the graph cannot run on a shard of the sequence exactly: {why.reason} (attention must be rewritten "
+                "to chunked causal attention — see the report's refusals — and every other op must be local to its token)") from None
+        if window.halo:
+            raise SequenceParallelError(f"the graph reads {window.halo} earlier tokens across a shard boundary (a convolution along the sequence): not supported yet")
+        for loss in losses:
+            self._check_loss(loss, after)
+        for n in carries:
+            yield Match(anchor=n.node, nodes=[n.node], data={"what": "attention", "group": group})
+        for n in window.positions:
+            yield Match(anchor=n, nodes=[n], data={"what": "positions", "group": group})
+        for loss in losses:
+            yield Match(anchor=loss, nodes=[loss], data={"what": "loss", "group": group})
+
+    @staticmethod
+    def _check_loss(loss: fx.Node, after: set[fx.Node]) -> None:
+        if loss.args[_LOSS_REDUCTION] != "sum":
+            raise SequenceParallelError(
+                "the LM loss is a mean over the tokens it sees, i.e. over one shard: pass labels through a transformers "
+                "model (it divides the sum by the global num_items_in_batch) or compute a summed loss")
+        for n in after:
+            if n is loss or n.op == "output":
+                continue
+            if not (n.op == "call_function" and n.target in _LINEAR_AFTER_LOSS) and not (n.op == "call_method" and n.target in ("to", "float")):
+                raise SequenceParallelError(f"{n.name} ({_name(n)}) uses the loss other than scaling it: a shard's part of it would not add up to the global value")
+            if n.op == "call_function" and n.target in (operator.mul, torch.mul, operator.truediv, torch.div):
+                if sum(1 for a in n.all_input_nodes if a in after) != 1 or (n.target in (operator.truediv, torch.div) and n.args[1] in after):
+                    raise SequenceParallelError(f"{n.name} ({_name(n)}) is not linear in the loss")
+
+    # -- per site ------------------------------------------------------------------------------
+    def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
+        if match.data["what"] != "attention":
+            return
+        P = match.data["group"].size
+        node = match.anchor
+        q, k = example_value(node.args[0]), example_value(node.args[1])
+        hq, hkv = q.shape[1], k.shape[1]
+        if not isinstance(hq, int) or not isinstance(hkv, int):
+            raise SequenceParallelError(f"{node.name}: the head counts are not constants ({hq}, {hkv})")
+        if hq % P:
+            raise SequenceParallelError(f"{node.name}: {hq} query heads cannot be split over sequence_parallel={P} ranks (Ulysses gives each rank H/P heads)")
+        if hkv % P and P % hkv:
+            raise SequenceParallelError(f"{node.name}: {hkv} key/value heads are neither a multiple nor a divisor of sequence_parallel={P}")
+        for user in node.users:
+            if user.args[1] != 0 and user.users:
+                raise SequenceParallelError(f"{node.name}: the attention's log-sum-exp is used ({user.name}); only its output is exchanged back")
+        match.data["replicate"] = P // hkv if hkv < P else 1
+
+    def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
+        what, group = match.data["what"], match.data["group"]
+        if what == "attention":
+            return self._ulysses(gm, match.anchor, group, match.data["replicate"])
+        if what == "positions":
+            return self._offset(gm, match.anchor, group)
+        return self._scale_before_cast(gm, match.anchor)
+
+    @staticmethod
+    def _scale_before_cast(gm: fx.GraphModule, loss: fx.Node) -> list[fx.Node]:
+        """The shard's summed loss is divided by the global count after the op's value is cast
+        down to the original's dtype (transformers' float32); divide first and cast the result,
+        so that the gradient ``1 / N`` reaching the op is not rounded to float32 (one process,
+        with a mean computed inside the op, has no such rounding)."""
+        graph = gm.graph
+        casts = [n for n in _downstream([loss]) if n.op == "call_method" and n.target == "to" and n.args[0].target is operator.getitem]
+        out = next(n for n in graph.nodes if n.op == "output")
+        created = []
+        for cast in casts:
+            value, dtype = cast.args[0], cast.args[1]
+            cast.replace_all_uses_with(value)
+            graph.erase_node(cast)
+            chain = _downstream([value])
+            for leaving in [a for a in out.all_input_nodes if a in chain]:
+                with graph.inserting_before(out):
+                    down = graph.call_method("to", (leaving, dtype))
+                    propagate_example_value(down)
+                out.args = fx.node.map_arg(out.args, lambda a: down if a is leaving else a)
+                created.append(down)
+        for n in _downstream([loss]):
+            if n.op != "output":
+                propagate_example_value(n)
+        return created
+
+    @staticmethod
+    def _call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        n = graph.call_function(target, args, kwargs or {})
+        if target in (operator.add, operator.sub, operator.mul):
+            # Size arithmetic: the example values are symbolic ints, computed as they are.
+            a, b = (example_value(x) if isinstance(x, fx.Node) else x for x in args)
+            n.meta["example_value"] = target(a, b)
+        else:
+            propagate_example_value(n)
+        return n
+
+    def _ulysses(self, gm: fx.GraphModule, node: fx.Node, group: Any, replicate: int) -> list[fx.Node]:
+        graph, name = gm.graph, group.name
+        q, k, v = node.args[:3]
+        with graph.inserting_before(node):
+            if replicate > 1:
+                k = self._call(graph, torch.repeat_interleave, (k, replicate), {"dim": 1})
+                v = self._call(graph, torch.repeat_interleave, (v, replicate), {"dim": 1})
+            # heads scattered (dim 1), the sequence gathered (dim 2)
+            exchanged = [self._call(graph, A2A, (t, 1, 2, name)) for t in (q, k, v)]
+        node.args = (*exchanged, *node.args[3:])
+        propagate_example_value(node)
+        created = list(exchanged)
+        for user in list(node.users):
+            propagate_example_value(user)
+            if user.args[1] != 0:
+                continue
+            with graph.inserting_after(user):
+                back = self._call(graph, A2A, (user, 2, 1, name))
+            user.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+            created.append(back)
+        return created
+
+    def _offset(self, gm: fx.GraphModule, node: fx.Node, group: Any) -> list[fx.Node]:
+        graph = gm.graph
+        start, end = (0, node.args[0]) if len(node.args) == 1 else node.args[:2]
+        with graph.inserting_before(node):
+            length = end if start == 0 else self._call(graph, operator.sub, (end, start))
+            off = self._call(graph, operator.mul, (length, group.rank))
+            new = [self._call(graph, operator.add, (start, off)), self._call(graph, operator.add, (end, off))]
+        node.args = (*new, *node.args[2:])
+        propagate_example_value(node)
+        return [*new, off] + ([] if length is end else [length])

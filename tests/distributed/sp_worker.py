@@ -1,0 +1,87 @@
+"""One rank of a sequence-parallel test run (started by ``test_sequence_parallel.py`` with the
+environment ``torchrun`` would set: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+
+Runs a float64 training step of a tiny model with ``distributed={"sequence_parallel": P}`` on
+the same full batch as every other rank, and the same step on one process without it (the
+reference, computed by this rank alone), and writes what it found as JSON to ``--out``.
+"""
+
+import argparse
+import copy
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import longctx_compiler as lc  # noqa: E402
+from lm_helpers import ids_for  # noqa: E402
+from longctx_compiler.testing import relative_error  # noqa: E402
+
+
+def build(name):
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=64, max_position_embeddings=256)
+    if name == "llama":  # GQA: 4 query heads, 2 key/value heads
+        cfg = transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common)
+        return transformers.LlamaForCausalLM(cfg)
+    if name == "llama_mha":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common))
+    if name == "mamba":
+        cfg = transformers.MambaConfig(hidden_size=32, state_size=4, num_hidden_layers=2, vocab_size=64, expand=2, conv_kernel=4)
+        return transformers.MambaForCausalLM(cfg)
+    raise ValueError(name)
+
+
+def f64_loss(model, ids):
+    # transformers' own loss casts the logits to float32; the reference stays in float64
+    logits = model(ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama")
+    ap.add_argument("--P", type=int, required=True)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[13])
+    ap.add_argument("--different-batches", action="store_true")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    result = {"rank": rank, "steps": []}
+    try:
+        model = build(a.model).double().train()
+        reference = copy.deepcopy(model)
+        opt = lc.optimize(model, backend="aot_eager", strict=True, attention={"chunk_size": 4},
+                          distributed={"sequence_parallel": a.P})
+        for t in a.lengths:
+            ids = ids_for(t, t + (rank if a.different_batches else 0))
+            model.zero_grad(set_to_none=True)
+            reference.zero_grad(set_to_none=True)
+            loss = opt(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            want = f64_loss(reference, ids)
+            want.backward()
+            grads = {n: relative_error(p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), reference.parameters())}
+            result["steps"].append({"T": t, "loss": float(loss), "loss_ref": float(want), "loss_dtype": str(loss.dtype),
+                                    "worst_grad": max(grads.values()), "worst_param": max(grads, key=grads.get)})
+        result["compiles"] = opt.compile_count
+        result["rewrites"] = [[r.pass_name, r.kind, r.site.split(" ")[0]] for r in opt.report.rewrites]
+    except Exception as exc:  # reported to the test, which decides whether it was expected
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()
+    with open(a.out, "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
