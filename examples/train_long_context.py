@@ -20,6 +20,12 @@ takes minutes and buys little; ``--backend inductor`` uses it.
     python examples/train_long_context.py                       # defaults
     python examples/train_long_context.py --seq-len 16384 --steps 20
     python examples/train_long_context.py --no-pipeline         # attention + loss only
+    torchrun --nproc-per-node 2 examples/train_long_context.py --sequence-parallel 2
+
+With ``--sequence-parallel P`` (launched by ``torchrun`` with P processes, gloo on CPU and
+NCCL on GPU) every rank holds ``1/P`` of each sequence and attention exchanges heads for
+sequence (Ulysses); the layers are not pipelined then (the two do not compose yet). Every rank
+trains on the same batches; rank 0 prints.
 """
 
 from __future__ import annotations
@@ -101,7 +107,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", default="aot_eager", choices=lc.config.BACKENDS)
     p.add_argument("--out", default="out/demo", help="path prefix for the drawing and the JSON summary")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sequence-parallel", type=int, default=1, metavar="P",
+                   help="shard each sequence over P ranks (launch with torchrun --nproc-per-node P)")
     args = p.parse_args(argv)
+    sp = args.sequence_parallel
+    if sp > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        args.pipeline = False
+    lead = sp <= 1 or torch.distributed.get_rank() == 0
+    say = print if lead else (lambda *a, **k: None)  # rank 0 speaks for the group
     # The compiler reports its progress (each graph compiled, how long, what it rewrote)
     # through the "longctx_compiler" logger; show it, the first compile takes a while.
     logging.basicConfig(format="  [%(name)s] %(message)s")
@@ -111,14 +127,16 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(args)
     eager_model = copy.deepcopy(model)
     optimized = lc.optimize(model, backend=args.backend, attention={"chunk_size": args.chunk_size, "offload": args.offload},
-                            layers={"enabled": args.pipeline, "chunk_size": args.chunk_size, "offload": args.offload})
+                            layers={"enabled": args.pipeline, "chunk_size": args.chunk_size, "offload": args.offload},
+                            distributed={"sequence_parallel": sp if sp > 1 else None})
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
-    print(f"model: Llama-style, {args.layers} layers, hidden {args.hidden}, GQA 8/2 heads; sequence {args.seq_len} tokens x batch {args.batch}")
+    say(f"model: Llama-style, {args.layers} layers, hidden {args.hidden}, GQA 8/2 heads; sequence {args.seq_len} tokens x batch {args.batch}"
+          + (f"; sharded over {sp} ranks ({-(-args.seq_len // sp)} tokens each)" if sp > 1 else ""))
     ids = long_copy_batch(args.batch, args.seq_len, args.vocab, gen)
 
     # Compile (first call) outside the measurement, then measure one step of each.
-    print(f"compiling with the {args.backend} backend (first call)...")
+    say(f"compiling with the {args.backend} backend (first call)...")
     t0 = time.perf_counter()
     optimized(ids, labels=ids).loss.backward()
     compile_s = time.perf_counter() - t0
@@ -138,28 +156,30 @@ def main(argv: list[str] | None = None) -> dict:
 
     losses = []
     t0 = time.perf_counter()
-    for _ in tqdm(range(args.steps), desc="training", unit="step"):
+    for _ in tqdm(range(args.steps), desc="training", unit="step", disable=not lead):
         batch = long_copy_batch(args.batch, args.seq_len, args.vocab, gen)
         losses.append(train_step(optimized, optimizer, batch))
     train_s = time.perf_counter() - t0
 
-    print()
-    print(optimized.report)
-    print()
+    say()
+    say(optimized.report)
+    say()
     ratio = eager_mem.saved_for_backward_bytes / max(ours_mem.saved_for_backward_bytes, 1)
     peak_ratio = eager_mem.peak_bytes / max(ours_mem.peak_bytes, 1)
-    print(f"plain PyTorch : {eager_mem}")
-    print(f"optimized     : {ours_mem}")
-    print(f"device peak of one training step: plain {eager_mem.peak_bytes / 2**20:.1f} MiB, optimized "
+    say(f"plain PyTorch : {eager_mem}")
+    say(f"optimized     : {ours_mem}")
+    say(f"device peak of one training step: plain {eager_mem.peak_bytes / 2**20:.1f} MiB, optimized{' (per rank)' if sp > 1 else ''} "
           f"{ours_mem.peak_bytes / 2**20:.1f} MiB -> {peak_ratio:.1f}x less "
           f"(+ {ours_mem.host_pool_peak_bytes / 2**20:.1f} MiB in the host pool)")
-    print(f"step time (forward + backward): plain {eager_s:.2f} s, optimized {ours_s:.2f} s ({ours_s / eager_s:.2f}x)")
+    say(f"step time (forward + backward): plain {eager_s:.2f} s, optimized {ours_s:.2f} s ({ours_s / eager_s:.2f}x)")
     p_tok = token_distribution(args.vocab)
     entropy = float(-(p_tok * p_tok.log()).sum())
-    print(f"compile {compile_s:.1f} s; {args.steps} steps in {train_s:.1f} s")
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} (uniform guess {torch.log(torch.tensor(float(args.vocab))):.3f}; "
+    say(f"compile {compile_s:.1f} s; {args.steps} steps in {train_s:.1f} s")
+    say(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} (uniform guess {torch.log(torch.tensor(float(args.vocab))):.3f}; "
           f"token-frequency entropy {entropy:.3f}; below it the model copies from a block back)")
 
+    if not lead:
+        return {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     files = render(optimized.report, out)
@@ -168,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         "chunk_size": args.chunk_size,
         "offload": args.offload,
         "pipeline": args.pipeline,
+        "sequence_parallel": sp,
         "backend": args.backend,
         "memory": {"eager": eager_mem.to_json(), "optimized": ours_mem.to_json(), "saved_bytes_ratio": ratio,
                    "peak_ratio": peak_ratio},
@@ -178,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary_path = Path(f"{out}.json")
     summary_path.write_text(json.dumps(summary, indent=2))
     for f in files + [summary_path]:
-        print(f"wrote {f}")
+        say(f"wrote {f}")
     return summary
 
 

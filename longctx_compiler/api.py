@@ -41,6 +41,7 @@ from longctx_compiler.config import Config
 from longctx_compiler.report import RewriteReport
 from longctx_compiler.runtime.sequence_parallel import (
     SequenceGroup, SequenceParallelError, active_group, global_loss, reduce_gradients_over, sequence_group, shard_inputs,
+    simulated_group,
 )
 
 __all__ = ["optimize", "explain", "OptimizedModule", "OptimizedFunction", "BypassWarning"]
@@ -446,8 +447,15 @@ def explain(target: Callable[..., Any] | torch.nn.Module, *args: Any, config: Co
     cfg = _resolve_config(config, {})
     backend = LongctxBackend(cfg, compile=False)
     report = backend.start_report()
+    group = None
+    if cfg.distributed.active:
+        # The plan of rank 0 of a simulated group: no process group needed, no data moves.
+        group = simulated_group(cfg.distributed.sequence_parallel)
+        signature = target.forward if isinstance(target, torch.nn.Module) else getattr(target, "__self__", target)
+        signature = signature.forward if isinstance(signature, torch.nn.Module) else signature
+        args, kwargs = shard_inputs(group, signature, args, kwargs, cfg.sequence_dim if cfg.sequence_dim is not None else 1)
     _mark_sequence_dynamic(cfg, args, kwargs)
-    compiled = torch.compile(target, backend=backend)
-    with torch.no_grad(), capture_context(cfg), quiet_checkpoint_policy_warning():
+    compiled = torch.compile(target, backend=backend, fullgraph=cfg.distributed.active)
+    with torch.no_grad(), capture_context(cfg), quiet_checkpoint_policy_warning(), active_group(group):
         compiled(*args, **kwargs)
     return report

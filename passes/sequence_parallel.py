@@ -48,7 +48,7 @@ __all__ = ["SequenceParallelPass"]
 
 A2A = torch.ops.longctx.seq_all_to_all.default
 # Arguments of the loss op: h, weight, bias, labels, logits, ignore_index, reduction.
-_LOSS_LABELS, _LOSS_REDUCTION = 3, 6
+_LOSS_LOGITS, _LOSS_REDUCTION = 4, 6
 # What may stand between the loss op and the graph's output: linear in the loss.
 _LINEAR_AFTER_LOSS = {operator.getitem, operator.truediv, operator.mul, torch.div, torch.mul}
 _VIEWS = {"reshape", "view", "flatten", "contiguous", "to", "float"}
@@ -100,10 +100,10 @@ class SequenceParallelPass(Pass):
         graph = gm.graph
         losses = list(graph.find_nodes(op="call_function", target=LOSS_OP))
         after = _downstream(losses)
-        # The loss's own reshapes of h and labels ([B, L, H] -> [B·L, H]) belong to it.
+        # The loss's own reshapes of h, labels and kept logits ([B, L, H] -> [B·L, H]) belong to it.
         prologue: set[fx.Node] = set()
         for loss in losses:
-            for a in loss.args[:_LOSS_LABELS + 1]:
+            for a in loss.args[:_LOSS_LOGITS + 1]:
                 while isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and _name(a) in _VIEWS \
                         and all(u in after or u in prologue for u in a.users):
                     prologue.add(a)

@@ -44,7 +44,8 @@ from torch import Tensor
 
 __all__ = [
     "SequenceParallelError", "SequenceGroup", "sequence_group", "get_group", "active_group", "current_group",
-    "shard_inputs", "global_loss", "reduce_gradients_over", "all_to_all_elements", "IGNORE_INDEX",
+    "simulated_group", "shard_inputs", "global_loss", "reduce_gradients_over", "all_to_all_elements",
+    "communication", "reset_communication", "IGNORE_INDEX",
 ]
 
 #: The label value the loss ignores (transformers' and PyTorch's default).
@@ -152,13 +153,33 @@ def _process_group(name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------ collectives
+#: Bytes this process sent to other ranks since :func:`reset_communication`, per collective:
+#: ``all_to_all`` (attention), ``loss`` and ``gradients`` (all-reduce payloads).
+_SENT = {"all_to_all": 0, "loss": 0, "gradients": 0}
+
+
+def communication() -> dict[str, int]:
+    """Bytes sent per collective since the last :func:`reset_communication`."""
+    return dict(_SENT)
+
+
+def reset_communication() -> None:
+    for k in _SENT:
+        _SENT[k] = 0
+
+
 def _all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, name: str) -> Tensor:
     import torch.distributed as dist
 
-    P = get_group(name).size
+    g = get_group(name)
+    P = g.size
     send = torch.stack([p.contiguous() for p in x.chunk(P, dim=scatter_dim)])  # [P, ...]: block j goes to rank j
+    if g.group is None:
+        # A simulated group (explain): only the shapes are planned; no data moves.
+        return torch.cat([send[0]] * P, dim=gather_dim)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=_process_group(name))
+    dist.all_to_all_single(recv, send, group=g.group)
+    _SENT["all_to_all"] += send[0].numel() * send.element_size() * (P - 1)  # the own block stays
     return torch.cat(recv.unbind(0), dim=gather_dim)  # block j came from rank j: shard j, in order
 
 
@@ -196,7 +217,9 @@ def seq_all_reduce(x: Tensor, group: str) -> Tensor:
     import torch.distributed as dist
 
     y = x.clone()
-    dist.all_reduce(y, group=_process_group(group))
+    if get_group(group).group is not None:  # simulated (explain): this rank's part only
+        dist.all_reduce(y, group=_process_group(group))
+        _SENT["loss"] += y.numel() * y.element_size()
     return y
 
 
@@ -222,6 +245,7 @@ def _reduce_gradient(grad: Tensor, name: str) -> Tensor:
 
     grad = grad.clone()
     dist.all_reduce(grad, group=_process_group(name))
+    _SENT["gradients"] += grad.numel() * grad.element_size()
     return grad
 
 

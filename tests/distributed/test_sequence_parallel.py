@@ -95,3 +95,14 @@ def test_bad_groups_batches_and_models_are_refused_on_every_rank(tmp_path):
         results = launch(tmp_path, 2, *args)
         for r in results:
             assert words in r.get("error", ""), (name, r)
+
+
+def test_explain_shows_the_plan_on_one_process_with_a_simulated_group():
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    ids = ids_for(12, 0)
+    report = lc.explain(model, ids, labels=ids, use_cache=False, config=lc.Config(distributed={"sequence_parallel": 4}))
+    kinds = [r.kind for r in report.rewrites if r.pass_name == "sequence_parallel"]
+    assert kinds.count("attention -> Ulysses all-to-all (heads <-> sequence)") == 2, report
+    ulysses = [r.details for r in report.rewrites if "Ulysses" in r.kind]
+    assert all(d["P"] == 4 and d["kv_replicated"] == 2 for d in ulysses), ulysses
