@@ -104,7 +104,7 @@ class AdjointShardedBlocksPass(Pass):
     kind = "ssm block -> chunked along T (state fwd, adjoint bwd)"
 
     def enabled(self, ctx: PassContext) -> bool:
-        return ctx.config.ssm.enabled and ctx.config.ssm.shard_blocks
+        return ctx.config.ssm.enabled and ctx.config.ssm.shard_blocks and not ctx.config.distributed.active
 
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
         window = match.data.get("window")

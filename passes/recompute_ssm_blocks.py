@@ -74,7 +74,7 @@ class RecomputeSSMBlocksPass(Pass):
     kind = "ssm block -> recomputed in backward"
 
     def enabled(self, ctx: PassContext) -> bool:
-        return ctx.config.ssm.enabled and ctx.config.ssm.recompute_blocks
+        return ctx.config.ssm.enabled and ctx.config.ssm.recompute_blocks and not ctx.config.distributed.active
 
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
         d = match.data

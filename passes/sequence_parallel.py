@@ -37,7 +37,9 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from longctx_compiler.passes.analysis.fx_utils import example_value, propagate_example_value
+from longctx_compiler.passes.adjoint_sharded_blocks import scan_site
+from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
+from longctx_compiler.passes.analysis.fx_utils import arg, example_value, propagate_example_value
 from longctx_compiler.passes.analysis.sequence_window import ATTENTION, CarrySite, analyse_window
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.pipelined_layers import ATTENTION_OPS
@@ -47,6 +49,10 @@ from longctx_compiler.runtime.sequence_parallel import SequenceParallelError, cu
 __all__ = ["SequenceParallelPass"]
 
 A2A = torch.ops.longctx.seq_all_to_all.default
+GATHER = torch.ops.longctx.seq_all_gather.default
+HALO = torch.ops.longctx.seq_halo.default
+# Arguments of the scan op: u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk, mode.
+_DELTA, _A, _BIAS, _SOFTPLUS, _H0, _MODE = 1, 2, 7, 8, 9, 11
 # Arguments of the loss op: h, weight, bias, labels, logits, ignore_index, reduction.
 _LOSS_LOGITS, _LOSS_REDUCTION = 4, 6
 # What may stand between the loss op and the graph's output: linear in the loss.
@@ -80,6 +86,8 @@ class SequenceParallelPass(Pass):
 
     def kind_of(self, match: Match) -> str:
         return {"attention": "attention -> Ulysses all-to-all (heads <-> sequence)",
+                "scan": "scan -> time-sharded (state from earlier ranks, all-gather)",
+                "halo": "zero padding -> halo from the previous shard",
                 "positions": "arange -> global positions of the shard",
                 "loss": "loss -> this shard's part of the global sum"}[match.data["what"]]
 
@@ -112,12 +120,16 @@ class SequenceParallelPass(Pass):
         region = set(nodes)
         inputs = [n for n in graph.nodes if n.op == "placeholder" and any(u in region for u in n.users)]
         outputs = [n for n in nodes if any(u not in region for u in n.users)]
-        carries = [CarrySite(n, tuple(n.args), {0: 2, 1: 2, 2: 2}, 0, ATTENTION) for n in nodes if n.target in ATTENTION_OPS]
+        carries = [CarrySite(n, tuple(n.args), {0: 2, 1: 2, 2: 2}, 0, ATTENTION) if n.target in ATTENTION_OPS else scan_site(n)
+                   for n in nodes if n.target in ATTENTION_OPS or n.target is SCAN_OP]
         for n in nodes:
-            if n.op == "call_function" and getattr(n.target, "namespace", None) == "longctx" and n.target not in ATTENTION_OPS:
+            if n.op == "call_function" and getattr(n.target, "namespace", None) == "longctx" and n.target not in ATTENTION_OPS \
+                    and n.target is not SCAN_OP:
                 raise SequenceParallelError(
-                    f"sequence parallelism does not shard {n.target} ({n.name}) yet: the graph holds a scan or a block "
-                    "run chunk by chunk (turn off layers.enabled, or train this model on one rank per sequence)")
+                    f"sequence parallelism does not shard {n.target} ({n.name}) yet: a layer run chunk by chunk "
+                    "(turn off layers.enabled, or train this model on one rank per sequence)")
+            if n.target is SCAN_OP and n.args[_MODE] != "exact":
+                raise SequenceParallelError(f"{n.name}: a scan with a {n.args[_MODE]!r} adjoint cannot be sharded over time (the adjoint crosses ranks exactly only)")
         try:
             window = analyse_window(nodes, inputs, outputs, carries, global_positions=True)
         except CantApply as why:
@@ -129,7 +141,9 @@ class SequenceParallelPass(Pass):
         for loss in losses:
             self._check_loss(loss, after)
         for n in carries:
-            yield Match(anchor=n.node, nodes=[n.node], data={"what": "attention", "group": group})
+            yield Match(anchor=n.node, nodes=[n.node], data={"what": n.what, "group": group})
+        for n in window.halos:
+            yield Match(anchor=n, nodes=[n], data={"what": "halo", "group": group})
         for n in window.positions:
             yield Match(anchor=n, nodes=[n], data={"what": "positions", "group": group})
         for loss in losses:
@@ -175,7 +189,70 @@ class SequenceParallelPass(Pass):
             return self._ulysses(gm, match.anchor, group, match.data["replicate"])
         if what == "positions":
             return self._offset(gm, match.anchor, group)
+        if what == "scan":
+            return self._time_sharded_scan(gm, match.anchor, group)
+        if what == "halo":
+            return self._halo(gm, match.anchor, group)
         return self._scale_before_cast(gm, match.anchor)
+
+    def _time_sharded_scan(self, gm: fx.GraphModule, scan: fx.Node, group: Any) -> list[fx.Node]:
+        """The scan on shard ``r`` starts from the state the whole sequence has at its first
+        token. With ``s_j`` shard ``j``'s final state from a zero start and
+        ``P_j = exp(A · Σ_t Δ_t)`` its decay over the shard (``h ↦ P_j ⊙ h + s_j`` is what
+        shard ``j`` does to a state), that state is ``h_r = P_{r−1} ⊙ (… (P_0 ⊙ h₀ + s_0) …) + s_{r−1}``.
+        Every rank computes its ``(P_j, s_j)``, one all-gather shares them (its gradient, an
+        all-reduce, carries the adjoint back to the ranks that made them), and the scan runs
+        again from ``h_r``: ``O(B·D·N)`` communication per scan, whatever ``T``."""
+        graph, name, rank = gm.graph, group.name, group.rank
+        a = list(scan.args)
+        created: list[fx.Node] = []
+
+        def call(target, *args, **kwargs):
+            created.append(self._call(graph, target, args, kwargs))
+            return created[-1]
+
+        with graph.inserting_before(scan):
+            first = call(SCAN_OP, *a[:_H0], None, *a[_H0 + 1:])
+            final = call(operator.getitem, first, 1)
+            # In the scan's own compute dtype (its state's), as the scan computes its decays.
+            dtype = example_value(final).dtype
+            delta = call(torch.Tensor.to, a[_DELTA], dtype)
+            if a[_BIAS] is not None:
+                delta = call(operator.add, delta, call(torch.unsqueeze, call(torch.Tensor.to, a[_BIAS], dtype), -1))
+            if a[_SOFTPLUS]:
+                delta = call(torch.nn.functional.softplus, delta)
+            # [B, D] -> [B, D, 1] · A [D, N]: the log-decay of the whole shard
+            A = call(torch.Tensor.to, a[_A], dtype)
+            decay = call(torch.exp, call(operator.mul, call(torch.unsqueeze, call(torch.sum, delta, -1), -1), A))
+            both = call(GATHER, call(torch.stack, [decay, final]), name)
+            # Every rank reads the gathered states, rank 0 too (an empty slice of them): the
+            # all-gather and its gradient's all-reduce are collectives every rank must join.
+            h = call(operator.add, a[_H0] if a[_H0] is not None else call(torch.zeros_like, final),
+                     call(torch.sum, call(torch.narrow, both, 0, 0, 0)))
+            for j in range(rank):
+                pj = call(operator.getitem, both, (j, 0))
+                sj = call(operator.getitem, both, (j, 1))
+                h = call(operator.add, call(operator.mul, pj, h), sj)
+        scan.args = (*a[:_H0], h, *a[_H0 + 1:])
+        return created
+
+    def _halo(self, gm: fx.GraphModule, pad: fx.Node, group: Any) -> list[fx.Node]:
+        """``pad(x, (…, p, r))`` along the sequence → ``pad(cat([halo(x, p), x]), (…, 0, r))``:
+        the ``p`` zeros stood for the tokens before the sequence; on a shard they are the
+        previous shard's last ``p`` tokens."""
+        graph = gm.graph
+        x = pad.args[0]
+        xv = example_value(x)
+        pads = list(arg(pad, 1, "pad"))
+        dim = next(d for d, size in enumerate(xv.shape) if isinstance(size, torch.SymInt))
+        k = xv.dim() - 1 - dim
+        with graph.inserting_before(pad):
+            halo = self._call(graph, HALO, (x, dim, pads[2 * k], group.name))
+            joined = self._call(graph, torch.cat, ([halo, x], dim))
+        pads[2 * k] = 0
+        pad.args = (joined, pads, *pad.args[2:])
+        propagate_example_value(pad)
+        return [halo, joined]
 
     @staticmethod
     def _scale_before_cast(gm: fx.GraphModule, loss: fx.Node) -> list[fx.Node]:

@@ -154,8 +154,10 @@ def _process_group(name: str) -> Any:
 
 # ------------------------------------------------------------------------------ collectives
 #: Bytes this process sent to other ranks since :func:`reset_communication`, per collective:
-#: ``all_to_all`` (attention), ``loss`` and ``gradients`` (all-reduce payloads).
-_SENT = {"all_to_all": 0, "loss": 0, "gradients": 0}
+#: ``all_to_all`` (attention), ``states`` (scan states, all-gather), ``halos`` (convolution
+#: windows, all-gather), ``all_reduce`` (the loss; scan-state gradients) and ``gradients``
+#: (parameter gradients; all-reduce payloads).
+_SENT = {"all_to_all": 0, "states": 0, "halos": 0, "all_reduce": 0, "gradients": 0}
 
 
 def communication() -> dict[str, int]:
@@ -219,7 +221,7 @@ def seq_all_reduce(x: Tensor, group: str) -> Tensor:
     y = x.clone()
     if get_group(group).group is not None:  # simulated (explain): this rank's part only
         dist.all_reduce(y, group=_process_group(group))
-        _SENT["loss"] += y.numel() * y.element_size()
+        _SENT["all_reduce"] += y.numel() * y.element_size()
     return y
 
 
@@ -238,6 +240,117 @@ def _ar_backward(ctx, grad):
 
 
 seq_all_reduce.register_autograd(_ar_backward, setup_context=_ar_setup)
+
+
+@torch.library.custom_op("longctx::seq_all_gather", mutates_args=())
+def seq_all_gather(x: Tensor, group: str) -> Tensor:
+    """``[P, *x.shape]``: every rank's ``x``, in rank order."""
+    import torch.distributed as dist
+
+    g = get_group(group)
+    if g.group is None:  # simulated (explain): shapes only
+        return torch.stack([x] * g.size)
+    out = [torch.empty_like(x) for _ in range(g.size)]
+    dist.all_gather(out, x.contiguous(), group=g.group)
+    _SENT["states"] += x.numel() * x.element_size() * (g.size - 1)
+    return torch.stack(out)
+
+
+@seq_all_gather.register_fake
+def _(x, group):
+    return x.new_empty((get_group(group).size, *x.shape))
+
+
+def _ag_setup(ctx, inputs, output):
+    ctx.group = inputs[1]
+
+
+def _ag_backward(ctx, grad):
+    # Every rank's slot j was read by some ranks: rank j's gradient is the sum over ranks of
+    # their gradient for slot j.
+    g = get_group(ctx.group)
+    return torch.ops.longctx.seq_all_reduce(grad.contiguous(), ctx.group)[g.rank], None
+
+
+seq_all_gather.register_autograd(_ag_backward, setup_context=_ag_setup)
+
+
+def _gather_list(x: Tensor, g: SequenceGroup) -> list[Tensor]:
+    import torch.distributed as dist
+
+    if g.group is None:
+        return [torch.zeros_like(x)] * g.size
+    out = [torch.empty_like(x) for _ in range(g.size)]
+    dist.all_gather(out, x.contiguous(), group=g.group)
+    _SENT["halos"] += x.numel() * x.element_size() * (g.size - 1)
+    return out
+
+
+@torch.library.custom_op("longctx::seq_halo", mutates_args=())
+def seq_halo(x: Tensor, dim: int, width: int, group: str) -> Tensor:
+    """The ``width`` tokens of the whole sequence just before this rank's shard ``x`` (along
+    ``dim``), zeros before the sequence's start: what a left padding of ``width`` zeros
+    stands for on the whole sequence (a causal convolution's window)."""
+    g = get_group(group)
+    L = x.shape[dim]
+    q = min(width, L)
+    # Each rank's last q tokens (its whole shard when it is shorter than the halo).
+    tails = _gather_list(x.narrow(dim, L - q, q), g)
+    pieces, need, j = [], width, g.rank - 1
+    while need > 0 and j >= 0:
+        take = min(need, q)
+        pieces.insert(0, tails[j].narrow(dim, q - take, take))
+        need, j = need - take, j - 1
+    if need > 0:
+        shape = list(x.shape)
+        shape[dim] = need
+        pieces.insert(0, x.new_zeros(shape))
+    return torch.cat(pieces, dim=dim)
+
+
+@seq_halo.register_fake
+def _(x, dim, width, group):
+    shape = list(x.shape)
+    shape[dim] = width
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("longctx::seq_halo_backward", mutates_args=())
+def seq_halo_backward(grad: Tensor, dim: int, length: int, group: str) -> Tensor:
+    """The gradient of ``seq_halo`` for this rank's shard (``length`` tokens along ``dim``):
+    the sum of the later ranks' halo gradients that fall on its tokens."""
+    g = get_group(group)
+    width = grad.shape[dim]
+    grads = _gather_list(grad, g)
+    shape = list(grad.shape)
+    shape[dim] = length
+    dx = grad.new_zeros(shape)
+    mine = g.rank * length
+    for r in range(g.rank + 1, g.size):
+        start = r * length - width  # global position of rank r's halo index 0
+        lo, hi = max(start, mine), min(r * length, mine + length)
+        if lo < hi:
+            dx.narrow(dim, lo - mine, hi - lo).add_(grads[r].narrow(dim, lo - start, hi - lo))
+    return dx
+
+
+@seq_halo_backward.register_fake
+def _(grad, dim, length, group):
+    shape = list(grad.shape)
+    shape[dim] = length
+    return grad.new_empty(shape)
+
+
+def _halo_setup(ctx, inputs, output):
+    x, ctx.dim, _, ctx.group = inputs
+    ctx.length = x.shape[ctx.dim]
+
+
+def _halo_backward(ctx, grad):
+    return torch.ops.longctx.seq_halo_backward(grad.contiguous(), ctx.dim, ctx.length, ctx.group), None, None, None
+
+
+seq_halo.register_autograd(_halo_backward, setup_context=_halo_setup)
 
 
 def _reduce_gradient(grad: Tensor, name: str) -> Tensor:

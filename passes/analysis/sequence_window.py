@@ -112,6 +112,8 @@ class WindowAnalysis:
         size_inputs: each integer region input that depends on ``T``, as an expression in it.
         output_dims: sequence dim of each region output, in order.
         positions: the ``arange`` nodes over the sequence (with ``global_positions``).
+        halos: the zero paddings of a sequence's start that the caller replaces by the tokens
+            before the window (with ``global_positions``).
     """
 
     length: sympy.Symbol
@@ -121,6 +123,7 @@ class WindowAnalysis:
     size_inputs: dict[fx.Node, sympy.Expr] = field(default_factory=dict)
     output_dims: list[int] = field(default_factory=list)
     positions: list[fx.Node] = field(default_factory=list)
+    halos: list[fx.Node] = field(default_factory=list)
 
 
 def _union(values: list["SeqValue | _Group"], dim: int) -> SeqValue:
@@ -200,6 +203,7 @@ class _Analysis:
         self.shortest = 0  # the smallest c among sequence sizes T + c
         self.global_positions = global_positions
         self.positions: list[fx.Node] = []
+        self.halos: list[fx.Node] = []
 
     # -- sizes ----------------------------------------------------------------------------
     def offset(self, size: Any, where: str) -> int | None:
@@ -397,6 +401,14 @@ class _Analysis:
         right = pads[2 * k + 1] if 2 * k + 1 < len(pads) else 0
         if not isinstance(left, int) or not isinstance(right, int):
             raise CantApply(f"{node.name} pads the sequence by a non-constant amount")
+        if left > 0 and self.global_positions:
+            # The window gets the tokens before it in place of the zeros (a halo exchange by
+            # the caller): a zero padding at the sequence's start, exact at every window.
+            value = _arg(node, 2 if name == "constant_pad_nd" else 3, "value", 0)
+            if value not in (0, 0.0, None):
+                raise CantApply(f"{node.name} pads the sequence's start with {value}, not zeros")
+            self.halos.append(node)
+            left = 0
         return self.info[x].moved(out_dim, left, right)
 
     def getitem(self, node: fx.Node, out: Any) -> Any:
@@ -485,7 +497,9 @@ def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx
         nodes, inputs, outputs: the region, the values it reads, the values used after it.
         global_positions: the caller gives each window its global positions: ``arange`` over
             the sequence is a sequence input (listed in ``positions``, for the caller to
-            offset), and outputs that do not depend on the sequence may leave the region.
+            offset), a zero padding of a sequence's start is filled by the caller with the
+            tokens before the window (listed in ``halos``), and outputs that do not depend on
+            the sequence may leave the region.
         carries: the region's carry nodes (none: a purely token-wise region, whose sequence
             length is the one dynamic size of its inputs). The caller computes each one's output for the
             window's own tokens only (its carry bringing in the earlier ones) and pads it with
@@ -574,4 +588,5 @@ def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx
         size_inputs={a: sympy.sympify(example_value(a).node.expr) for a in inputs if an.info[a] is _SIZE},
         output_dims=output_dims,
         positions=an.positions,
+        halos=an.halos,
     )
