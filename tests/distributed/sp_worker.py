@@ -37,6 +37,12 @@ def build(name):
     if name == "mamba":
         cfg = transformers.MambaConfig(hidden_size=32, state_size=4, num_hidden_layers=2, vocab_size=64, expand=2, conv_kernel=4)
         return transformers.MambaForCausalLM(cfg)
+    if name == "jamba":  # Mamba, attention, Mamba, attention (no RoPE, no experts)
+        cfg = transformers.JambaConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=64, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100, expert_layer_offset=99,
+            num_experts=1, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4)
+        return transformers.JambaForCausalLM(cfg)
     raise ValueError(name)
 
 

@@ -76,16 +76,19 @@ def test_llama_gqa_equals_one_process(tmp_path, P, lengths):
 
 
 @pytest.mark.slow
-def test_mamba_scans_sharded_over_time_equal_one_process(tmp_path):
+@pytest.mark.parametrize("name,lengths", [("mamba", [13, 16]), ("jamba", [13])])
+def test_scans_sharded_over_time_equal_one_process(tmp_path, name, lengths):
     # Each rank's scan starts from the state the earlier ranks' shards leave (one all-gather
     # of [B, D, N] states per scan), and each causal convolution reads the previous shard's
-    # last tokens (a halo). transformers rounds the scan's B and u to float32 (`.float()`)
-    # even in a float64 model, so eager is met to float32 round-off; one process exactly but
-    # for A_log, D and dt_proj.bias, which the model casts to float32 before the scan.
-    results = launch(tmp_path, 2, "--P", 2, "--model", "mamba", "--lengths", 13, 16, "--vs-one-process")
-    assert_exact(results, [13, 16], against_eager=1e-5, float32_params=("mixer.A_log", "mixer.D", "dt_proj.bias"))
+    # last tokens (a halo); Jamba's attention layers are Ulysses'. transformers rounds the
+    # scan's B and u to float32 (`.float()`) even in a float64 model, so eager is met to
+    # float32 round-off; one process exactly, but for A_log, D and dt_proj.bias, which the
+    # model casts to float32 before the scan (each rank's part of their gradient is rounded).
+    results = launch(tmp_path, 2, "--P", 2, "--model", name, "--lengths", *lengths, "--vs-one-process")
+    assert_exact(results, lengths, against_eager=1e-5, float32_params=(".A_log", ".D", "dt_proj.bias"))
     kinds = [k for _, k, _ in results[1]["rewrites"]]
     assert sum("time-sharded" in k for k in kinds) == 2 and sum("halo" in k for k in kinds) == 2, kinds
+    assert sum("Ulysses" in k for k in kinds) == (2 if name == "jamba" else 0), kinds
 
 
 @pytest.mark.slow
