@@ -195,7 +195,7 @@ class LayerConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """Sequence parallelism over ``torch.distributed`` (Ulysses attention).
+    """Sequence parallelism over ``torch.distributed`` (Ulysses attention, time-sharded scans).
 
     Attributes:
         sequence_parallel: ``P``, the number of consecutive ranks of ``process_group`` that

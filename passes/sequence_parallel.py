@@ -1,4 +1,4 @@
-"""Shard the sequence over ``P`` ranks: Ulysses all-to-all around each attention, global positions.
+"""Shard the sequence over ``P`` ranks: Ulysses attention, time-sharded scans, global positions.
 
 With ``Config.distributed.sequence_parallel = P`` every rank runs the graph on its own
 contiguous shard of ``L`` tokens (the optimized model slices the inputs, see
@@ -14,6 +14,13 @@ contiguous shard of ``L`` tokens (the optimized model slices the inputs, see
 
   With fewer KV heads than ranks (GQA), each KV head is repeated ``P / H_kv`` times first
   (``k'``), so each rank receives the one KV head its query heads read.
+* **Scans** (each selective scan, sharded over time): shard ``j`` maps a start state ``h`` to
+  ``P_j ⊙ h + s_j`` (``P_j = exp(A·Σ_t Δ_t)``, ``s_j`` its final state from zero); one
+  all-gather of ``(P_j, s_j)`` gives each rank the state the whole sequence has at its first
+  token, and the scan runs from it. The gradient of the all-gather (an all-reduce) carries
+  the adjoint back across ranks. ``O(B·D·N)`` per scan, whatever ``T``.
+* **Causal convolutions**: a zero padding of the sequence's start (Mamba's ``conv1d``, after
+  ``depthwise_conv``) becomes the previous shard's last tokens (``longctx::seq_halo``).
 * **Positions**: an ``arange`` over the sequence (transformers' ``cache_position``, from which
   ``position_ids`` and RoPE come) starts at the shard's first global position ``r·L``.
 * **The loss**: the tiled LM loss sums its shard's tokens; divided by the global count of
@@ -21,12 +28,16 @@ contiguous shard of ``L`` tokens (the optimized model slices the inputs, see
   of the global mean, and the wrapper sums the parts.
 
 What makes it exact is proved from the graph by :mod:`sequence_window` over the whole graph
-(positions global): every op other than the attention is local to its token, the attention
-is causal and reads q/k/v at their own positions, nothing reduces along the sequence but the
-loss. Anything else — a selective scan, a convolution along the sequence, a reduction, an
-attention the attention pass refused — stops compilation with
+(positions global, start paddings exchanged): every op other than the attentions and scans is
+local to its token, they read their inputs at their own positions, nothing reduces along the
+sequence but the loss. Anything else — a reduction or shift along the sequence, a block run
+chunk by chunk, an attention the attention pass refused — stops compilation with
 :class:`~longctx_compiler.runtime.sequence_parallel.SequenceParallelError` naming it: a shard
 run of a graph that mixes tokens would be silently wrong, so nothing falls back.
+
+Collectives are ops every rank of the group must join in the same order: the graph is the
+same on every rank but for the rank constant, and every rank reads every collective's result
+(rank 0 an empty slice of the gathered states), so none is pruned as dead code on one rank.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from torch import Tensor
 __all__ = [
     "SequenceParallelError", "SequenceGroup", "sequence_group", "get_group", "active_group", "current_group",
     "simulated_group", "shard_inputs", "global_loss", "reduce_gradients_over", "all_to_all_elements",
-    "communication", "reset_communication", "IGNORE_INDEX",
+    "scan_exchange_elements", "communication", "reset_communication", "IGNORE_INDEX",
 ]
 
 #: The label value the loss ignores (transformers' and PyTorch's default).
@@ -376,6 +376,14 @@ def all_to_all_elements(batch: int, heads: int, kv_heads: int, head_dim: int, le
     L = max(2, -(-length // P))
     kv = max(kv_heads, P)
     return batch * L * head_dim * (2 * heads + 2 * kv) * (P - 1) // P
+
+
+def scan_exchange_elements(batch: int, inner: int, state: int, halo: int, P: int) -> int:
+    """Elements one rank sends per scan layer and step to the others (all-gathers): its
+    decay and final state (``2·B·D·N``) in the forward, and its convolution's last ``halo``
+    tokens (``B·D·halo``) in the forward and their gradient in the backward. (The gradient of
+    the gathered states is an all-reduce, counted with the loss's.)"""
+    return (2 * batch * inner * state + 2 * batch * inner * halo) * (P - 1)
 
 
 # ---------------------------------------------------------------------------- the inputs
