@@ -50,7 +50,7 @@ import torch.fx as fx
 
 from longctx_compiler.passes.adjoint_sharded_blocks import scan_site
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
-from longctx_compiler.passes.analysis.fx_utils import arg, example_value, propagate_example_value
+from longctx_compiler.passes.analysis.fx_utils import arg, example_value, is_view_like, propagate_example_value
 from longctx_compiler.passes.analysis.sequence_window import ATTENTION, CarrySite, analyse_window
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.pipelined_layers import ATTENTION_OPS
@@ -68,7 +68,6 @@ _DELTA, _A, _BIAS, _SOFTPLUS, _H0, _MODE = 1, 2, 7, 8, 9, 11
 _LOSS_LOGITS, _LOSS_REDUCTION = 4, 6
 # What may stand between the loss op and the graph's output: linear in the loss.
 _LINEAR_AFTER_LOSS = {operator.getitem, operator.truediv, operator.mul, torch.div, torch.mul}
-_VIEWS = {"reshape", "view", "flatten", "contiguous", "to", "float"}
 
 
 def _name(n: fx.Node) -> str:
@@ -123,8 +122,7 @@ class SequenceParallelPass(Pass):
         prologue: set[fx.Node] = set()
         for loss in losses:
             for a in loss.args[:_LOSS_LOGITS + 1]:
-                while isinstance(a, fx.Node) and a.op in ("call_function", "call_method") and _name(a) in _VIEWS \
-                        and all(u in after or u in prologue for u in a.users):
+                while isinstance(a, fx.Node) and is_view_like(a) and all(u in after or u in prologue for u in a.users):
                     prologue.add(a)
                     a = a.args[0]
         nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method") and n not in after and n not in prologue]

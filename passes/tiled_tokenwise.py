@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from longctx_compiler.kernels.sequence_block import BLOCK_OP
 from longctx_compiler.passes.adjoint_sharded_blocks import sequence_block_plan
-from longctx_compiler.passes.analysis.fx_utils import example_value, is_call
+from longctx_compiler.passes.analysis.fx_utils import example_value, is_call, is_view_like
 from longctx_compiler.passes.analysis.sequence_window import analyse_window
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.block_region import check_region, long_context_op, module_region, module_stack, replace_region
@@ -50,12 +50,11 @@ from longctx_compiler.passes.tiled_lm_loss import OP as LOSS_OP
 __all__ = ["TiledTokenwisePass"]
 
 _LINEAR = (F.linear, torch._C._nn.linear)
-_VIEWS = {"reshape", "view", "getitem", "contiguous", "to", "float", "flatten"}
 
 
 def _through_views(n: fx.Node) -> fx.Node:
     """The node whose value ``n`` views (through reshapes, slices and casts)."""
-    while n.op in ("call_function", "call_method") and n.all_input_nodes and getattr(n.target, "__name__", n.target) in _VIEWS:
+    while is_view_like(n):
         n = n.args[0]
     return n
 

@@ -62,6 +62,16 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+#: Calls that only reshape, index or cast a tensor, by name (``operator.getitem`` included).
+VIEW_LIKE = frozenset({"reshape", "view", "flatten", "contiguous", "to", "float", "getitem"})
+
+
+def is_view_like(node: fx.Node) -> bool:
+    """``node`` calls one of :data:`VIEW_LIKE` on a tensor it reads."""
+    return node.op in ("call_function", "call_method") and bool(node.all_input_nodes) and \
+        getattr(node.target, "__name__", node.target) in VIEW_LIKE
+
+
 def is_call(node: Any, *targets: Any) -> bool:
     """``node`` is a ``call_function`` of one of ``targets`` (or ``call_method`` named so)."""
     if not isinstance(node, fx.Node):
