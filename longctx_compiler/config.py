@@ -163,7 +163,7 @@ class LayerConfig:
     chunk of tokens at a time, forward in order and backward in reverse: the K/V history
     (and the layer's input) wait in the host pool, the device holds one chunk's activations.
     Exact. Opt-in for now: on a CPU the layer body runs op by op per chunk, and a step takes
-    about 2-2.5x HF gradient checkpointing's time.
+    about 1.1-1.3x HF gradient checkpointing's time on an idle machine (more on a busy one).
 
     Attributes:
         enabled: pipeline every layer the sequence-window prover accepts (refusals are reported).
