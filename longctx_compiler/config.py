@@ -137,7 +137,8 @@ class LMLossConfig:
             states and the head weight, so backward never holds ``[T, vocab]`` logits or
             their gradient: O(chunk_size · vocab) working memory instead of O(T · vocab).
             None (default): tiles whose logits hold no more numbers than the hidden states
-            ``[T, hidden]`` (``⌈T·hidden / vocab⌉`` tokens), chosen at run time.
+            ``[T, hidden]`` (``⌈T·hidden / vocab⌉`` tokens) and at most 2^22 (the loss's
+            working memory stops growing with T there), at least 64 tokens; chosen at run time.
         return_logits: in training (the loss needs a gradient) a model that returns its logits
             next to the loss returns ``None`` instead (Liger Kernel's convention), so the
             ``[T, vocab]`` logits and their zero gradient never exist. True keeps them (computed

@@ -121,7 +121,7 @@ class TiledLMLossPass(Pass):
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
         d = match.data
         return {
-            "chunk_size": ctx.config.lm_loss.chunk_size or "auto (tile logits no larger than the hidden states)",
+            "chunk_size": ctx.config.lm_loss.chunk_size or "auto (tile logits no larger than the hidden states, at most 2^22)",
             "reduction": d.get("reduction"),
             "ignore_index": d.get("ignore_index"),
             "vocab": d.get("V"),
