@@ -162,11 +162,14 @@ class _SequenceParallel:
 
     def shard(self, signature: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.group is None:
+            module = self.target if isinstance(self.target, torch.nn.Module) else getattr(self.target, "__self__", None)
+            if not isinstance(module, torch.nn.Module):
+                # A function's parameters are unknown, so their gradients could not be summed
+                # over the group: each rank would keep its shard's part only.
+                raise SequenceParallelError("sequence parallelism needs an nn.Module (its parameters' gradients are summed over the group); optimize the model, not a function")
             dist = self.config.distributed
             self.group = sequence_group(dist.sequence_parallel, dist.process_group)
-            module = self.target if isinstance(self.target, torch.nn.Module) else getattr(self.target, "__self__", None)
-            if isinstance(module, torch.nn.Module):
-                self.hooks = reduce_gradients_over(module, self.group)
+            self.hooks = reduce_gradients_over(module, self.group)
         if self.config.sequence_dim is None:
             raise SequenceParallelError("sequence parallelism needs Config.sequence_dim (the dim of the inputs to shard)")
         return shard_inputs(self.group, signature, args, kwargs, self.config.sequence_dim)

@@ -127,3 +127,10 @@ def test_explain_shows_the_plan_on_one_process_with_a_simulated_group():
     assert kinds.count("attention -> Ulysses all-to-all (heads <-> sequence)") == 2, report
     ulysses = [r.details for r in report.rewrites if "Ulysses" in r.kind]
     assert all(d["P"] == 4 and d["kv_replicated"] == 2 for d in ulysses), ulysses
+
+
+def test_a_function_is_refused():
+    # Its parameters are unknown, so their gradients could not be summed over the group.
+    opt = lc.optimize(lambda x: x.sum(), backend="aot_eager", distributed={"sequence_parallel": 2})
+    with pytest.raises(SequenceParallelError, match="nn.Module"):
+        opt(torch.ones(1, 8))
