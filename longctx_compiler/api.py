@@ -93,14 +93,12 @@ def _warn_sequence_dim_out_of_range(config: Config, args: tuple, kwargs: dict) -
 class _Compiled:
     """The shared part of a module or function wrapper: backend, compiled callable, report."""
 
-    def __init__(self, target: Callable[..., Any], config: Config, signature: Callable[..., Any] | None = None) -> None:
+    def __init__(self, target: Callable[..., Any], config: Config) -> None:
         self._lc_config = config
         self._lc_backend = LongctxBackend(config)
         # Sequence parallelism runs each rank on its shard: a graph break would run Python
         # between graphs on a shard unchecked, so the whole call must be one graph.
         self._lc_compiled = torch.compile(target, backend=self._lc_backend, fullgraph=config.distributed.active)
-        #: what the call's arguments are named by (a module's ``forward``)
-        self._lc_signature = signature or (target.forward if isinstance(target, torch.nn.Module) else target)
         self._lc_sequence = _SequenceParallel(target, config) if config.distributed.active else None
         self._lc_report = RewriteReport()
         #: calls that went through the compiled callable (a wrapper compares it across a
@@ -114,7 +112,7 @@ class _Compiled:
         sequence = self._lc_sequence
         if sequence is not None:
             # This rank's shard of every sequence input (the compiled graph sees L tokens).
-            args, kwargs = sequence.shard(self._lc_signature, args, kwargs)
+            args, kwargs = sequence.shard(args, kwargs)
         if not _mark_sequence_dynamic(self._lc_config, args, kwargs) and not self._lc_warned_sequence_dim:
             self._lc_warned_sequence_dim = True
             _warn_sequence_dim_out_of_range(self._lc_config, args, kwargs)
@@ -151,6 +149,21 @@ class _Compiled:
         return out
 
 
+def _module_of(target: Callable[..., Any]) -> torch.nn.Module | None:
+    """The module a compiled target runs: the module itself, or the module of a bound method
+    (compiled in place, the target is ``model._call_impl``); None for a function."""
+    if isinstance(target, torch.nn.Module):
+        return target
+    owner = getattr(target, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
+def _forward_of(target: Callable[..., Any]) -> Callable[..., Any]:
+    """What names the call's arguments: the module's ``forward``, or the function itself."""
+    module = _module_of(target)
+    return module.forward if module is not None else target
+
+
 class _SequenceParallel:
     """A wrapper's sequence parallelism: its group (made on the first call, collectively) and
     the gradient reduction over it (installed once on the module's parameters)."""
@@ -160,19 +173,17 @@ class _SequenceParallel:
         self.group: SequenceGroup | None = None
         self.hooks: list[Any] = []
 
-    def shard(self, signature: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def shard(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.group is None:
-            module = self.target if isinstance(self.target, torch.nn.Module) else getattr(self.target, "__self__", None)
-            if not isinstance(module, torch.nn.Module):
+            module = _module_of(self.target)
+            if module is None:
                 # A function's parameters are unknown, so their gradients could not be summed
                 # over the group: each rank would keep its shard's part only.
                 raise SequenceParallelError("sequence parallelism needs an nn.Module (its parameters' gradients are summed over the group); optimize the model, not a function")
             dist = self.config.distributed
             self.group = sequence_group(dist.sequence_parallel, dist.process_group)
             self.hooks = reduce_gradients_over(module, self.group)
-        if self.config.sequence_dim is None:
-            raise SequenceParallelError("sequence parallelism needs Config.sequence_dim (the dim of the inputs to shard)")
-        return shard_inputs(self.group, signature, args, kwargs, self.config.sequence_dim)
+        return shard_inputs(self.group, _forward_of(self.target), args, kwargs, self.config.sequence_dim)
 
 
 class _Views:
@@ -454,9 +465,7 @@ def explain(target: Callable[..., Any] | torch.nn.Module, *args: Any, config: Co
     if cfg.distributed.active:
         # The plan of rank 0 of a simulated group: no process group needed, no data moves.
         group = simulated_group(cfg.distributed.sequence_parallel)
-        signature = target.forward if isinstance(target, torch.nn.Module) else getattr(target, "__self__", target)
-        signature = signature.forward if isinstance(signature, torch.nn.Module) else signature
-        args, kwargs = shard_inputs(group, signature, args, kwargs, cfg.sequence_dim if cfg.sequence_dim is not None else 1)
+        args, kwargs = shard_inputs(group, _forward_of(target), args, kwargs, cfg.sequence_dim)
     _mark_sequence_dynamic(cfg, args, kwargs)
     compiled = torch.compile(target, backend=backend, fullgraph=cfg.distributed.active)
     with torch.no_grad(), capture_context(cfg), quiet_checkpoint_policy_warning(), active_group(group):

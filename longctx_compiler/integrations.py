@@ -108,7 +108,7 @@ class LongctxState:
             # Built on first use, also after a copy or unpickling (compiled state is not copied).
             # ``_call_impl`` rather than ``forward``: a forward replaced after patching (TRL)
             # and the module's hooks are traced as they are at call time.
-            self._compiled = _Compiled(model._call_impl, self.config, signature=model.forward)
+            self._compiled = _Compiled(model._call_impl, self.config)
         return self._compiled._lc_call(args, kwargs)
 
     # -- copies -----------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.analysis.fx_utils import arg, example_value, is_view_like, propagate_example_value
 from longctx_compiler.passes.analysis.sequence_window import ATTENTION, CarrySite, analyse_window
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
+from longctx_compiler.passes.block_region import long_context_op
 from longctx_compiler.passes.pipelined_layers import ATTENTION_OPS
 from longctx_compiler.passes.tiled_lm_loss import OP as LOSS_OP
 from longctx_compiler.runtime.sequence_parallel import SequenceParallelError, current_group
@@ -132,8 +133,7 @@ class SequenceParallelPass(Pass):
         carries = [CarrySite(n, tuple(n.args), {0: 2, 1: 2, 2: 2}, 0, ATTENTION) if n.target in ATTENTION_OPS else scan_site(n)
                    for n in nodes if n.target in ATTENTION_OPS or n.target is SCAN_OP]
         for n in nodes:
-            if n.op == "call_function" and getattr(n.target, "namespace", None) == "longctx" and n.target not in ATTENTION_OPS \
-                    and n.target is not SCAN_OP:
+            if long_context_op(n) and n.target not in ATTENTION_OPS and n.target is not SCAN_OP:
                 raise SequenceParallelError(
                     f"sequence parallelism does not shard {n.target} ({n.name}) yet: a layer run chunk by chunk "
                     "(turn off layers.enabled, or train this model on one rank per sequence)")

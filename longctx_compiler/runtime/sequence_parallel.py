@@ -245,15 +245,7 @@ seq_all_reduce.register_autograd(_ar_backward, setup_context=_ar_setup)
 @torch.library.custom_op("longctx::seq_all_gather", mutates_args=())
 def seq_all_gather(x: Tensor, group: str) -> Tensor:
     """``[P, *x.shape]``: every rank's ``x``, in rank order."""
-    import torch.distributed as dist
-
-    g = get_group(group)
-    if g.group is None:  # simulated (explain): shapes only
-        return torch.stack([x] * g.size)
-    out = [torch.empty_like(x) for _ in range(g.size)]
-    dist.all_gather(out, x.contiguous(), group=g.group)
-    _SENT["states"] += x.numel() * x.element_size() * (g.size - 1)
-    return torch.stack(out)
+    return torch.stack(_all_gather(x, get_group(group), "states"))
 
 
 @seq_all_gather.register_fake
@@ -275,14 +267,15 @@ def _ag_backward(ctx, grad):
 seq_all_gather.register_autograd(_ag_backward, setup_context=_ag_setup)
 
 
-def _gather_list(x: Tensor, g: SequenceGroup) -> list[Tensor]:
+def _all_gather(x: Tensor, g: SequenceGroup, counter: str) -> list[Tensor]:
+    """Every rank's ``x``, in rank order; the bytes sent are counted under ``counter``."""
     import torch.distributed as dist
 
-    if g.group is None:
-        return [torch.zeros_like(x)] * g.size
+    if g.group is None:  # simulated (explain): shapes only
+        return [x] * g.size
     out = [torch.empty_like(x) for _ in range(g.size)]
     dist.all_gather(out, x.contiguous(), group=g.group)
-    _SENT["halos"] += x.numel() * x.element_size() * (g.size - 1)
+    _SENT[counter] += x.numel() * x.element_size() * (g.size - 1)
     return out
 
 
@@ -295,7 +288,7 @@ def seq_halo(x: Tensor, dim: int, width: int, group: str) -> Tensor:
     L = x.shape[dim]
     q = min(width, L)
     # Each rank's last q tokens (its whole shard when it is shorter than the halo).
-    tails = _gather_list(x.narrow(dim, L - q, q), g)
+    tails = _all_gather(x.narrow(dim, L - q, q), g, "halos")
     pieces, need, j = [], width, g.rank - 1
     while need > 0 and j >= 0:
         take = min(need, q)
@@ -321,7 +314,7 @@ def seq_halo_backward(grad: Tensor, dim: int, length: int, group: str) -> Tensor
     the sum of the later ranks' halo gradients that fall on its tokens."""
     g = get_group(group)
     width = grad.shape[dim]
-    grads = _gather_list(grad, g)
+    grads = _all_gather(grad, g, "halos")
     shape = list(grad.shape)
     shape[dim] = length
     dx = grad.new_zeros(shape)
@@ -442,7 +435,7 @@ def _bind(forward: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
     return named
 
 
-def shard_inputs(group: SequenceGroup, forward: Any, args: tuple, kwargs: dict, sequence_dim: int) -> tuple[tuple, dict]:
+def shard_inputs(group: SequenceGroup, forward: Any, args: tuple, kwargs: dict, sequence_dim: int | None) -> tuple[tuple, dict]:
     """This rank's call: every sequence input padded to ``P·L`` tokens and sliced to the
     rank's shard; ``labels`` as transformers' ``shift_labels`` with the global
     ``num_items_in_batch``; an all-ones ``attention_mask`` dropped.
@@ -452,6 +445,8 @@ def shard_inputs(group: SequenceGroup, forward: Any, args: tuple, kwargs: dict, 
     (a padding mask, labels for a model that does not take ``shift_labels``) and when the
     ranks were given different batches.
     """
+    if sequence_dim is None:
+        raise SequenceParallelError("sequence parallelism needs Config.sequence_dim (the dim of the inputs to shard)")
     d = sequence_dim
     named = _bind(forward, args, kwargs)
     by_name = named is not None
