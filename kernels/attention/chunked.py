@@ -17,8 +17,9 @@ same matmul.
 one compiled graph then serves every sequence length with a chunk fitted to each.
 
 Causal masking follows SDPA's top-left convention (query ``i`` sees keys ``j <= i``), for any
-``T`` and ``S``. Chunk pairs whose keys all lie to the right of every query in the chunk are
-skipped. Key chunk 0 is visible to every query; later chunks may be fully masked for some
+``T`` and ``S``; a sliding window ``w`` narrows it to ``i - w < j <= i``. Chunk pairs outside
+that band (every key right of every query, or ``w`` or more left of it) are skipped: no
+compute, no memory; pairs inside it are computed without a mask. Key chunk 0 is visible to every query; later chunks may be fully masked for some
 rows (``lse_part = -inf``), which the merge handles, as it handles a running ``LSE`` of
 ``-inf`` (every score seen so far ``-inf`` because of the data).
 
@@ -35,13 +36,16 @@ import math
 import torch
 from torch import Tensor
 
-from .reference import accumulation_dtype, validate_qkv
+from .reference import accumulation_dtype, validate_qkv, validate_variants
 
 __all__ = [
     "chunked_attention_forward",
     "chunked_attention_backward",
     "chunk_schedule",
+    "pair_needs_mask",
     "merge_partial",
+    "fold_sinks",
+    "sink_grad",
     "check_arguments",
     "auto_chunk_size",
     "out_like",
@@ -56,10 +60,14 @@ CUDA_AUTO_CHUNK = 16384
 MIN_AUTO_CHUNK = 64
 
 
-def check_arguments(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int | None, name: str) -> float:
+def check_arguments(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int | None, name: str,
+    *, window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
+) -> float:
     """Validate the arguments shared by every chunked-attention entry point; return the scale.
 
     ``chunk_size`` is a positive int, or None: chosen at run time (:func:`auto_chunk_size`).
+    ``window``, ``softcap``, ``sinks``: see :func:`.reference.validate_variants`.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
@@ -69,10 +77,11 @@ def check_arguments(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float 
         if chunk_size < 1:
             raise ValueError(f"{name}: chunk_size must be >= 1 (or None: chosen from the shapes), got {chunk_size}")
     validate_qkv(q, k, v, scale=scale, name=name)
+    validate_variants(q, causal, window, softcap, sinks, name=name)
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def auto_chunk_size(q: Tensor, k: Tensor, *, fast: bool, triton: bool = False) -> int:
+def auto_chunk_size(q: Tensor, k: Tensor, *, fast: bool, triton: bool = False, window: int = 0) -> int:
     """The chunk used when ``chunk_size`` is None, from the run-time shapes.
 
     * Triton kernels (CUDA, ``triton``): ``min(max(T, S), CUDA_AUTO_CHUNK)`` — the kernels
@@ -83,7 +92,10 @@ def auto_chunk_size(q: Tensor, k: Tensor, *, fast: bool, triton: bool = False) -
     * The torch path (any device): the largest ``C`` whose two live score blocks
       ``[B, Hkv, G·C, C]`` (the backward's probabilities and their gradient) hold no more
       numbers than ``q`` itself (``2·C² ≤ T·D``), at least ``MIN_AUTO_CHUNK``: the working
-      set then never outgrows the ``O(T·D)`` tensors the step holds anyway.
+      set then never outgrows the ``O(T·D)`` tensors the step holds anyway. With a sliding
+      window ``w`` also at most ``max(MIN_AUTO_CHUNK, w // 2)``: a query chunk of ``C`` rows
+      computes whole key chunks covering ``w + C - 1`` keys, at most ``w + 3C`` columns, so
+      the work stays within ``2.5x`` of the band's.
     """
     T, S, D = q.shape[2], k.shape[2], q.shape[3]
     n = max(T, S, 1)
@@ -91,26 +103,67 @@ def auto_chunk_size(q: Tensor, k: Tensor, *, fast: bool, triton: bool = False) -
         return min(n, CUDA_AUTO_CHUNK)
     if fast:
         return n
-    return min(n, max(MIN_AUTO_CHUNK, math.isqrt(n * max(D, 1) // 2)))
+    chunk = min(n, max(MIN_AUTO_CHUNK, math.isqrt(n * max(D, 1) // 2)))
+    return min(chunk, max(MIN_AUTO_CHUNK, window // 2)) if window else chunk
 
 
-def chunk_schedule(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: bool = False):
+def visible_keys(qs: int, qe: int, S: int, causal: bool, window: int = 0) -> tuple[int, int]:
+    """Key positions ``[lo, hi)`` seen by at least one query of ``[qs, qe)`` (``lo == hi``: none).
+
+    Query ``i`` sees ``i - window < j <= i`` (causal), so the union over ``[qs, qe)`` is
+    ``[qs - window + 1, qe)``, clipped to ``[0, S)``.
+    """
+    if not causal:
+        return 0, S
+    lo = max(0, qs - window + 1) if window else 0
+    return lo, max(lo, min(S, qe))
+
+
+def visible_queries(ks: int, ke: int, T: int, causal: bool, window: int = 0) -> tuple[int, int]:
+    """Query positions ``[lo, hi)`` that see at least one key of ``[ks, ke)`` (``lo == hi``: none).
+
+    Key ``j`` is seen by ``j <= i < j + window`` (causal), so the union over ``[ks, ke)`` is
+    ``[ks, ke - 1 + window)``, clipped to ``[0, T)``.
+    """
+    if not causal:
+        return 0, T
+    lo = min(ks, T)
+    return lo, max(lo, min(T, ke - 1 + window) if window else T)
+
+
+def pair_needs_mask(qs: int, qe: int, ks: int, ke: int, causal: bool, window: int = 0) -> bool:
+    """Whether a computed chunk pair has masked entries: some key right of a query
+    (``ke - 1 > qs``), or with a window some key ``window`` or more left of one
+    (``ks <= qe - 1 - window``). A pair inside the band runs without a mask."""
+    return causal and (ke - 1 > qs or (window > 0 and ks <= qe - 1 - window))
+
+
+def chunk_schedule(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: bool = False, window: int = 0):
     """The chunk pairs that carry work, grouped by the outer chunk.
 
     Yields ``((os, oe), [(is, ie), ...])``: an outer chunk and the inner chunks paired with it,
     in order. Forward order is query-outer/key-inner (``kv_outer=False``); backward order is
     key-outer/query-inner, so a key chunk's ``dk``/``dv`` are final after its inner loop. A
-    causal pair is skipped when its first key ``ks`` is right of its last query ``qe - 1``
-    (every score of the pair is masked).
+    causal pair is skipped when no query of it sees a key of it: its first key ``ks`` is right
+    of its last query (``ks > qe - 1``), or with a window its last key is ``window`` or more
+    left of its first query (``ke - 1 <= qs - window``). The inner chunks are the ones that
+    meet :func:`visible_keys` (:func:`visible_queries`), found by index arithmetic: the loop
+    runs ``O(outer chunks · (window / chunk + 2))`` times, not over every pair.
     """
-    q_chunks = [(s, min(s + chunk_size, T)) for s in range(0, T, chunk_size)]
-    k_chunks = [(s, min(s + chunk_size, S)) for s in range(0, S, chunk_size)]
+    def chunks(lo: int, hi: int, n: int) -> list[tuple[int, int]]:
+        # The chunks of [0, n) that meet positions [lo, hi).
+        if lo >= hi:
+            return []
+        return [(s, min(s + chunk_size, n)) for s in range((lo // chunk_size) * chunk_size, hi, chunk_size)]
+
     if kv_outer:
-        for ks, ke in k_chunks:
-            yield (ks, ke), [(qs, qe) for qs, qe in q_chunks if not (causal and ks > qe - 1)]
+        for ks in range(0, S, chunk_size):
+            ke = min(ks + chunk_size, S)
+            yield (ks, ke), chunks(*visible_queries(ks, ke, T, causal, window), T)
     else:
-        for qs, qe in q_chunks:
-            yield (qs, qe), [(ks, ke) for ks, ke in k_chunks if not (causal and ks > qe - 1)]
+        for qs in range(0, T, chunk_size):
+            qe = min(qs + chunk_size, T)
+            yield (qs, qe), chunks(*visible_keys(qs, qe, S, causal, window), S)
 
 
 def _group_rows(x: Tensor, qs: int, qe: int, hkv: int, dtype: torch.dtype) -> Tensor:
@@ -128,14 +181,15 @@ def _ungroup_rows(x: Tensor, hq: int, cq: int) -> Tensor:
     return x.reshape(x.shape[0], hq, cq, *x.shape[3:])
 
 
-def _causal_keep(qs: int, qe: int, ks: int, ke: int, groups: int, device) -> Tensor | None:
-    """Boolean keep-mask ``[G·Cq, Ck]`` for a chunk pair, or None when nothing is masked."""
-    if ke - 1 <= qs:
-        # Every key of the chunk is at or left of the first query: the pair is fully visible.
+def _band_keep(qs: int, qe: int, ks: int, ke: int, groups: int, device, causal: bool, window: int) -> Tensor | None:
+    """Boolean keep-mask ``[G·Cq, Ck]`` for a chunk pair (``i - window < j <= i``), or None
+    when nothing is masked (:func:`pair_needs_mask`)."""
+    if not pair_needs_mask(qs, qe, ks, ke, causal, window):
         return None
     qpos = torch.arange(qs, qe, device=device).repeat(groups).unsqueeze(1)
     kpos = torch.arange(ks, ke, device=device).unsqueeze(0)
-    return kpos <= qpos
+    keep = kpos <= qpos
+    return keep & (kpos > qpos - window) if window else keep
 
 
 def merge_partial(out: Tensor, lse: Tensor, out_part: Tensor, lse_part: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,6 +203,11 @@ def merge_partial(out: Tensor, lse: Tensor, out_part: Tensor, lse_part: Tensor) 
     and a row ``-inf`` on both sides stays ``(out, -inf)``. A nan or ``+inf`` lse on either
     side (a softmax row that reads a nan or an infinite score) gives a nan row, as softmax
     over the union would.
+
+    Attention sinks: a result computed with ``sinks`` already holds the sink in its ``lse``
+    (the sink is a key whose value is 0). To merge several partial key sets of one softmax
+    with a sink, compute every part without ``sinks`` and add the sink once, to one part or to
+    the merged result, with :func:`fold_sinks` (or compute exactly one part with ``sinks``).
     """
     new = torch.logaddexp(lse, lse_part)
     # Rows with no finite score on either side: shift by 0, so both weights are exp(-inf) = 0.
@@ -161,7 +220,60 @@ def merge_partial(out: Tensor, lse: Tensor, out_part: Tensor, lse_part: Tensor) 
     return out, new
 
 
-def _partial_attention(qc: Tensor, kc: Tensor, vc: Tensor, scale: float, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+def fold_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Add one sink logit per head to a result over a key set (in place on ``out``).
+
+    ``out`` ``[B, Hq, R, D]``, ``lse`` ``[B, Hq, R]`` (normalised over the keys only),
+    ``sinks`` ``[Hq]``. The sink is a key whose value is 0, so this is :func:`merge_partial`
+    with ``out_part = 0``, ``lse_part = sinks[h]``: ``LSE' = logaddexp(lse, sink)``,
+    ``out ← e^{lse − LSE'}·out``. Returns ``(out, LSE')``. A row with no visible key
+    (``lse = -inf``) gets ``out = 0``, ``LSE' = sink``. The product is taken in ``lse``'s
+    dtype and rounded once into ``out``'s.
+    """
+    sink = sinks.to(lse.dtype).view(1, -1, 1)
+    new = torch.logaddexp(lse, sink)
+    # Both sides -inf: shift by 0 so the weight is exp(-inf) = 0, not nan.
+    shift = torch.where(new == float("-inf"), torch.zeros_like(new), new)
+    out.copy_(out * torch.exp(lse - shift).unsqueeze(-1))
+    return out, new
+
+
+def sink_grad(lse: Tensor, delta: Tensor, sinks: Tensor) -> Tensor:
+    """``dsinks[h] = −Σ_{b,i} exp(sinks[h] − lse[b,h,i]) · delta[b,h,i]`` in ``sinks``' dtype.
+
+    ``lse`` ``[B, Hq, T]`` includes the sink; ``delta = rowsum(dout · out) − dlse`` (see
+    README, "Attention sinks"): the sink is a key with value 0, so its score gradient is
+    ``P_sink (dout · 0 − delta)``.
+    """
+    p_sink = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)
+    return -(p_sink * delta.to(lse.dtype)).sum(dim=(0, 2)).to(sinks.dtype)
+
+
+def _pair_scores(
+    qc: Tensor, kc: Tensor, scale: float, softcap: float, keep: Tensor | None, *, cap_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Scores of a chunk pair and, for the backward, the soft-cap's derivative.
+
+    ``qc`` ``[B, Hkv, R, D]``, ``kc`` ``[B, Hkv, Ck, D]`` → ``s`` ``[B, Hkv, R, Ck]``:
+    ``scale·q·kᵀ``, capped to ``softcap·tanh(·/softcap)`` when ``softcap > 0``, then ``-inf``
+    where ``keep`` is False. With ``cap_grad`` and a cap, also ``ds/ds_raw = 1 − tanh²``
+    (a second block, ``None`` otherwise), which the backward multiplies into ``dS``.
+    """
+    s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale)
+    dcap = None
+    if softcap:
+        t = s.div_(softcap).tanh_()
+        if cap_grad:
+            dcap = 1 - t * t
+        s = t.mul_(softcap)
+    if keep is not None:
+        s.masked_fill_(~keep, float("-inf"))
+    return s, dcap
+
+
+def _partial_attention(
+    qc: Tensor, kc: Tensor, vc: Tensor, scale: float, keep: Tensor | None, softcap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """Softmax attention of a query block over one key block: ``(out_part, lse_part)``.
 
     ``qc`` ``[B, Hkv, R, D]``, ``kc``/``vc`` ``[B, Hkv, Ck, D]`` → ``[B, Hkv, R, D]``, ``[B, Hkv, R]``.
@@ -169,9 +281,7 @@ def _partial_attention(qc: Tensor, kc: Tensor, vc: Tensor, scale: float, keep: T
     ``out_part = 0``; a nan score makes its row nan, a ``+inf`` score too (``inf − inf``), as
     in softmax.
     """
-    s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale)
-    if keep is not None:
-        s.masked_fill_(~keep, float("-inf"))
+    s, _ = _pair_scores(qc, kc, scale, softcap, keep)
     m = s.amax(dim=-1, keepdim=True)
     # A row with nothing visible has m = -inf; shifting by 0 instead makes its exp() 0, not
     # nan. Only -inf: a +inf maximum must give softmax's nan (inf − inf), and a nan stays.
@@ -208,6 +318,9 @@ def chunked_attention_forward(
     scale: float | None,
     chunk_size: int | None,
     softmax_nan: bool = False,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention, one (query chunk, key chunk) pair at a time.
 
@@ -224,44 +337,68 @@ def chunked_attention_forward(
             inputs) gets ``out = nan``, as softmax gives, instead of the partial-result
             convention ``out = 0`` (``lse`` is ``-inf`` either way). The op sets it; keep it
             off for a partial result that is merged with others (:func:`merge_partial`).
+        window: with ``causal``, query ``i`` sees only keys ``i - window < j <= i`` (0: no
+            window). Chunk pairs outside the band are skipped.
+        softcap: scores ``s = scale·q·k`` become ``softcap·tanh(s / softcap)`` before
+            masking and softmax (0: no cap).
+        sinks: optional ``[Hq]`` logits, one per head, added to every row's softmax
+            denominator (a key with value 0): ``P_ij = exp(s_ij) / (exp(sinks[h]) + Σ_j exp(s_ij))``.
     Returns:
         ``out`` ``[B, Hq, T, D]`` in the input dtype and ``lse`` ``[B, Hq, T]`` in the
-        accumulation dtype (float32 for 16/32-bit inputs, float64 for float64).
+        accumulation dtype (float32 for 16/32-bit inputs, float64 for float64). With
+        ``sinks``, ``lse = log(exp(sinks[h]) + Σ_j exp(s_ij))`` **includes** the sink, so
+        ``out_i = Σ_j exp(s_ij − lse_i) v_j`` holds as without sinks and the backward needs
+        nothing else. A caller merging partial key sets (:func:`merge_partial`) computes the
+        parts without ``sinks`` and adds the sink once (:func:`fold_sinks`). With a window,
+        rows that see no key (``i >= S - 1 + window``) give ``out = 0``, ``lse = -inf``
+        (``lse = sinks[h]`` with sinks).
     """
-    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_forward")
+    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_forward",
+                            window=window, softcap=softcap, sinks=sinks)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if B * Hq * T == 0 or S == 0:
-        return _empty_forward(q, k, v)
-    fast = cpu_kernel_applies(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
-    chunk = auto_chunk_size(q, k, fast=fast) if chunk_size is None else chunk_size
+        out, lse = _empty_forward(q, k, v)
+        return (out, lse) if sinks is None else fold_sinks(out, lse, sinks)
+    # ATen's kernel knows neither a band nor a cap; a sink is folded in after it.
+    fast = not window and not softcap and cpu_kernel_applies(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
+    chunk = auto_chunk_size(q, k, fast=fast, window=window) if chunk_size is None else chunk_size
     if fast:
         out, lse = _forward_cpu_kernel(q, k, v, causal, scale, chunk)
         # ATen's kernel is only used on finite inputs whose scores cannot overflow: no row
         # can be -inf there, so softmax_nan has nothing to do.
-        return out, lse
+        return (out, lse) if sinks is None else fold_sinks(out, lse, sinks)
     G = Hq // Hkv
     acc = accumulation_dtype(q.dtype)
     out = out_like(q)
     lse = torch.empty((B, Hq, T), dtype=acc, device=q.device)
-    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk, causal):
+    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk, causal, window=window):
         qc = _group_rows(q, qs, qe, Hkv, acc)
         o_acc = lse_acc = None
         for ks, ke in key_chunks:
-            kc = k[:, :, ks:ke].to(acc)
-            vc = v[:, :, ks:ke].to(acc)
-            keep = _causal_keep(qs, qe, ks, ke, G, q.device) if causal else None
-            o_part, l_part = _partial_attention(qc, kc, vc, scale, keep)
+            keep = _band_keep(qs, qe, ks, ke, G, q.device, causal, window)
+            o_part, l_part = _partial_attention(qc, k[:, :, ks:ke].to(acc), v[:, :, ks:ke].to(acc), scale, keep, softcap)
             if o_acc is None:
                 o_acc, lse_acc = o_part, l_part
             else:
                 o_acc, lse_acc = merge_partial(o_acc, lse_acc, o_part, l_part)
-        out[:, :, qs:qe] = _ungroup_rows(o_acc, Hq, qe - qs)
-        lse[:, :, qs:qe] = _ungroup_rows(lse_acc, Hq, qe - qs)
+        if o_acc is None:
+            # A window's rows past the last key see none: out = 0, lse = -inf.
+            o_acc = torch.zeros_like(qc)
+            lse_acc = torch.full(qc.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        o_acc, lse_acc = _ungroup_rows(o_acc, Hq, qe - qs), _ungroup_rows(lse_acc, Hq, qe - qs)
+        if sinks is not None:
+            # In the accumulation dtype, before out's single rounding.
+            o_acc, lse_acc = fold_sinks(o_acc, lse_acc, sinks)
+        out[:, :, qs:qe] = o_acc
+        lse[:, :, qs:qe] = lse_acc
     if softmax_nan:
-        # Every row sees key 0 (S >= 1, top-left causal), so lse = -inf means every visible
-        # score was -inf: softmax divides 0 by 0 there.
-        out.masked_fill_((lse == float("-inf")).unsqueeze(-1), float("nan"))
+        # lse = -inf in a row that sees some key means every visible score was -inf (and no
+        # sink): softmax divides 0 by 0 there. Without a window every row sees key 0.
+        empty = lse == float("-inf")
+        if window:
+            empty[:, :, S - 1 + window:] = False
+        out.masked_fill_(empty.unsqueeze(-1), float("nan"))
     return out, lse
 
 
@@ -289,50 +426,72 @@ def chunked_attention_backward(
     scale: float | None,
     chunk_size: int | None,
     dlse: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+) -> tuple[Tensor, ...]:
     """Gradients of :func:`chunked_attention_forward`, recomputing probabilities from ``lse``.
 
     Loop order as in FPDT: outer over key/value chunks (their ``dk``/``dv`` are final at the
-    end of the outer step), inner over query chunks; causally masked pairs are skipped. With
-    ``P_ij = exp(scale·q_i·k_j − lse_i)`` and ``delta_i = Σ_d dout_i·out_i − dlse_i``:
-    ``dv_j = Σ_i P_ij dout_i``, ``dS_ij = P_ij (dout_i·v_j − delta_i)``,
-    ``dq_i = scale Σ_j dS_ij k_j``, ``dk_j = scale Σ_i dS_ij q_i`` (GQA: sums run over the
-    query heads of a group too).
+    end of the outer step), inner over query chunks; pairs outside the causal band are
+    skipped. With ``s_ij`` the (capped) score, ``P_ij = exp(s_ij − lse_i)`` and
+    ``delta_i = Σ_d dout_i·out_i − dlse_i``: ``dv_j = Σ_i P_ij dout_i``,
+    ``dS_ij = P_ij (dout_i·v_j − delta_i) · c'_ij`` (``c' = 1 − tanh²`` of the soft-cap,
+    1 without), ``dq_i = scale Σ_j dS_ij k_j``, ``dk_j = scale Σ_i dS_ij q_i`` (GQA: sums run
+    over the query heads of a group too), and with sinks
+    ``dsinks[h] = −Σ_{b,i} exp(sinks[h] − lse_i) delta_i``.
 
     Args:
         dout: ``[B, Hq, T, D]`` gradient of ``out``.
-        q, k, v, out, lse: as in / returned by :func:`chunked_attention_forward`.
+        q, k, v, out, lse: as in / returned by :func:`chunked_attention_forward` (``lse``
+            includes the sink when ``sinks`` is given).
         chunk_size: as there (None: chosen from the shapes; need not match the forward's).
         dlse: optional ``[B, Hq, T]`` gradient of ``lse`` (``None`` = zero).
+        window, softcap, sinks: as given to the forward.
     Returns:
-        ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``; ``dq`` is accumulated in
-        the accumulation dtype and cast once at the end.
+        ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v`` — and ``dsinks`` ``[Hq]``
+        (``sinks``' dtype) as a fourth element when ``sinks`` is given; ``dq`` is accumulated
+        in the accumulation dtype and cast once at the end.
     """
-    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_backward")
+    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_backward",
+                            window=window, softcap=softcap, sinks=sinks)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"chunked_attention_backward: dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if lse.shape != q.shape[:3]:
         raise ValueError(f"chunked_attention_backward: lse must be [B, Hq, T] = {list(q.shape[:3])}, got {tuple(lse.shape)}")
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+
+    def with_sink_grad(grads: tuple[Tensor, Tensor, Tensor], delta: Tensor | None) -> tuple[Tensor, ...]:
+        if sinks is None:
+            return grads
+        if delta is None:
+            delta = _delta(dout, out, dlse, max(T, 1), acc)
+        return (*grads, sink_grad(lse, delta, sinks))
+
     if B * Hq * T == 0 or S == 0:
         # No query reads a key: every gradient is zero (and empty where its tensor is).
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return with_sink_grad((torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)), None)
     if dlse is not None and dlse.device.type == "cpu" and not bool(dlse.any()):
         # AOTAutograd hands the op a zero tangent for an lse nobody reads; it changes nothing,
         # and dropping it keeps the fast path (which has no input for d(lse)) available.
         dlse = None
-    fast = dlse is None and cpu_kernel_applies(q, k, v, causal=causal, scale=scale, dout=dout, chunk_size=chunk_size)
-    chunk = auto_chunk_size(q, k, fast=fast) if chunk_size is None else chunk_size
+    # Given the sink-inclusive lse and out, ATen's kernel computes dq, dk, dv exactly.
+    fast = dlse is None and not window and not softcap and cpu_kernel_applies(
+        q, k, v, causal=causal, scale=scale, dout=dout, chunk_size=chunk_size)
+    chunk = auto_chunk_size(q, k, fast=fast, window=window) if chunk_size is None else chunk_size
     if fast:
-        return _backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk)
+        return with_sink_grad(_backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk), None)
     G = Hq // Hkv
-    acc = accumulation_dtype(q.dtype)
     delta = _delta(dout, out, dlse, chunk, acc)
+    # A window's rows past the last key have lse = -inf and only masked scores in the pairs
+    # their chunk computes: shift them by 0 so P = exp(-inf) = 0, not nan.
+    lse_rows = lse.masked_fill(lse == float("-inf"), 0.0) if window else lse
     dq_acc = torch.zeros((B, Hq, T, D), dtype=acc, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk, causal, kv_outer=True):
+    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk, causal, kv_outer=True, window=window):
         kc = k[:, :, ks:ke].to(acc)
         vc = v[:, :, ks:ke].to(acc)
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=acc, device=q.device)
@@ -340,24 +499,23 @@ def chunked_attention_backward(
         for qs, qe in query_chunks:
             qc = _group_rows(q, qs, qe, Hkv, acc)
             doc = _group_rows(dout, qs, qe, Hkv, acc)
-            lsec = _group_rows(lse, qs, qe, Hkv, acc).unsqueeze(-1)
+            lsec = _group_rows(lse_rows, qs, qe, Hkv, acc).unsqueeze(-1)
             deltac = _group_rows(delta, qs, qe, Hkv, acc).unsqueeze(-1)
-            s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale)
-            if causal:
-                keep = _causal_keep(qs, qe, ks, ke, G, q.device)
-                if keep is not None:
-                    s.masked_fill_(~keep, float("-inf"))
+            keep = _band_keep(qs, qe, ks, ke, G, q.device, causal, window)
+            s, dcap = _pair_scores(qc, kc, scale, softcap, keep, cap_grad=True)
             p = torch.exp_(s.sub_(lsec))
             dv_acc += torch.matmul(p.transpose(-1, -2), doc)
             ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(deltac).mul_(p)
+            if dcap is not None:
+                ds.mul_(dcap)
             dk_acc += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
             dq_acc[:, :, qs:qe] += _ungroup_rows(torch.matmul(ds, kc).mul_(scale), Hq, qe - qs)
-            # Two score blocks live, not three: the next pair's scores are not allocated
-            # while this pair's still are.
-            del s, p, ds
+            # Two score blocks live (three with a soft-cap), not more: the next pair's scores
+            # are not allocated while this pair's still are.
+            del s, p, ds, dcap
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc
-    return dq_acc.to(q.dtype), dk, dv
+    return with_sink_grad((dq_acc.to(q.dtype), dk, dv), delta)
 
 
 # ----------------------------------------------------------------------------------------

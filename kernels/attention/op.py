@@ -2,16 +2,23 @@
 
 Ops (all ``mutates_args=()``; shapes in SDPA layout, ``G = Hq // Hkv``):
 
-* ``longctx::chunked_attention_fwd(q, k, v, causal, scale, chunk_size, host_pool_bytes=None)
-  -> (out, lse)``
-* ``longctx::chunked_attention_bwd(dout, q, k, v, out, lse, dlse?, causal, scale, chunk_size)
-  -> (dq, dk, dv)``
+* ``longctx::chunked_attention_fwd(q, k, v, causal, scale, chunk_size, host_pool_bytes=None,
+  window=0, softcap=0.0, sinks=None) -> (out, lse)``
+* ``longctx::chunked_attention_bwd(dout, q, k, v, out, lse, dlse?, causal, scale, chunk_size,
+  window=0, softcap=0.0, sinks=None) -> (dq, dk, dv, dsinks)``
 * ``longctx::chunked_attention_fwd_offload(q, k, v, causal, scale, chunk_size,
-  host_pool_bytes=None) -> (out, lse, handle)``: also copies q, k, v, out, lse into the host
-  pool, within the budget ``host_pool_bytes`` (None: unbounded); ``handle`` is an int64 scalar
-  CPU tensor naming that group of host copies.
+  host_pool_bytes=None, window=0, softcap=0.0, sinks=None) -> (out, lse, handle)``: also
+  copies q, k, v, out, lse into the host pool, within the budget ``host_pool_bytes`` (None:
+  unbounded); ``handle`` is an int64 scalar CPU tensor naming that group of host copies.
 * ``longctx::chunked_attention_bwd_offload(dout, handle, dlse?, kv_heads, kv_len, causal,
-  scale, chunk_size) -> (dq, dk, dv)``: streams the host copies back chunk by chunk.
+  scale, chunk_size, window=0, softcap=0.0, sinks=None) -> (dq, dk, dv, dsinks)``: streams the
+  host copies back chunk by chunk.
+
+The variants (README, "Variants"): ``window > 0`` (with causal) keeps keys
+``i - window < j <= i`` and skips chunk pairs outside that band; ``softcap > 0`` caps scores
+to ``softcap·tanh(s / softcap)``; ``sinks`` ``[Hq]`` adds one logit per head to the softmax
+denominator, and ``lse`` includes it. ``dsinks`` is ``[Hq]`` with sinks and an empty ``[0]``
+tensor without (a backward op has one schema for both).
 
 ``chunk_size = 0`` means "choose from the shapes at run time" (``chunked.auto_chunk_size``):
 the graph then holds no chunk and serves every sequence length with a chunk fitted to it.
@@ -56,7 +63,16 @@ from longctx_compiler.runtime.autocast import AUTOCAST_DEVICE_TYPES, autocast_ca
 
 from longctx_compiler.runtime.host_pool import get_default_pool
 
-from .chunked import CUDA_AUTO_CHUNK, auto_chunk_size, check_arguments, chunked_attention_backward, chunked_attention_forward, out_like
+from .chunked import (
+    CUDA_AUTO_CHUNK,
+    auto_chunk_size,
+    check_arguments,
+    chunk_schedule,
+    chunked_attention_backward,
+    chunked_attention_forward,
+    out_like,
+    sink_grad,
+)
 from .reference import accumulation_dtype
 
 __all__ = ["chunked_attention"]
@@ -73,27 +89,42 @@ def _chunk(chunk_size: int) -> int | None:
     return None if chunk_size == 0 else chunk_size
 
 
-def _forward_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int,
+                  window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     chunk = _chunk(chunk_size)
+    variants = dict(window=window, softcap=softcap, sinks=sinks)
     # Empty problems (no query or no key) take the torch path's early return on any device.
     if _use_triton(q) and q.numel() > 0 and k.numel() > 0:
         from .triton import triton_attention_forward
 
         if chunk is None:
             chunk = auto_chunk_size(q, k, fast=False, triton=True)
-        return triton_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk)
-    return chunked_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk, softmax_nan=True)
+        return triton_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk, **variants)
+    return chunked_attention_forward(q, k, v, causal=causal, scale=scale, chunk_size=chunk, softmax_nan=True, **variants)
 
 
-def _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size):
+def _empty_dsinks(like: Tensor) -> Tensor:
+    # The backward ops' dsinks without sinks: one schema serves both, at the cost of nothing.
+    return like.new_empty((0,))
+
+
+def _with_dsinks(grads: tuple[Tensor, ...], sinks: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward ops' four outputs: ``dsinks`` is an empty ``[0]`` tensor without sinks."""
+    return grads if sinks is not None else (*grads, _empty_dsinks(like))
+
+
+def _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None):
     chunk = _chunk(chunk_size)
+    variants = dict(window=window, softcap=softcap, sinks=sinks)
     if _use_triton(q) and q.numel() > 0 and k.numel() > 0:
         from .triton import triton_attention_backward
 
         if chunk is None:
             chunk = auto_chunk_size(q, k, fast=False, triton=True)
-        return triton_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk, dlse=dlse)
-    return chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk, dlse=dlse)
+        grads = triton_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk, dlse=dlse, **variants)
+    else:
+        grads = chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=chunk, dlse=dlse, **variants)
+    return _with_dsinks(grads, sinks, q)
 
 
 def _fake_fwd(q: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,49 +139,76 @@ def _fake_fwd(q: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("longctx::chunked_attention_fwd", mutates_args=())
 def chunked_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int, host_pool_bytes: Optional[int] = None,
+    window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out [B, Hq, T, D], lse [B, Hq, T])`` of exact attention, chunk by chunk.
 
     ``chunk_size = 0``: chosen from the shapes. ``host_pool_bytes`` is unused here (it keeps
-    the argument list equal to the offload op's).
+    the argument list equal to the offload op's). ``window``/``softcap``/``sinks ([Hq])``: the
+    variants (0 / 0.0 / None: off); with sinks, ``lse`` includes the sink term.
     """
-    return _forward_impl(q, k, v, causal, scale, chunk_size)
+    return _forward_impl(q, k, v, causal, scale, chunk_size, window, softcap, sinks)
 
 
 @chunked_attention_fwd.register_fake
-def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None):
+def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softcap=0.0, sinks=None):
     return _fake_fwd(q)
 
 
 @torch.library.custom_op("longctx::chunked_attention_bwd", mutates_args=())
 def chunked_attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    causal: bool, scale: float, chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` shaped like ``q, k, v``; ``dlse`` (``[B, Hq, T]``) may be None."""
-    return _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size)
+    causal: bool, scale: float, chunk_size: int, window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dsinks)``: the first three shaped like ``q, k, v``; ``dsinks`` ``[Hq]``
+    with sinks, an empty ``[0]`` tensor without. ``dlse`` (``[B, Hq, T]``) may be None."""
+    return _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window, softcap, sinks)
+
+
+def _fake_dsinks(sinks: Tensor | None, like: Tensor) -> Tensor:
+    return _empty_dsinks(like) if sinks is None else sinks.new_empty(sinks.shape)
 
 
 @chunked_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), _fake_dsinks(sinks, q)
+
+
+#: Positions of the forward ops' arguments (the two forward ops share one argument list).
+_WINDOW, _SOFTCAP, _SINKS = 7, 8, 9
+
+
+def _variants(inputs) -> tuple[int, float, Tensor | None]:
+    """``(window, softcap, sinks)`` from a forward op's inputs (``setup_context`` receives every
+    argument, defaults included)."""
+    return inputs[_WINDOW], inputs[_SOFTCAP], inputs[_SINKS]
+
+
+def _input_grads(ctx, dq, dk, dv, dsinks) -> tuple:
+    """One gradient per forward input: q, k, v, and sinks when given."""
+    grads = [dq, dk, dv] + [None] * (ctx.n_args - 3)
+    if ctx.has_sinks:
+        grads[_SINKS] = dsinks
+    return tuple(grads)
 
 
 def _setup_fwd(ctx, inputs, output):
     q, k, v, causal, scale, chunk_size = inputs[:6]
+    window, softcap, sinks = _variants(inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (causal, scale, chunk_size)
+    ctx.save_for_backward(q, k, v, out, lse, sinks)
+    ctx.args = (causal, scale, chunk_size, window, softcap)
     ctx.n_args = len(inputs)
+    ctx.has_sinks = sinks is not None
 
 
 def _backward_fwd(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    causal, scale, chunk_size = ctx.args
+    q, k, v, out, lse, sinks = ctx.saved_tensors
+    causal, scale, chunk_size, window, softcap = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = chunked_attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size)
-    return (dq, dk, dv) + (None,) * (ctx.n_args - 3)
+    grads = chunked_attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window, softcap, sinks)
+    return _input_grads(ctx, *grads)
 
 
 chunked_attention_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
@@ -174,14 +232,16 @@ def _release(pool_ref, gid: int) -> None:
 @torch.library.custom_op("longctx::chunked_attention_fwd_offload", mutates_args=())
 def chunked_attention_fwd_offload(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int, host_pool_bytes: Optional[int] = None,
+    window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Like ``chunked_attention_fwd``, and keeps q, k, v, out, lse in the default host pool.
 
     ``host_pool_bytes``: the budget these copies count against (one account per budget
     value in the pool; None: unbounded). Past it the call raises ``HostMemoryError``.
     Returns ``(out, lse, handle)``; ``handle`` is an int64 scalar (CPU) naming the host copies.
+    ``sinks`` (``[Hq]``, a few bytes) stays where it is: autograd saves it for the backward.
     """
-    out, lse = _forward_impl(q, k, v, causal, scale, chunk_size)
+    out, lse = _forward_impl(q, k, v, causal, scale, chunk_size, window, softcap, sinks)
     pool = get_default_pool()
     handles = {}
     try:
@@ -195,14 +255,16 @@ def chunked_attention_fwd_offload(
 
 
 @chunked_attention_fwd_offload.register_fake
-def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None):
+def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softcap=0.0, sinks=None):
     out, lse = _fake_fwd(q)
     return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
 
 
-def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size):
+def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None):
     """Streamed Triton backward: k/v chunks (outer) and q/lse chunks (inner) come from the
-    host, each prefetched one step ahead on the copy stream (double buffering)."""
+    host, each prefetched one step ahead on the copy stream (double buffering). Pairs outside
+    a window's band are neither fetched nor launched. Returns ``(dq, dk, dv)``, and
+    ``dsinks`` fourth with ``sinks``."""
     from .triton import attention_delta, launch_bwd_pair
 
     B, Hq, T, D = dout.shape
@@ -210,52 +272,53 @@ def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size):
     dev = dout.device
     # delta needs out once per query row: stream out in chunks instead of bringing it all back.
     delta = torch.empty((B, Hq, T), dtype=torch.float32, device=dev)
+    dsinks = None if sinks is None else torch.zeros(sinks.shape, dtype=torch.float32, device=dev)
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         oc = pool.prefetch(hs["out"], s, e)
         delta[:, :, s:e] = attention_delta(dout[:, :, s:e], oc, None if dlse is None else dlse[:, :, s:e], chunk_size)
+        if sinks is not None:
+            dsinks += sink_grad(pool.prefetch(hs["lse"], s, e), delta[:, :, s:e], sinks.float())
     dq_acc = torch.zeros((B, Hq, T, D), dtype=torch.float32, device=dev)
     dk = torch.empty((B, Hkv, S, D), dtype=hs["k"].dtype, device=dev)
     dv = torch.empty_like(dk)
-    k_starts = list(range(0, S, chunk_size))
+    schedule = list(chunk_schedule(T, S, chunk_size, causal, kv_outer=True, window=window))
 
-    def fetch_kv(ks):
-        ke = min(ks + chunk_size, S)
+    def fetch_kv(ks, ke):
         return pool.prefetch_async(hs["k"], ks, ke), pool.prefetch_async(hs["v"], ks, ke)
 
-    def fetch_q(qs):
-        qe = min(qs + chunk_size, T)
+    def fetch_q(qs, qe):
         return pool.prefetch_async(hs["q"], qs, qe), pool.prefetch_async(hs["lse"], qs, qe)
 
-    next_kv = fetch_kv(k_starts[0])
-    for idx, ks in enumerate(k_starts):
-        ke = min(ks + chunk_size, S)
+    next_kv = fetch_kv(*schedule[0][0])
+    for idx, ((ks, ke), query_chunks) in enumerate(schedule):
         kc, vc = (p.wait() for p in next_kv)
-        if idx + 1 < len(k_starts):
-            next_kv = fetch_kv(k_starts[idx + 1])
+        if idx + 1 < len(schedule):
+            next_kv = fetch_kv(*schedule[idx + 1][0])
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=torch.float32, device=dev)
         dv_acc = torch.zeros_like(dk_acc)
-        q_starts = list(range((ks // chunk_size) * chunk_size if causal else 0, T, chunk_size))
-        next_q = fetch_q(q_starts[0]) if q_starts else None
-        for jdx, qs in enumerate(q_starts):
-            qe = min(qs + chunk_size, T)
+        next_q = fetch_q(*query_chunks[0]) if query_chunks else None
+        for jdx, (qs, qe) in enumerate(query_chunks):
             qc, lsec = (p.wait() for p in next_q)
-            if jdx + 1 < len(q_starts):
-                next_q = fetch_q(q_starts[jdx + 1])
+            if jdx + 1 < len(query_chunks):
+                next_q = fetch_q(*query_chunks[jdx + 1])
             # The lse/delta kernels read both with one set of strides: give both the dense layout.
             launch_bwd_pair(qc, kc, vc, dout[:, :, qs:qe], lsec.contiguous(), delta[:, :, qs:qe].contiguous(),
-                            dq_acc[:, :, qs:qe], dk_acc, dv_acc, q_pos0=qs, k_pos0=ks, causal=causal, scale=scale)
+                            dq_acc[:, :, qs:qe], dk_acc, dv_acc, q_pos0=qs, k_pos0=ks, causal=causal, scale=scale,
+                            window=window, softcap=softcap)
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc
-    return dq_acc.to(dout.dtype), dk, dv
+    grads = (dq_acc.to(dout.dtype), dk, dv)
+    return grads if sinks is None else (*grads, dsinks.to(sinks.dtype))
 
 
 @torch.library.custom_op("longctx::chunked_attention_bwd_offload", mutates_args=())
 def chunked_attention_bwd_offload(
     dout: Tensor, handle: Tensor, dlse: Optional[Tensor], kv_heads: int, kv_len: int,
-    causal: bool, scale: float, chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` from ``dout`` and the host copies named by ``handle``.
+    causal: bool, scale: float, chunk_size: int, window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, dsinks)`` from ``dout`` and the host copies named by ``handle``
+    (``dsinks`` as in ``chunked_attention_bwd``).
 
     ``kv_heads``/``kv_len`` give ``dk``/``dv``'s shape ``[B, kv_heads, kv_len, D]`` to the
     fake implementation (the handle carries no shape). The host copies stay in the pool
@@ -269,35 +332,41 @@ def chunked_attention_bwd_offload(
     if _use_triton(dout) and dout.numel() > 0 and hs["k"].numel > 0:
         if chunk_size == 0:
             chunk_size = min(max(T, kv_len), CUDA_AUTO_CHUNK)
-        return _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size)
+        grads = _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, window, softcap, sinks)
+        return _with_dsinks(grads, sinks, dout)
     # CPU: the host copies are CPU tensors already; prefetch hands back views (no copy) and the
     # chunked loop reads them chunk by chunk in the same order as on CUDA.
     q, k, v, out, lse = (pool.prefetch(hs[n]) for n in _OFFLOADED)
     if q.device != dout.device:
         q, k, v, out, lse = (t.to(dout.device) for t in (q, k, v, out, lse))
-    return chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=_chunk(chunk_size), dlse=dlse)
+    grads = chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=_chunk(chunk_size),
+                                       dlse=dlse, window=window, softcap=softcap, sinks=sinks)
+    return _with_dsinks(grads, sinks, dout)
 
 
 @chunked_attention_bwd_offload.register_fake
-def _(dout, handle, dlse, kv_heads, kv_len, causal, scale, chunk_size):
+def _(dout, handle, dlse, kv_heads, kv_len, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None):
     B, Hq, T, D = dout.shape
-    return dout.new_empty((B, Hq, T, D)), dout.new_empty((B, kv_heads, kv_len, D)), dout.new_empty((B, kv_heads, kv_len, D))
+    kv = dout.new_empty((B, kv_heads, kv_len, D)), dout.new_empty((B, kv_heads, kv_len, D))
+    return dout.new_empty((B, Hq, T, D)), *kv, _fake_dsinks(sinks, dout)
 
 
 def _setup_fwd_offload(ctx, inputs, output):
     q, k, v, causal, scale, chunk_size = inputs[:6]
+    window, softcap, sinks = _variants(inputs)
     _, _, handle = output
-    ctx.save_for_backward(handle)
+    ctx.save_for_backward(handle, sinks)
     ctx.kv = (k.shape[1], k.shape[2])
-    ctx.args = (causal, scale, chunk_size)
+    ctx.args = (causal, scale, chunk_size, window, softcap)
     ctx.n_args = len(inputs)
+    ctx.has_sinks = sinks is not None
 
 
 def _backward_fwd_offload(ctx, dout, dlse, _dhandle):
-    (handle,) = ctx.saved_tensors
-    causal, scale, chunk_size = ctx.args
-    dq, dk, dv = chunked_attention_bwd_offload(dout, handle, dlse, ctx.kv[0], ctx.kv[1], causal, scale, chunk_size)
-    return (dq, dk, dv) + (None,) * (ctx.n_args - 3)
+    handle, sinks = ctx.saved_tensors
+    causal, scale, chunk_size, window, softcap = ctx.args
+    grads = chunked_attention_bwd_offload(dout, handle, dlse, ctx.kv[0], ctx.kv[1], causal, scale, chunk_size, window, softcap, sinks)
+    return _input_grads(ctx, *grads)
 
 
 chunked_attention_fwd_offload.register_autograd(_backward_fwd_offload, setup_context=_setup_fwd_offload)
@@ -321,6 +390,9 @@ def chunked_attention(
     chunk_size: int | None = 1024,
     offload: bool = False,
     host_pool_bytes: int | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Exact softmax attention with memory bounded by the chunk size (FPDT-style).
 
@@ -337,21 +409,31 @@ def chunked_attention(
             CUDA) between forward and backward; autograd then saves only a handle.
         host_pool_bytes: with ``offload``, the bound on the host bytes held by calls with
             this same budget (``HostMemoryError`` past it); None: unbounded.
+        window: sliding window (needs ``causal``): query ``i`` sees keys
+            ``i - window < j <= i``; chunk pairs outside that band are skipped, so the cost is
+            about ``2·window / T`` of causal attention's. 0: no window.
+        softcap: logit soft-capping (Gemma 2): ``s = scale·q·k`` becomes
+            ``softcap·tanh(s / softcap)`` before masking and softmax. 0: no cap.
+        sinks: learned attention sinks (gpt-oss), ``[Hq]``: one logit per head added to the
+            softmax denominator, with no value:
+            ``P_ij = exp(s_ij) / (exp(sinks[h]) + Σ_j exp(s_ij))``. Not soft-capped.
     Returns:
-        ``[B, Hq, T, D]`` in the input dtype. Differentiable in ``q``, ``k``, ``v``.
+        ``[B, Hq, T, D]`` in the input dtype. Differentiable in ``q``, ``k``, ``v`` (and
+        ``sinks``).
     """
     if not isinstance(offload, bool):
         raise TypeError(f"chunked_attention: offload must be a bool, got {type(offload).__name__}")
     if isinstance(q, Tensor) and q.device.type in AUTOCAST_DEVICE_TYPES:
         # What the op's Autocast kernel does, done first so the arguments are checked as the
         # op will see them (q/k/v of different dtypes are fine under autocast, as for SDPA).
-        q, k, v = autocast_cast((q, k, v), q.device.type)
-    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention")
+        q, k, v, sinks = autocast_cast((q, k, v, sinks), q.device.type)
+    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention", window=window, softcap=softcap, sinks=sinks)
     if host_pool_bytes is not None and (isinstance(host_pool_bytes, bool) or not isinstance(host_pool_bytes, int) or host_pool_bytes < 0):
         raise ValueError(f"chunked_attention: host_pool_bytes must be a non-negative int or None, got {host_pool_bytes!r}")
     if q.is_cuda and q.shape[-1] > 256 and q.dtype != torch.float64:
         raise ValueError(f"chunked_attention: head dim {q.shape[-1]} > 256 is not supported on CUDA")
     chunk = 0 if chunk_size is None else chunk_size
+    variants = (window, float(softcap), sinks)
     if offload:
-        return chunked_attention_fwd_offload(q, k, v, causal, scale, chunk, host_pool_bytes)[0]
-    return chunked_attention_fwd(q, k, v, causal, scale, chunk)[0]
+        return chunked_attention_fwd_offload(q, k, v, causal, scale, chunk, host_pool_bytes, *variants)[0]
+    return chunked_attention_fwd(q, k, v, causal, scale, chunk, None, *variants)[0]

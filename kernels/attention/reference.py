@@ -8,7 +8,13 @@ Layout (chosen once, the same as ``torch.nn.functional.scaled_dot_product_attent
 * result: ``[B, Hq, T, D]``; log-sum-exp ``lse``: ``[B, Hq, T]``
 
 Causal masking uses SDPA's ``is_causal`` convention, aligned at the top-left corner: query
-``i`` sees keys ``j <= i`` (also when ``T != S``).
+``i`` sees keys ``j <= i`` (also when ``T != S``). Three variants (see README.md):
+
+* sliding window ``window = w > 0`` (with ``causal``): query ``i`` sees keys ``i - w < j <= i``;
+* logit soft-capping ``softcap = c > 0``: ``s = c · tanh(scale · q·k / c)`` (scale first, then
+  cap, Gemma 2's order), before masking;
+* attention sinks ``sinks`` ``[Hq]``: one extra logit per head in the softmax denominator,
+  with no value; the returned ``lse`` includes it.
 
 This module materialises the ``[B, Hq, T, S]`` score matrix on purpose: it is the ground
 truth the memory-bounded implementations are tested against, not something to run at scale.
@@ -21,7 +27,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["attention_reference", "attention_reference_with_lse", "validate_qkv", "accumulation_dtype"]
+__all__ = [
+    "attention_reference",
+    "attention_reference_with_lse",
+    "validate_qkv",
+    "validate_variants",
+    "accumulation_dtype",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -75,6 +87,34 @@ def validate_qkv(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
             raise ValueError(f"{name}: scale must be finite, got {scale}")
 
 
+def validate_variants(q: Tensor, causal: bool, window: int, softcap: float, sinks: Tensor | None, *, name: str) -> None:
+    """Raise ``TypeError``/``ValueError`` for a bad ``window``, ``softcap`` or ``sinks``.
+
+    ``window``: an int ``>= 0`` (0: no window); a window needs ``causal=True``. ``softcap``: a
+    finite float ``>= 0`` (0: no cap). ``sinks``: None or a floating tensor ``[Hq]`` on ``q``'s
+    device (any floating dtype; it is used in the accumulation dtype).
+    """
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"{name}: window must be an int (0: no window), got {type(window).__name__}")
+    if window < 0:
+        raise ValueError(f"{name}: window must be >= 0 (0: no window), got {window}")
+    if window > 0 and not causal:
+        raise ValueError(f"{name}: a sliding window (window={window}) needs causal=True; pass causal=True or window=0")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"{name}: softcap must be a float (0: no cap), got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"{name}: softcap must be a finite number >= 0 (0: no cap), got {softcap}")
+    if sinks is not None:
+        if not isinstance(sinks, Tensor):
+            raise TypeError(f"{name}: sinks must be a Tensor [Hq] or None, got {type(sinks).__name__}")
+        if not sinks.dtype.is_floating_point:
+            raise TypeError(f"{name}: sinks must be a floating tensor, got dtype {sinks.dtype}")
+        if tuple(sinks.shape) != (q.shape[1],):
+            raise ValueError(f"{name}: sinks must have shape [Hq] = [{q.shape[1]}] (one logit per query head), got {tuple(sinks.shape)}")
+        if sinks.device != q.device:
+            raise ValueError(f"{name}: sinks must be on q's device {q.device}, got {sinks.device}")
+
+
 def _expand_kv(x: Tensor, groups: int) -> Tensor:
     # The reference favours clarity over memory: materialise one copy of K/V per query head.
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
@@ -88,6 +128,9 @@ def attention_reference_with_lse(
     causal: bool,
     scale: float | None = None,
     mask: Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention and its row-wise log-sum-exp, in plain torch.
 
@@ -98,13 +141,20 @@ def attention_reference_with_lse(
         scale: multiplies ``q @ k^T``; default ``1 / sqrt(D)``.
         mask: optional boolean (``True`` = keep) or additive float mask broadcastable to
             ``[B, Hq, T, S]``; combined with ``causal`` when both are given.
+        window: with ``causal``, query ``i`` sees only keys ``i - window < j <= i`` (0: all
+            keys ``j <= i``).
+        softcap: scores become ``softcap · tanh(s / softcap)`` after scaling, before any mask
+            (0: no cap).
+        sinks: optional ``[Hq]``: logit ``sinks[h]`` joins every row's softmax denominator of
+            head ``h`` (a key with value 0; not soft-capped, never masked).
     Returns:
         ``(out, lse)``: ``out`` ``[B, Hq, T, D]`` in the input dtype; ``lse`` ``[B, Hq, T]``,
-        ``lse[b,h,i] = log Σ_j exp(scale · q_i·k_j + mask_ij)`` in the accumulation dtype
-        (float32 for 16/32-bit inputs, float64 for float64). Rows whose keys are all masked
-        (or ``S = 0``) give ``lse = -inf`` and ``out = 0``; non-finite scores otherwise follow
-        softmax (a row with a nan or ``+inf`` score, or with every visible score ``-inf``,
-        is nan).
+        ``lse[b,h,i] = log(exp(sinks[h]) + Σ_j exp(s_ij + mask_ij))`` (no sink term without
+        ``sinks``) in the accumulation dtype (float32 for 16/32-bit inputs, float64 for
+        float64). Rows whose keys are all masked (or ``S = 0``) give ``out = 0`` and
+        ``lse = -inf`` (``lse = sinks[h]`` with sinks); non-finite scores otherwise follow
+        softmax (a row with a nan or ``+inf`` score, or with every visible score ``-inf``
+        and no sink, is nan).
 
     Computation happens in the input dtype for ``float32``/``float64`` and in float32 for
     16-bit inputs (as SDPA's math backend does), so a float64 call is a float64 ground truth.
@@ -112,12 +162,15 @@ def attention_reference_with_lse(
     if not isinstance(causal, bool):
         raise TypeError(f"attention_reference: causal must be a bool, got {type(causal).__name__}")
     validate_qkv(q, k, v, scale=scale, name="attention_reference")
+    validate_variants(q, causal, window, softcap, sinks, name="attention_reference")
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     acc = accumulation_dtype(q.dtype)
     qa, ka, va = q.to(acc), _expand_kv(k, Hq // Hkv).to(acc), _expand_kv(v, Hq // Hkv).to(acc)
     scores = torch.matmul(qa, ka.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     # Which (query, key) pairs the masks leave visible: a row with none is structurally empty.
     visible = torch.ones((T, S), dtype=torch.bool, device=q.device)
     if mask is not None:
@@ -143,9 +196,15 @@ def attention_reference_with_lse(
     if causal:
         i = torch.arange(T, device=q.device).unsqueeze(1)
         j = torch.arange(S, device=q.device).unsqueeze(0)
-        scores = scores.masked_fill(j > i, float("-inf"))
-        visible = visible & (j <= i)
-    lse = torch.logsumexp(scores, dim=-1)
+        hidden = (j > i) | (j <= i - window) if window else j > i
+        scores = scores.masked_fill(hidden, float("-inf"))
+        visible = visible & ~hidden
+    if sinks is None:
+        lse = torch.logsumexp(scores, dim=-1)
+    else:
+        # The sink is one more column of the softmax; its probability multiplies no value.
+        sink = sinks.to(acc).view(1, Hq, 1, 1).expand(B, Hq, T, 1)
+        lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)
     # A row with no visible key has lse = -inf; subtracting 0 instead keeps exp() at 0 rather
     # than nan, so it gives out = 0. A row whose visible scores are all -inf because of the
     # data (not the masks) keeps softmax's nan, as plain torch gives.
@@ -164,10 +223,13 @@ def attention_reference(
     causal: bool,
     scale: float | None = None,
     mask: Tensor | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention ``softmax(scale · q k^T + mask) v`` in plain torch.
 
     Shapes: ``q`` ``[B, Hq, T, D]``, ``k``/``v`` ``[B, Hkv, S, D]`` → ``[B, Hq, T, D]``.
     See :func:`attention_reference_with_lse` for the argument details.
     """
-    return attention_reference_with_lse(q, k, v, causal=causal, scale=scale, mask=mask)[0]
+    return attention_reference_with_lse(q, k, v, causal=causal, scale=scale, mask=mask, window=window, softcap=softcap, sinks=sinks)[0]

@@ -20,7 +20,13 @@ fp32 dots (no TF32), so fp32 results keep fp32 accuracy; fp16/bf16 inputs feed t
 cores and accumulate in fp32.
 
 Causal masking uses absolute positions (``q_pos0``/``k_pos0`` of the chunks), SDPA's
-top-left convention: query ``i`` sees keys ``j <= i``.
+top-left convention: query ``i`` sees keys ``j <= i``; a sliding window ``w`` keeps
+``i - w < j <= i``. The launchers skip chunk pairs outside that band (``chunked.chunk_schedule``)
+and every kernel's inner loop runs only over the blocks of a pair that meet the band. Scores
+of a tile (scale, soft-cap, band mask) come from one helper, :func:`_tile_scores`, shared by
+the three kernels. Attention sinks live in the launchers: the forward folds the sink into
+each query chunk's fp32 result (``chunked.fold_sinks``), the kernels then see the
+sink-inclusive ``lse`` only, and ``dsinks`` is a row reduction (``chunked.sink_grad``).
 
 Testing on CPU: set ``TRITON_INTERPRET=1`` *before* triton is imported (``triton.jit``
 decides at decoration time whether to build an interpreted function); the launchers accept
@@ -38,7 +44,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .reference import validate_qkv
+from .chunked import chunk_schedule, fold_sinks, sink_grad
+from .reference import validate_qkv, validate_variants
 
 __all__ = ["triton_attention_forward", "triton_attention_backward", "interpreting"]
 
@@ -49,6 +56,59 @@ def interpreting() -> bool:
 
 
 @triton.jit
+def _tanh(x):
+    # tanh to fp32 round-off from exp alone (the interpreter has no libdevice): Cephes'
+    # tanhf. Near 0 an odd polynomial (1 − 2/(e^{2x}+1) would cancel there); elsewhere that
+    # formula, whose result is >= 0.55 in size, so nothing cancels; e^{2|x|} = inf gives ±1.
+    a = tl.abs(x)
+    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    big = tl.where(x < 0, -big, big)
+    z = x * x
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x
+    return tl.where(a >= 0.625, big, small)
+
+
+@triton.jit
+def _tile_scores(q, k, q_pos, k_pos, keep, scale, window, softcap,
+                 CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of a ``[M, N]`` tile: ``(s, keep, t)``.
+
+    ``s = scale·q·kᵀ``, capped to ``softcap·tanh(s / softcap)`` when ``CAPPED`` (``t`` is that
+    tanh, for the backward's ``1 − t²``; ``s`` itself otherwise); ``keep`` (in: the bounds
+    mask) narrowed to ``k_pos <= q_pos`` (``CAUSAL``) and ``k_pos > q_pos − window``
+    (``BANDED``). Masked entries of ``s`` are left to the caller.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    t = s
+    if CAPPED:
+        t = _tanh(s / softcap)
+        s = softcap * t
+    if CAUSAL:
+        keep = keep & (k_pos[None, :] <= q_pos[:, None])
+    if BANDED:
+        keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
+    return s, keep, t
+
+
+@triton.jit
+def _key_range(q_first, q_last, k_pos0, Sc, window,
+               CAUSAL: tl.constexpr, BANDED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Chunk-relative key rows ``[lo, hi)`` a query block (absolute ``q_first..q_last``) can see;
+    ``lo`` rounded down to a key block."""
+    lo = 0
+    hi = Sc
+    if CAUSAL:
+        # Keys right of the block's last query are all masked: stop the loop there.
+        hi = tl.minimum(Sc, q_last + 1 - k_pos0)
+    if BANDED:
+        # Keys window or more left of the block's first query too: start it there.
+        lo = tl.maximum(0, q_first - window + 1 - k_pos0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
 def _fwd_pair_kernel(
     Q, K, V, O, L,
     sqb, sqh, sqt, sqd,
@@ -56,8 +116,8 @@ def _fwd_pair_kernel(
     svb, svh, svs, svd,
     sob, soh, sot, sod,
     slb, slh, slt,
-    Tc, Sc, D, H, G, q_pos0, k_pos0, scale,
-    CAUSAL: tl.constexpr, HAS_PREV: tl.constexpr, PRECISION: tl.constexpr,
+    Tc, Sc, D, H, G, q_pos0, k_pos0, scale, window, softcap,
+    CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, HAS_PREV: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -83,21 +143,17 @@ def _fwd_pair_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = Sc
-    if CAUSAL:
-        # Keys right of the block's last query are all masked: stop the loop there.
-        hi = tl.minimum(Sc, q_pos0 + (pid_m + 1) * BLOCK_M - k_pos0)
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi = _key_range(q_pos0 + pid_m * BLOCK_M, q_pos0 + (pid_m + 1) * BLOCK_M - 1, k_pos0, Sc, window,
+                        CAUSAL, BANDED, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         n = start_n + offs_n
         n_ok = n < Sc
         k = tl.load(K + b * skb + hk * skh + n[:, None] * sks + offs_d[None, :] * skd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + hk * svh + n[:, None] * svs + offs_d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        keep = n_ok[None, :]
-        if CAUSAL:
-            keep = keep & ((k_pos0 + n)[None, :] <= (q_pos0 + offs_m)[:, None])
+        s, keep, _ = _tile_scores(q, k, q_pos0 + offs_m, k_pos0 + n, n_ok[None, :], scale, window, softcap,
+                                  CAUSAL, BANDED, CAPPED, PRECISION)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing visible yet keep m = -inf; shifting by 0 keeps exp() at 0, not nan.
@@ -123,8 +179,8 @@ def _bwd_dkdv_kernel(
     sdob, sdoh, sdot, sdod,
     slb, slh, slt,
     sdkb, sdkh, sdks, sdkd,
-    Tc, Sc, D, HKV, G, q_pos0, k_pos0, scale,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    Tc, Sc, D, HKV, G, q_pos0, k_pos0, scale, window, softcap,
+    CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # L and DELTA share strides (both [B, Hq, T] fp32); DK and DV too ([B, Hkv, Sc, D] fp32).
@@ -143,13 +199,17 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
+    hi = Tc
     if CAUSAL:
         # Queries before the block's first key see none of it: start the row loop there.
         lo = tl.maximum(0, k_pos0 + pid_n * BLOCK_N - q_pos0)
         lo = (lo // BLOCK_M) * BLOCK_M
+    if BANDED:
+        # Queries window or more right of the block's last key see none of it: stop there.
+        hi = tl.minimum(Tc, k_pos0 + (pid_n + 1) * BLOCK_N - 1 + window - q_pos0)
     for g in range(0, G):
         h = hk * G + g
-        for start_m in range(lo, Tc, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             m = start_m + offs_m
             m_ok = m < Tc
             q = tl.load(Q + b * sqb + h * sqh + m[:, None] * sqt + offs_d[None, :] * sqd,
@@ -158,14 +218,14 @@ def _bwd_dkdv_kernel(
                          mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             lse = tl.load(L + b * slb + h * slh + m * slt, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + b * slb + h * slh + m * slt, mask=m_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            keep = m_ok[:, None] & n_ok[None, :]
-            if CAUSAL:
-                keep = keep & ((k_pos0 + offs_n)[None, :] <= (q_pos0 + m)[:, None])
+            s, keep, t = _tile_scores(q, k, q_pos0 + m, k_pos0 + offs_n, m_ok[:, None] & n_ok[None, :], scale, window,
+                                      softcap, CAUSAL, BANDED, CAPPED, PRECISION)
             p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
+            if CAPPED:
+                ds = ds * (1.0 - t * t)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :] * sdkd
     dv_ptrs = DV + b * sdkb + hk * sdkh + offs_n[:, None] * sdks + offs_d[None, :] * sdkd
@@ -183,8 +243,8 @@ def _bwd_dq_kernel(
     sdob, sdoh, sdot, sdod,
     slb, slh, slt,
     sdqb, sdqh, sdqt, sdqd,
-    Tc, Sc, D, H, G, q_pos0, k_pos0, scale,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    Tc, Sc, D, H, G, q_pos0, k_pos0, scale, window, softcap,
+    CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -203,23 +263,22 @@ def _bwd_dq_kernel(
     lse = tl.load(L + b * slb + h * slh + offs_m * slt, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + b * slb + h * slh + offs_m * slt, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = Sc
-    if CAUSAL:
-        hi = tl.minimum(Sc, q_pos0 + (pid_m + 1) * BLOCK_M - k_pos0)
-    for start_n in range(0, hi, BLOCK_N):
+    lo, hi = _key_range(q_pos0 + pid_m * BLOCK_M, q_pos0 + (pid_m + 1) * BLOCK_M - 1, k_pos0, Sc, window,
+                        CAUSAL, BANDED, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
         n = start_n + offs_n
         n_ok = n < Sc
         k = tl.load(K + b * skb + hk * skh + n[:, None] * sks + offs_d[None, :] * skd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + hk * svh + n[:, None] * svs + offs_d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        keep = m_ok[:, None] & n_ok[None, :]
-        if CAUSAL:
-            keep = keep & ((k_pos0 + n)[None, :] <= (q_pos0 + offs_m)[:, None])
+        s, keep, t = _tile_scores(q, k, q_pos0 + offs_m, k_pos0 + n, m_ok[:, None] & n_ok[None, :], scale, window, softcap,
+                                  CAUSAL, BANDED, CAPPED, PRECISION)
         p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if CAPPED:
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :] * sdqd
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=q_mask, other=0.0) + dq * scale, mask=q_mask)
@@ -244,7 +303,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int, name: str) -> float:
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int, name: str,
+           window: int, softcap: float, sinks: Tensor | None) -> float:
     validate_qkv(q, k, v, scale=scale, name=name)
     if q.dtype == torch.float64:
         raise TypeError(f"{name}: float64 is not supported by the Triton kernels; use the chunked torch path")
@@ -254,79 +314,91 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, c
         raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
+    validate_variants(q, causal, window, softcap, sinks, name=name)
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
+def _variant_args(window: int, softcap: float) -> tuple[tuple, dict]:
+    """The kernels' runtime (``window, softcap``) and constexpr (``BANDED``, ``CAPPED``) variant arguments."""
+    # softcap = 0 is never divided by: CAPPED is off then (1.0 keeps the argument a float).
+    return (window, float(softcap) or 1.0), dict(BANDED=window > 0, CAPPED=softcap > 0)
+
+
 def launch_fwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, o_acc: Tensor, lse_acc: Tensor, *, q_pos0: int, k_pos0: int,
-                    causal: bool, scale: float, has_prev: bool) -> None:
+                    causal: bool, scale: float, has_prev: bool, window: int = 0, softcap: float = 0.0) -> None:
     """Merge attention of ``qc`` over ``kc``/``vc`` into the running fp32 ``o_acc``/``lse_acc``.
 
     ``qc`` ``[B, Hq, Tc, D]``, ``kc``/``vc`` ``[B, Hkv, Sc, D]`` (any strides),
     ``o_acc`` ``[B, Hq, Tc, D]`` fp32, ``lse_acc`` ``[B, Hq, Tc]`` fp32 (written; read too
     when ``has_prev``). ``q_pos0``/``k_pos0``: absolute positions of the chunks' first rows.
+    ``window``/``softcap``: the band (with ``causal``) and the soft-cap, 0 for none.
     """
     B, H, Tc, D = qc.shape
     Hkv, Sc = kc.shape[1], kc.shape[2]
     bm, bn, bd = _blocks(D, qc.dtype)
     grid = (triton.cdiv(Tc, bm), B * H)
+    args, flags = _variant_args(window, softcap)
     _fwd_pair_kernel[grid](
         qc, kc, vc, o_acc, lse_acc,
         *qc.stride(), *kc.stride(), *vc.stride(), *o_acc.stride(), *lse_acc.stride(),
-        Tc, Sc, D, H, H // Hkv, q_pos0, k_pos0, scale,
-        CAUSAL=causal, HAS_PREV=has_prev, PRECISION=_precision(qc.dtype),
+        Tc, Sc, D, H, H // Hkv, q_pos0, k_pos0, scale, *args,
+        CAUSAL=causal, HAS_PREV=has_prev, PRECISION=_precision(qc.dtype), **flags,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
     )
 
 
 def launch_bwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, doc: Tensor, lsec: Tensor, deltac: Tensor,
                     dq_acc: Tensor, dk_acc: Tensor, dv_acc: Tensor, *, q_pos0: int, k_pos0: int,
-                    causal: bool, scale: float) -> None:
+                    causal: bool, scale: float, window: int = 0, softcap: float = 0.0) -> None:
     """Add one chunk pair's contributions to the fp32 accumulators ``dq_acc`` (``[B, Hq, Tc, D]``),
     ``dk_acc``/``dv_acc`` (``[B, Hkv, Sc, D]``, same strides). ``lsec``/``deltac``: ``[B, Hq, Tc]``
-    fp32 with equal strides."""
+    fp32 with equal strides (``lsec`` sink-inclusive when sinks are used)."""
     B, H, Tc, D = qc.shape
     Hkv, Sc = kc.shape[1], kc.shape[2]
     if lsec.stride() != deltac.stride() or dk_acc.stride() != dv_acc.stride():
         raise ValueError("launch_bwd_pair: lse/delta and dk/dv accumulators must share strides")
     bm, bn, bd = _blocks(D, qc.dtype)
     prec = _precision(qc.dtype)
+    args, flags = _variant_args(window, softcap)
     _bwd_dkdv_kernel[(triton.cdiv(Sc, bn), B * Hkv)](
         qc, kc, vc, doc, lsec, deltac, dk_acc, dv_acc,
         *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *lsec.stride(), *dk_acc.stride(),
-        Tc, Sc, D, Hkv, H // Hkv, q_pos0, k_pos0, scale,
-        CAUSAL=causal, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        Tc, Sc, D, Hkv, H // Hkv, q_pos0, k_pos0, scale, *args,
+        CAUSAL=causal, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags,
     )
     _bwd_dq_kernel[(triton.cdiv(Tc, bm), B * H)](
         qc, kc, vc, doc, lsec, deltac, dq_acc,
         *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *lsec.stride(), *dq_acc.stride(),
-        Tc, Sc, D, H, H // Hkv, q_pos0, k_pos0, scale,
-        CAUSAL=causal, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        Tc, Sc, D, H, H // Hkv, q_pos0, k_pos0, scale, *args,
+        CAUSAL=causal, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags,
     )
 
 
 def triton_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None,
-                             chunk_size: int) -> tuple[Tensor, Tensor]:
+                             chunk_size: int, window: int = 0, softcap: float = 0.0,
+                             sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`.chunked.chunked_attention_forward`, with Triton pair kernels.
 
     ``q`` ``[B, Hq, T, D]``, ``k``/``v`` ``[B, Hkv, S, D]`` (fp16/bf16/fp32, CUDA) →
-    ``out`` ``[B, Hq, T, D]`` (input dtype), ``lse`` ``[B, Hq, T]`` (fp32).
+    ``out`` ``[B, Hq, T, D]`` (input dtype), ``lse`` ``[B, Hq, T]`` (fp32, sink-inclusive
+    with ``sinks [Hq]``). Pairs outside a window's band are never launched.
     """
-    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_forward")
+    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_forward", window, softcap, sinks)
     B, Hq, T, D = q.shape
     S = k.shape[2]
     # q's layout, as the op's fake implementation promises (chunked.out_like).
     out = torch.empty_like(q, memory_format=torch.preserve_format)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
-    for qs in range(0, T, chunk_size):
-        qe = min(qs + chunk_size, T)
-        o_acc = torch.empty((B, Hq, qe - qs, D), dtype=torch.float32, device=q.device)
-        lse_acc = lse[:, :, qs:qe]
-        for ks in range(0, S, chunk_size):
-            if causal and ks > qe - 1:
-                break
-            ke = min(ks + chunk_size, S)
-            launch_fwd_pair(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], o_acc, lse_acc,
-                            q_pos0=qs, k_pos0=ks, causal=causal, scale=scale, has_prev=ks > 0)
+    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal, window=window):
+        # With no key chunk (a window's rows past the last key): out = 0, lse = -inf.
+        o_acc = torch.zeros((B, Hq, qe - qs, D), dtype=torch.float32, device=q.device)
+        lse_acc = lse[:, :, qs:qe].fill_(float("-inf"))
+        for idx, (ks, ke) in enumerate(key_chunks):
+            launch_fwd_pair(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], o_acc, lse_acc, q_pos0=qs, k_pos0=ks,
+                            causal=causal, scale=scale, has_prev=idx > 0, window=window, softcap=softcap)
+        if sinks is not None:
+            # In fp32, before out's single rounding.
+            o_acc, lse[:, :, qs:qe] = fold_sinks(o_acc, lse_acc, sinks)
         out[:, :, qs:qe] = o_acc
     return out, lse
 
@@ -345,13 +417,16 @@ def attention_delta(dout: Tensor, out: Tensor, dlse: Tensor | None, chunk_size: 
 
 def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
                               causal: bool, scale: float | None, chunk_size: int,
-                              dlse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                              dlse: Tensor | None = None, window: int = 0, softcap: float = 0.0,
+                              sinks: Tensor | None = None) -> tuple[Tensor, ...]:
     """Same contract as :func:`.chunked.chunked_attention_backward`, with Triton pair kernels.
 
     Outer loop over key chunks (their ``dk``/``dv`` are final after it), inner loop over the
-    query chunks that see them; ``dq`` accumulates in fp32 over the whole sequence.
+    query chunks that see them (pairs outside a window's band are never launched); ``dq``
+    accumulates in fp32 over the whole sequence. Returns ``(dq, dk, dv)``, and ``dsinks``
+    ``[Hq]`` fourth when ``sinks`` is given.
     """
-    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_backward")
+    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_backward", window, softcap, sinks)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     lse = lse.float()
@@ -361,16 +436,14 @@ def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     dq_acc = torch.zeros((B, Hq, T, D), dtype=torch.float32, device=q.device)
     dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=v.device)
-    for ks in range(0, S, chunk_size):
-        ke = min(ks + chunk_size, S)
+    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True, window=window):
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=torch.float32, device=q.device)
         dv_acc = torch.zeros_like(dk_acc)
-        q_start = (ks // chunk_size) * chunk_size if causal else 0
-        for qs in range(q_start, T, chunk_size):
-            qe = min(qs + chunk_size, T)
+        for qs, qe in query_chunks:
             launch_bwd_pair(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], dout[:, :, qs:qe],
                             lse[:, :, qs:qe], delta[:, :, qs:qe], dq_acc[:, :, qs:qe], dk_acc, dv_acc,
-                            q_pos0=qs, k_pos0=ks, causal=causal, scale=scale)
+                            q_pos0=qs, k_pos0=ks, causal=causal, scale=scale, window=window, softcap=softcap)
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc
-    return dq_acc.to(q.dtype), dk, dv
+    grads = (dq_acc.to(q.dtype), dk, dv)
+    return grads if sinks is None else (*grads, sink_grad(lse, delta, sinks))
