@@ -157,6 +157,14 @@ def resets(seq_idx: torch.Tensor | None, bsz: int, seqlen: int, device) -> torch
     return change.cumsum(1)
 
 
+def skip_weight(D: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """D (``[H]`` or ``[H, P]``) in ``dtype``, broadcastable against ``[..., H, P]``."""
+    if D is None:
+        return None
+    D = D.to(dtype)
+    return D[:, None] if D.dim() == 1 else D
+
+
 def silu_grad(z: torch.Tensor) -> torch.Tensor:
     """``d silu(z) / dz = σ(z) (1 + z (1 − σ(z)))``."""
     s = torch.sigmoid(z)

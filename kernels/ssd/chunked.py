@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..selective_scan.chunked import chunk_scan
-from ._args import SSDDims, check_chunk, compute_dtype, effective_dt, limits, resets, silu_grad, validate
+from ._args import SSDDims, check_chunk, compute_dtype, effective_dt, limits, resets, silu_grad, skip_weight, validate
 
 __all__ = ["ssd_chunked_fwd", "ssd_chunked_bwd", "GROUP_TOKENS"]
 
@@ -163,14 +163,6 @@ def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_state
     return dims, Q, K, cdt, group
 
 
-def _skip(D: torch.Tensor | None, cdt) -> torch.Tensor | None:
-    """D as a ``[H, P]``-broadcastable tensor in the compute dtype."""
-    if D is None:
-        return None
-    Dc = D.to(cdt)
-    return Dc[:, None] if Dc.dim() == 1 else Dc
-
-
 def ssd_chunked_fwd(
     x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=None,
     initial_states=None, seq_idx=None, chunk_size=256, group_chunks=None,
@@ -186,7 +178,7 @@ def ssd_chunked_fwd(
     dims, Q, K, cdt, group = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, chunk_size, group_chunks)
     bsz, G, R, P, N = dims.batch, dims.groups, dims.rep, dims.headdim, dims.dstate
     M = math.ceil(dims.seqlen / Q)
-    Dc = _skip(D, cdt)
+    Dc = skip_weight(D, cdt)
     out = torch.empty_like(x)
     boundary = x.new_empty((bsz, G, R, M, P, N), dtype=cdt)
     state = x.new_zeros((bsz, G, R, P, N), dtype=cdt) if initial_states is None else initial_states.to(cdt).view(bsz, G, R, P, N)
@@ -234,7 +226,7 @@ def ssd_chunked_bwd(
         raise ValueError(f"ssd_scan: dout must have x's shape {tuple(x.shape)}, got {tuple(dout.shape)}")
     if dfinal is not None and tuple(dfinal.shape) != (bsz, H, P, N):
         raise ValueError(f"ssd_scan: dfinal must be {(bsz, H, P, N)}, got {tuple(dfinal.shape)}")
-    Dc = _skip(D, cdt)
+    Dc = skip_weight(D, cdt)
     saved = boundary_states.to(cdt).view(bsz, G, R, M, P, N)
     init = x.new_zeros((bsz, G, R, P, N), dtype=cdt) if initial_states is None else initial_states.to(cdt).view(bsz, G, R, P, N)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._args import compute_dtype, effective_dt, limits, validate
+from ._args import compute_dtype, effective_dt, limits, skip_weight, validate
 
 __all__ = ["ssd_reference"]
 
@@ -81,8 +81,7 @@ def ssd_reference(
         ys.append((h * Ch[:, t, :, None, :]).sum(-1))
     y = torch.stack(ys, dim=1)
     if D is not None:
-        Dc = D.to(cdt)
-        y = y + (Dc[:, None] if Dc.dim() == 1 else Dc) * xc
+        y = y + skip_weight(D, cdt) * xc
     if z is not None:
         y = y * F.silu(z.to(cdt))
     y = y.to(x.dtype)

@@ -327,3 +327,26 @@ def test_bad_arguments_raise(change, exc):
     change(a)
     with pytest.raises(exc):
         ssd_scan(**a)
+
+
+def test_agrees_with_transformers_mamba2_chunk_scan():
+    # transformers' Mamba-2 torch path (the segment-sum SSD, computed in float32) means the same
+    # scan: its float32 error against our float64 reference is within the dtype rule of our own
+    # float32 reference's, outputs, final state and every gradient.
+    mamba2 = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+    bsz, T, H, P, G, N, Q = 2, 11, 4, 3, 2, 5, 4
+    a32 = make_inputs(21, bsz, T, H, P, G, N, D="head", bias=True, init=True, dtype=torch.float32)
+    a64 = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in a32.items()}
+    kw = dict(dt_softplus=True, dt_limit=(0.0, 0.9))
+
+    def theirs(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit, return_final_states):
+        return mamba2.mamba2_chunk_scan(x, dt, A, B, C, Q, D=D, dt_bias=dt_bias, initial_states=initial_states,
+                                        dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=return_final_states)
+
+    out64, fin64, g64 = grads_of(ssd_reference, a64, 3, **kw)
+    out32, fin32, g32 = grads_of(ssd_reference, a32, 3, **kw)
+    out_t, fin_t, g_t = grads_of(theirs, a32, 3, **kw)
+    assert_within_dtype_rule(out_t, out32, out64, name="out")
+    assert_within_dtype_rule(fin_t, fin32, fin64, name="final_states")
+    for k in g64:
+        assert_within_dtype_rule(g_t[k], g32[k], g64[k], name=f"d{k}")
