@@ -165,6 +165,38 @@ def skip_weight(D: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
     return D[:, None] if D.dim() == 1 else D
 
 
+def epilogue(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    """``out = (y + D ⊙ x) · silu(z)`` (D as :func:`skip_weight`; D and z optional), ``[B, T, H, P]``."""
+    if D is not None:
+        y = y + D * x
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def gate_cotangent(dout: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """``g = ∂L/∂y`` (before the gate) from ``∂L/∂out``: ``dout · silu(z)``."""
+    return dout if z is None else dout * F.silu(z)
+
+
+def epilogue_backward(y, x, dout, g, D, z):
+    """The gradients the epilogue adds, for SSM output ``y`` and ``g = gate_cotangent(dout, z)``:
+    ``(D ⊙ g`` (x's skip part), ``Σ_{b,t} g ⊙ x`` (``[H, P]``: D's), ``dz)``; None where D or z is None."""
+    dx_skip = dD = dz = None
+    if D is not None:
+        dx_skip = D * g
+        dD = (g * x).sum((0, 1))
+        y = y + D * x
+    if z is not None:
+        dz = dout * y * silu_grad(z)
+    return dx_skip, dD, dz
+
+
+def reduce_skip_grad(dD: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """``[H, P]`` gradient → D's shape (summed over P for ``D: [H]``) and dtype."""
+    return (dD.sum(-1) if D.dim() == 1 else dD).to(D.dtype)
+
+
 def silu_grad(z: torch.Tensor) -> torch.Tensor:
     """``d silu(z) / dz = σ(z) (1 + z (1 − σ(z)))``."""
     s = torch.sigmoid(z)

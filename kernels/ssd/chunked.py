@@ -27,10 +27,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..selective_scan.chunked import chunk_scan
-from ._args import SSDDims, check_chunk, compute_dtype, effective_dt, limits, resets, silu_grad, skip_weight, validate
+from ._args import (
+    SSDDims, check_chunk, compute_dtype, effective_dt, epilogue, epilogue_backward, gate_cotangent, limits,
+    reduce_skip_grad, resets, skip_weight, validate,
+)
 
 __all__ = ["ssd_chunked_fwd", "ssd_chunked_bwd", "GROUP_TOKENS"]
 
@@ -189,12 +191,7 @@ def ssd_chunked_fwd(
         H_in = torch.cat([state[:, :, :, None], H_end[:, :, :, :-1]], dim=3)
         y, _ = grp.outputs(xd, H_in)
         del xd, H_in
-        y = grp.seq(y)
-        if Dc is not None:
-            y = y + Dc * x[:, t0:t1].to(cdt)
-        if z is not None:
-            y = y * F.silu(z[:, t0:t1].to(cdt))
-        out[:, t0:t1] = y
+        out[:, t0:t1] = epilogue(grp.seq(y), x[:, t0:t1].to(cdt), Dc, None if z is None else z[:, t0:t1].to(cdt))
         boundary[:, :, :, c0:c1] = H_end
         state = H_end[:, :, :, -1]
     boundary = boundary.flatten(1, 2)
@@ -246,8 +243,9 @@ def ssd_chunked_bwd(
     for c0, c1, t0, t1 in reversed(_groups(T, Q, K)):
         grp = group(t0, t1)
         xs, dos = x[:, t0:t1].to(cdt), dout[:, t0:t1].to(cdt)
+        zs = None if z is None else z[:, t0:t1].to(cdt)
         # g = ∂L/∂y (the output before the gate), in sequence layout for the local gradients.
-        g_seq = dos if z is None else dos * F.silu(z[:, t0:t1].to(cdt))
+        g_seq = gate_cotangent(dos, zs)
         g, xh = grp.heads(g_seq), grp.heads(xs)
         xd = grp.delta[..., None] * xh
         H_in = torch.cat([(init if c0 == 0 else saved[:, :, :, c0 - 1])[:, :, :, None], saved[:, :, :, c0 : c1 - 1]], dim=3)
@@ -284,11 +282,12 @@ def ssd_chunked_bwd(
         # ∂L/∂(log a_k) is the sum over every path that passes step k: pairs j < k ≤ i, the
         # entering state to outputs i ≥ k, inputs j < k to the end state, and H_in to H_out.
         # Each term carries the decay of step k itself, so nothing O(1) cancels (README.md).
-        from_right = pairs.flip(-2).cumsum(-2).flip(-2)  # Σ_{i ≥ k} M_kj (row k)
+        from_right = pairs.flip(-2).cumsum(-2).flip(-2)  # row k: Σ_{i ≥ k} M_ij
         dlog = (from_right * strict).sum(-1)
         del pairs, from_right
         dlog += m_in.flip(-1).cumsum(-1).flip(-1)
-        dlog += m_out.cumsum(-1) - m_out
+        # Exclusive sum Σ_{j<k}, not (inclusive − m_out_k): m_out_e carries no decay (O(1)).
+        dlog[..., 1:] += m_out[..., :-1].cumsum(-1)
         dlog += m_io[..., None]
         ddelta = (dxd * xh).sum(-1) + grp.A * dlog  # Δ enters Δ_j x_j and log a_j = Δ_j A
         dA += (grp.delta * dlog).sum((0, 3, 4))
@@ -301,15 +300,12 @@ def ssd_chunked_bwd(
         if ddt_bias is not None:
             ddt_bias += ddt_seq.sum((0, 1))
         dx_seq = grp.seq(grp.delta[..., None] * dxd)
-        if Dc is not None:
-            dx_seq = dx_seq + Dc * g_seq
-            dD += (g_seq * xs).sum((0, 1))
-        dx[:, t0:t1] = dx_seq
-        if z is not None:
-            y_seq = grp.seq(y)
-            if Dc is not None:
-                y_seq = y_seq + Dc * xs
-            dz[:, t0:t1] = dos * y_seq * silu_grad(z[:, t0:t1].to(cdt))
+        dx_skip, dD_g, dz_g = epilogue_backward(grp.seq(y), xs, dos, g_seq, Dc, zs)
+        dx[:, t0:t1] = dx_seq if dx_skip is None else dx_seq + dx_skip
+        if dD is not None:
+            dD += dD_g
+        if dz is not None:
+            dz[:, t0:t1] = dz_g
 
     return (
         dx,
@@ -317,7 +313,7 @@ def ssd_chunked_bwd(
         dA.reshape(H).to(A.dtype),
         dB,
         dC,
-        None if D is None else (dD.sum(-1) if D.dim() == 1 else dD).to(D.dtype),
+        None if D is None else reduce_skip_grad(dD, D),
         dz,
         None if dt_bias is None else ddt_bias.to(dt_bias.dtype),
         None if initial_states is None else nu_right.reshape(bsz, H, P, N).to(initial_states.dtype),

@@ -18,9 +18,8 @@ The loop is over time with ordinary autograd: it keeps every per-step state for 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ._args import compute_dtype, effective_dt, limits, skip_weight, validate
+from ._args import compute_dtype, effective_dt, epilogue, limits, skip_weight, validate
 
 __all__ = ["ssd_reference"]
 
@@ -79,10 +78,5 @@ def ssd_reference(
             a = a * (seq_idx[:, t] == seq_idx[:, t - 1]).to(cdt)[:, None]
         h = a[:, :, None, None] * h + (delta[:, t, :, None] * xc[:, t])[..., None] * Bh[:, t, :, None, :]
         ys.append((h * Ch[:, t, :, None, :]).sum(-1))
-    y = torch.stack(ys, dim=1)
-    if D is not None:
-        y = y + skip_weight(D, cdt) * xc
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
-    y = y.to(x.dtype)
+    y = epilogue(torch.stack(ys, dim=1), xc, skip_weight(D, cdt), None if z is None else z.to(cdt)).to(x.dtype)
     return (y, h) if return_final_states else y

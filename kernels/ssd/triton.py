@@ -30,7 +30,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._args import check_chunk, compute_dtype, effective_dt, limits, resets, silu_grad, skip_weight, validate
+from ._args import (
+    check_chunk, compute_dtype, effective_dt, epilogue, epilogue_backward, gate_cotangent, limits, reduce_skip_grad,
+    resets, skip_weight, validate,
+)
 
 __all__ = ["ssd_triton_fwd", "ssd_triton_bwd"]
 
@@ -297,12 +300,8 @@ def ssd_triton_fwd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
     boundary = p.passing(local, decay, p.initial(initial_states), reverse=False)
     y = torch.empty_like(p.x)
     _chunk_output[p.grid](p.x, p.B, p.C, p.delta, p.cum, p.seg_arg(), p.entering(boundary, initial_states), y, *p.sizes(), **p.meta)
-    Dc = skip_weight(D, p.cdt)
-    if Dc is not None:
-        y = y + Dc * p.x
-    if z is not None:
-        y = y * F.silu(z.to(p.cdt))
-    return y.to(x.dtype), boundary[:, :, -1].clone(), boundary
+    out = epilogue(y, p.x, skip_weight(D, p.cdt), None if z is None else z.to(p.cdt))
+    return out.to(x.dtype), boundary[:, :, -1].clone(), boundary
 
 
 def ssd_triton_bwd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=None,
@@ -312,7 +311,8 @@ def ssd_triton_bwd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
     d = p.dims
     cdt = p.cdt
     dout_c = dout.to(cdt)
-    g = (dout_c if z is None else dout_c * F.silu(z.to(cdt))).contiguous()
+    zc = None if z is None else z.to(cdt)
+    g = gate_cotangent(dout_c, zc).contiguous()
     boundary = boundary_states.to(cdt).contiguous()
 
     read_adj = p.states()
@@ -337,16 +337,13 @@ def ssd_triton_bwd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
     dC = dCh.view(bsz, T, G, R_, N).sum(3)
     dA = (p.delta * dlog).sum((0, 1))
     ddt = ddelta * p.ddelta_ddt
-    Dc = skip_weight(D, cdt)
-    dD = None
-    if Dc is not None:
-        dx = dx + Dc * g
-        y = y + Dc * p.x
-        dDc = (g * p.x).sum((0, 1))
-        dD = (dDc.sum(-1) if D.dim() == 1 else dDc).to(D.dtype)
-    dz = None if z is None else (dout_c * y * silu_grad(z.to(cdt))).to(z.dtype)
+    dx_skip, dD, dz = epilogue_backward(y, p.x, dout_c, g, skip_weight(D, cdt), zc)
+    if dx_skip is not None:
+        dx = dx + dx_skip
     return (
-        dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz,
+        dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+        None if D is None else reduce_skip_grad(dD, D),
+        None if z is None else dz.to(z.dtype),
         None if dt_bias is None else ddt.sum((0, 1)).to(dt_bias.dtype),
         None if initial_states is None else R[:, :, 0].to(initial_states.dtype),
     )

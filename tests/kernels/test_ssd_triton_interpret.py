@@ -95,6 +95,24 @@ SCRIPT = textwrap.dedent(
             errs["d" + k] = assert_within_dtype_rule(got[2][k], base[2][k], want[2][k], name=f"case {seed} float32 d{k}")
         print(seed, {k: f"{e[0]:.1e}/{e[1]:.1e}" for k, e in errs.items()})
 
+    # Fast decay (|A| in [100, 1000], float64 through the kernels): ∂L/∂(log a), hence dA and
+    # the decay part of ddt, is a sum of tiny path terms next to O(1) per-pair terms; it must
+    # keep a small error relative to each entry (README.md, "sum over paths").
+    a, dout, dfinal = inputs(20, 2, 9, 2, 2, 1, 3, "head", True, torch.float64)
+    gen = torch.Generator().manual_seed(21)
+    a["dt"] = make_tensor(a["dt"].shape, seed=gen, low=0.2, high=0.5, dtype=torch.float64)
+    a["A"] = make_tensor(a["A"].shape, seed=gen, low=-1000.0, high=-100.0, dtype=torch.float64)
+    a["dt_bias"] = None
+    seq_idx = torch.zeros(2, 9, dtype=torch.int64)
+    seq_idx[:, 5:] = 1
+    kw = dict(seq_idx=seq_idx)
+    want = reference(a, dout, dfinal, kw)
+    got = kernels(a, dout, dfinal, kw, 4)
+    for name in ("A", "dt"):
+        rel = ((got[2][name] - want[2][name]).abs() / want[2][name].abs().clamp_min(1e-250)).max().item()
+        print("fast decay d" + name, f"{rel:.1e}")
+        assert rel <= 1e-9, (name, rel)
+
     # The op's CUDA branch with the Triton functions (states flattened by the forward op and
     # restored by the backward op, zeros for omitted inputs), through autograd.
     import longctx_compiler.kernels.ssd.op as op
