@@ -39,6 +39,7 @@ from longctx_compiler.backend import LongctxBackend, PassFailure, quiet_checkpoi
 from longctx_compiler.capture import capture_context
 from longctx_compiler.config import Config
 from longctx_compiler.report import RewriteReport
+from longctx_compiler.passes.sequence_parallel import layout_chunk
 from longctx_compiler.runtime.sequence_parallel import (
     SequenceGroup, SequenceParallelError, active_group, global_loss, reduce_gradients_over, sequence_group, shard_inputs,
     simulated_group,
@@ -183,7 +184,7 @@ class _SequenceParallel:
             dist = self.config.distributed
             self.group = sequence_group(dist.sequence_parallel, dist.process_group)
             self.hooks = reduce_gradients_over(module, self.group)
-        return shard_inputs(self.group, _forward_of(self.target), args, kwargs, self.config.sequence_dim)
+        return shard_inputs(self.group, _forward_of(self.target), args, kwargs, self.config.sequence_dim, layout_chunk(self.config))
 
 
 class _Views:

@@ -51,7 +51,7 @@ from longctx_compiler.passes.block_region import check_region, find_blocks, repl
 from longctx_compiler.passes.analysis.fx_utils import example_value
 from longctx_compiler.passes.analysis.sequence_window import ATTENTION, SCAN, CarrySite, analyse_window
 
-__all__ = ["PipelinedLayersPass", "ATTENTION_OPS"]
+__all__ = ["PipelinedLayersPass", "ATTENTION_OPS", "configured_chunk"]
 
 ATTENTION_OPS = (
     torch.ops.longctx.chunked_attention_fwd.default,
@@ -63,6 +63,13 @@ DEFAULT_CHUNK = 1024
 # q, k, v of the attention ops run along dim 2 ([B, H, T, D]).
 _QKV = {0: 2, 1: 2, 2: 2}
 _CAUSAL = 3
+
+
+def configured_chunk(config: Any) -> int:
+    """Tokens per layer chunk the configuration asks for: ``layers.chunk_size``, else
+    ``attention.chunk_size``, else :data:`DEFAULT_CHUNK`."""
+    layers = getattr(config, "layers", None)
+    return getattr(layers, "chunk_size", None) or config.attention.chunk_size or DEFAULT_CHUNK
 
 
 def _is_attention(n: fx.Node) -> bool:
@@ -109,7 +116,7 @@ class PipelinedLayersPass(Pass):
         return bool(self._setting(ctx, "enabled", self._enabled, False)) and ctx.config.attention.enabled
 
     def chunk(self, ctx: PassContext, window: Any = None) -> int:
-        q = self._setting(ctx, "chunk_size", self._chunk, ctx.config.attention.chunk_size) or DEFAULT_CHUNK
+        q = self._chunk or configured_chunk(ctx.config)
         return q if window is None else max(q, window.min_length)
 
     def offload(self, ctx: PassContext) -> bool:

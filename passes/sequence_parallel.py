@@ -19,6 +19,14 @@ contiguous shard of ``L`` tokens (the optimized model slices the inputs, see
   all-gather of ``(P_j, s_j)`` gives each rank the state the whole sequence has at its first
   token, and the scan runs from it. The gradient of the all-gather (an all-reduce) carries
   the adjoint back across ranks. ``O(B·D·N)`` per scan, whatever ``T``.
+* **Pipelined layers** (``sequence_block_fwd`` with attentions, after ``pipelined_layers``):
+  the shards are chunk-interleaved (FPDT's layout, see
+  :mod:`longctx_compiler.runtime.sequence_parallel`), and inside the layer each chunk's
+  q, k, v go through the all-to-all: the layer's attention sees the group's ``P`` chunks —
+  consecutive tokens — for its heads, and keeps the K/V history of every earlier group in the
+  host pool. A layer the prover refused keeps its chunked attention over the whole shard,
+  which under this layout gathers the shards and puts them in sequence order around it.
+  Time-sharded scans and halos need contiguous shards: a model with both refuses.
 * **Causal convolutions**: a zero padding of the sequence's start (Mamba's ``conv1d``, after
   ``depthwise_conv``) becomes the previous shard's last tokens (``longctx::seq_halo``).
 * **Positions**: an ``arange`` over the sequence (transformers' ``cache_position``, from which
@@ -42,6 +50,7 @@ same on every rank but for the rank constant, and every rank reads every collect
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Any, Iterable
 
@@ -54,11 +63,24 @@ from longctx_compiler.passes.analysis.fx_utils import arg, example_value, is_vie
 from longctx_compiler.passes.analysis.sequence_window import ATTENTION, CarrySite, analyse_window
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.block_region import long_context_op
-from longctx_compiler.passes.pipelined_layers import ATTENTION_OPS
+from longctx_compiler.kernels.sequence_block import BLOCK_OP
+from longctx_compiler.kernels.sequence_block.op import get_plan, register_plan
+from longctx_compiler.passes.pipelined_layers import ATTENTION_OPS, configured_chunk
 from longctx_compiler.passes.tiled_lm_loss import OP as LOSS_OP
-from longctx_compiler.runtime.sequence_parallel import SequenceParallelError, current_group
+from longctx_compiler.runtime.sequence_parallel import (
+    SequenceParallelError, current_group, interleaved_to_sequence, sequence_to_interleaved, shard_positions,
+)
 
-__all__ = ["SequenceParallelPass"]
+__all__ = ["SequenceParallelPass", "layout_chunk"]
+
+
+def layout_chunk(config: Any) -> int | None:
+    """``Q`` of the chunk-interleaved layout the shards take when sequence-pipelined layers
+    are on (their chunk), None for contiguous shards."""
+    layers = getattr(config, "layers", None)
+    if config.distributed.active and config.attention.enabled and getattr(layers, "enabled", False):
+        return configured_chunk(config)
+    return None
 
 A2A = torch.ops.longctx.seq_all_to_all.default
 GATHER = torch.ops.longctx.seq_all_gather.default
@@ -73,6 +95,11 @@ _LINEAR_AFTER_LOSS = {operator.getitem, operator.truediv, operator.mul, torch.di
 
 def _name(n: fx.Node) -> str:
     return getattr(n.target, "__name__", str(n.target))
+
+
+def _picks_result(n: fx.Node) -> bool:
+    """``n`` takes one result of a multi-result op (not a view of a tensor)."""
+    return n.target is operator.getitem and isinstance(example_value(n.args[0]), (tuple, list))
 
 
 def _downstream(starts: Iterable[fx.Node]) -> set[fx.Node]:
@@ -97,6 +124,7 @@ class SequenceParallelPass(Pass):
 
     def kind_of(self, match: Match) -> str:
         return {"attention": "attention -> Ulysses all-to-all (heads <-> sequence)",
+                "block": "pipelined layer -> Ulysses all-to-all per chunk (K/V history of all ranks)",
                 "scan": "scan -> time-sharded (state from earlier ranks, all-gather)",
                 "halo": "zero padding -> halo from the previous shard",
                 "positions": "arange -> global positions of the shard",
@@ -107,6 +135,10 @@ class SequenceParallelPass(Pass):
         out = {"P": group.size, "rank": group.rank}
         if match.data["what"] == "attention":
             out.update(kv_replicated=match.data["replicate"], collectives="4 all-to-all forward, 4 backward")
+        if match.data["what"] == "block":
+            out.update(collectives="per chunk and attention: 4 all-to-all forward, 8 backward (recompute + gradient)")
+        if match.data.get("layout"):
+            out.update(layout=f"chunk-interleaved, Q={match.data['layout']}")
         if match.data["what"] == "loss":
             out.update(collectives="1 all-reduce (in the model wrapper)")
         return out
@@ -123,22 +155,31 @@ class SequenceParallelPass(Pass):
         prologue: set[fx.Node] = set()
         for loss in losses:
             for a in loss.args[:_LOSS_LOGITS + 1]:
-                while isinstance(a, fx.Node) and is_view_like(a) and all(u in after or u in prologue for u in a.users):
+                while (isinstance(a, fx.Node) and is_view_like(a) and not _picks_result(a)
+                       and all(u in after or u in prologue for u in a.users)):
                     prologue.add(a)
                     a = a.args[0]
         nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method") and n not in after and n not in prologue]
         region = set(nodes)
         inputs = [n for n in graph.nodes if n.op == "placeholder" and any(u in region for u in n.users)]
         outputs = [n for n in nodes if any(u not in region for u in n.users)]
-        carries = [CarrySite(n, tuple(n.args), {0: 2, 1: 2, 2: 2}, 0, ATTENTION) if n.target in ATTENTION_OPS else scan_site(n)
-                   for n in nodes if n.target in ATTENTION_OPS or n.target is SCAN_OP]
+        layout = layout_chunk(ctx.config)
+        carries = []
         for n in nodes:
-            if long_context_op(n) and n.target not in ATTENTION_OPS and n.target is not SCAN_OP:
-                raise SequenceParallelError(
-                    f"sequence parallelism does not shard {n.target} ({n.name}) yet: a layer run chunk by chunk "
-                    "(turn off layers.enabled, or train this model on one rank per sequence)")
-            if n.target is SCAN_OP and n.args[_MODE] != "exact":
-                raise SequenceParallelError(f"{n.name}: a scan with a {n.args[_MODE]!r} adjoint cannot be sharded over time (the adjoint crosses ranks exactly only)")
+            if n.target in ATTENTION_OPS:
+                carries.append(CarrySite(n, tuple(n.args), {0: 2, 1: 2, 2: 2}, 0, ATTENTION))
+            elif n.target is SCAN_OP:
+                if n.args[_MODE] != "exact":
+                    raise SequenceParallelError(f"{n.name}: a scan with a {n.args[_MODE]!r} adjoint cannot be sharded over time (the adjoint crosses ranks exactly only)")
+                if layout is not None:
+                    raise SequenceParallelError(
+                        f"{n.name}: a scan is sharded over time on contiguous shards, but pipelined layers (layers.enabled) "
+                        "take chunk-interleaved ones: turn off layers.enabled for this model under sequence parallelism")
+                carries.append(scan_site(n))
+            elif n.target is BLOCK_OP:
+                carries.append(self._block_site(n, layout))
+            elif long_context_op(n):
+                raise SequenceParallelError(f"sequence parallelism does not shard {n.target} ({n.name}) yet")
         try:
             window = analyse_window(nodes, inputs, outputs, carries, global_positions=True)
         except CantApply as why:
@@ -147,16 +188,44 @@ class SequenceParallelPass(Pass):
                 "to chunked causal attention — see the report's refusals — and every other op must be local to its token)") from None
         if window.halo:
             raise SequenceParallelError(f"the graph reads {window.halo} earlier tokens across a shard boundary (a convolution along the sequence): not supported yet")
+        if window.halos and layout is not None:
+            raise SequenceParallelError(
+                f"{window.halos[0].name}: a convolution's halo comes from the previous contiguous shard, but pipelined layers "
+                "(layers.enabled) take chunk-interleaved ones: turn off layers.enabled for this model under sequence parallelism")
         for loss in losses:
             self._check_loss(loss, after)
+        common = {"group": group, "layout": layout}
         for n in carries:
-            yield Match(anchor=n.node, nodes=[n.node], data={"what": n.what, "group": group})
+            if n.node.target is not BLOCK_OP or get_plan(n.node.args[2]).attentions:
+                yield Match(anchor=n.node, nodes=[n.node], data={"what": n.what, **common})
         for n in window.halos:
-            yield Match(anchor=n, nodes=[n], data={"what": "halo", "group": group})
+            yield Match(anchor=n, nodes=[n], data={"what": "halo", **common})
         for n in window.positions:
-            yield Match(anchor=n, nodes=[n], data={"what": "positions", "group": group})
+            yield Match(anchor=n, nodes=[n], data={"what": "positions", **common})
         for loss in losses:
-            yield Match(anchor=loss, nodes=[loss], data={"what": "loss", "group": group})
+            yield Match(anchor=loss, nodes=[loss], data={"what": "loss", **common})
+
+    @staticmethod
+    def _block_site(n: fx.Node, layout: int | None) -> CarrySite:
+        """A block run chunk by chunk, as a carry of the whole-graph proof: its output at ``t``
+        reads its sequence inputs up to ``t`` (its own proof). One whose attentions the pass
+        shards must run on chunk-interleaved shards of its own chunk; a token-wise one (tiled
+        MLPs, the stack's end) runs on any shard."""
+        plan = get_plan(n.args[2])
+        if plan.scans or plan.halo:
+            raise SequenceParallelError(
+                f"{n.name}: a block run chunk by chunk with a scan or a convolution (Mamba's) is not sharded over the "
+                "sequence; sequence parallelism turns SSM block sharding off — leave it so")
+        if plan.attentions and layout != plan.chunk:
+            raise SequenceParallelError(
+                f"{n.name}: a pipelined layer of chunk {plan.chunk} needs shards interleaved by that chunk, but they are "
+                + ("contiguous (pipelined layers were added by a pass, not Config.layers.enabled)" if layout is None else
+                   f"interleaved by {layout} (give Config.layers.chunk_size, not a pass's own chunk)"))
+        if len(plan.output_dims) != 1:
+            raise SequenceParallelError(f"{n.name}: a pipelined layer with {len(plan.output_dims)} sequence outputs is not sharded yet")
+        tensors = n.args[0]
+        seq = {i: d for i, d in enumerate(plan.tensor_dims) if d is not None}
+        return CarrySite(n, tuple(tensors), seq, 0, "block")
 
     @staticmethod
     def _check_loss(loss: fx.Node, after: set[fx.Node]) -> None:
@@ -175,6 +244,8 @@ class SequenceParallelPass(Pass):
 
     # -- per site ------------------------------------------------------------------------------
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
+        if match.data["what"] == "block":
+            self._check_block_heads(match)
         if match.data["what"] != "attention":
             return
         P = match.data["group"].size
@@ -195,9 +266,11 @@ class SequenceParallelPass(Pass):
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
         what, group = match.data["what"], match.data["group"]
         if what == "attention":
-            return self._ulysses(gm, match.anchor, group, match.data["replicate"])
+            return self._ulysses(gm, match.anchor, group, match.data["replicate"], match.data["layout"])
+        if what == "block":
+            return self._sharded_block(match.anchor, group)
         if what == "positions":
-            return self._offset(gm, match.anchor, group)
+            return self._offset(gm, match.anchor, group, match.data["layout"])
         if what == "scan":
             return self._time_sharded_scan(gm, match.anchor, group)
         if what == "halo":
@@ -300,8 +373,29 @@ class SequenceParallelPass(Pass):
             propagate_example_value(n)
         return n
 
-    def _ulysses(self, gm: fx.GraphModule, node: fx.Node, group: Any, replicate: int) -> list[fx.Node]:
-        graph, name = gm.graph, group.name
+    @staticmethod
+    def _check_block_heads(match: Match) -> None:
+        """The head counts of each attention inside a pipelined layer (checked again when it
+        runs), so a plan that cannot be split fails at compile time, naming the numbers."""
+        P = match.data["group"].size
+        for n in get_plan(match.anchor.args[2]).body.graph.nodes:
+            if n.op == "call_function" and getattr(n.target, "__name__", "") == "attention_in_window":
+                q, k = example_value(n.args[0]), example_value(n.args[1])
+                if q is None or k is None:
+                    continue
+                hq, hkv = q.shape[1], k.shape[1]
+                if hq % P or (hkv % P and P % hkv):
+                    raise SequenceParallelError(f"{match.anchor.name}: {hq} query / {hkv} key-value heads cannot be split over sequence_parallel={P} ranks (Ulysses gives each rank H/P heads)")
+
+    @staticmethod
+    def _sharded_block(node: fx.Node, group: Any) -> list[fx.Node]:
+        """The same layer, its plan told the group: each attention exchanges its chunks."""
+        plan = dataclasses.replace(get_plan(node.args[2]), sequence_group=group.name)
+        node.args = (*node.args[:2], register_plan(plan))
+        return []
+
+    def _ulysses(self, gm: fx.GraphModule, node: fx.Node, group: Any, replicate: int, layout: int | None) -> list[fx.Node]:
+        graph, name, P = gm.graph, group.name, group.size
         q, k, v = node.args[:3]
         with graph.inserting_before(node):
             if replicate > 1:
@@ -309,7 +403,10 @@ class SequenceParallelPass(Pass):
                 v = self._call(graph, torch.repeat_interleave, (v, replicate), {"dim": 1})
             # heads scattered (dim 1), the sequence gathered (dim 2)
             exchanged = [self._call(graph, A2A, (t, 1, 2, name)) for t in (q, k, v)]
-        node.args = (*exchanged, *node.args[3:])
+            if layout is not None:
+                # interleaved shards gathered in rank order: put them in sequence order
+                exchanged += [self._call(graph, interleaved_to_sequence, (t, 2, layout, P)) for t in exchanged]
+        node.args = (*exchanged[-3:], *node.args[3:])
         propagate_example_value(node)
         created = list(exchanged)
         for user in list(node.users):
@@ -317,18 +414,36 @@ class SequenceParallelPass(Pass):
             if user.args[1] != 0:
                 continue
             with graph.inserting_after(user):
-                back = self._call(graph, A2A, (user, 2, 1, name))
-            user.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+                out = user
+                if layout is not None:
+                    out = self._call(graph, sequence_to_interleaved, (user, 2, layout, P))
+                    created.append(out)
+            with graph.inserting_after(out):
+                back = self._call(graph, A2A, (out, 2, 1, name))
+            user.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back and u is not out)
             created.append(back)
         return created
 
-    def _offset(self, gm: fx.GraphModule, node: fx.Node, group: Any) -> list[fx.Node]:
+    def _offset(self, gm: fx.GraphModule, node: fx.Node, group: Any, layout: int | None) -> list[fx.Node]:
+        """``arange`` over the shard → the shard's global positions (:func:`shard_positions`)."""
         graph = gm.graph
         start, end = (0, node.args[0]) if len(node.args) == 1 else node.args[:2]
-        with graph.inserting_before(node):
+        if layout is None:
+            with graph.inserting_before(node):
+                length = end if start == 0 else self._call(graph, operator.sub, (end, start))
+                off = self._call(graph, operator.mul, (length, group.rank))
+                new = [self._call(graph, operator.add, (start, off)), self._call(graph, operator.add, (end, off))]
+            node.args = (*new, *node.args[2:])
+            propagate_example_value(node)
+            return [*new, off] + ([] if length is end else [length])
+        with graph.inserting_after(node):
             length = end if start == 0 else self._call(graph, operator.sub, (end, start))
-            off = self._call(graph, operator.mul, (length, group.rank))
-            new = [self._call(graph, operator.add, (start, off)), self._call(graph, operator.add, (end, off))]
-        node.args = (*new, *node.args[2:])
-        propagate_example_value(node)
-        return [*new, off] + ([] if length is end else [length])
+        with graph.inserting_after(length if isinstance(length, fx.Node) and length is not end else node):
+            local = node if start == 0 else self._call(graph, operator.sub, (node, start))
+        with graph.inserting_after(local):
+            moved = self._call(graph, shard_positions, (local, length, layout, group.size, group.rank))
+        with graph.inserting_after(moved):
+            placed = moved if start == 0 else self._call(graph, operator.add, (moved, start))
+        created = [n for n in {moved, placed, local, length} if isinstance(n, fx.Node) and n not in (node, end)]
+        node.replace_all_uses_with(placed, delete_user_cb=lambda u: u not in created)
+        return created

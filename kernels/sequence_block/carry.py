@@ -33,6 +33,7 @@ from longctx_compiler.kernels.attention.reference import accumulation_dtype
 from longctx_compiler.kernels.selective_scan import op as _scan_op  # noqa: F401
 from longctx_compiler.runtime.autocast import AUTOCAST_DEVICE_TYPES, autocast_cast
 from longctx_compiler.runtime.host_pool import HostHandle, HostPool
+from longctx_compiler.runtime.sequence_parallel import SequenceParallelError, get_group
 
 __all__ = ["Carry", "KVHistory", "scan_in_window", "attention_in_window"]
 
@@ -48,16 +49,27 @@ class Carry:
         histories: per attention slot, the K/V history; None for a whole-sequence run.
         own: per attention slot, ``(k, v)`` of the chunk's own tokens ``[B, Hkv, t1 - t0, D]``
             as the body computed them (set by the attention; the forward appends them to the
-            history, the backward gives them the accumulated ``dK, dV`` as cotangents).
+            history, the backward gives them the accumulated ``dK, dV`` as cotangents). Under
+            sequence parallelism, the whole group's chunk for this rank's heads
+            (``[B, Hkv'/P, P·(t1 - t0), D]``, after the all-to-all).
+        group: the sequence-parallel group's name (None: the sequence is not sharded).
     """
 
-    def __init__(self, hc: int, t0: int, states_in: list[Tensor | None], histories: list["KVHistory"] | None, attentions: int):
+    def __init__(self, hc: int, t0: int, states_in: list[Tensor | None], histories: list["KVHistory"] | None, attentions: int,
+                 group: str | None = None):
         self.hc = hc
         self.t0 = t0
         self.states_in = states_in
         self.states_out: list[Tensor | None] = [None] * len(states_in)
         self.histories = histories
         self.own: list[tuple[Tensor, Tensor] | None] = [None] * attentions
+        self.group = group
+
+    @property
+    def history_start(self) -> int:
+        """Where the chunk's own keys go in the K/V history: ``t0``, or ``P·t0`` when the
+        sequence is sharded (chunk-interleaved: the ``c`` chunks of every rank come first)."""
+        return self.t0 if self.group is None else self.t0 * get_group(self.group).size
 
     @classmethod
     def whole(cls, scans: int, attentions: int) -> "Carry":
@@ -103,9 +115,27 @@ def attention_in_window(q, k, v, causal: bool, scale: float, chunk_size: int, *r
     hc = carry.hc
     n = q.shape[2] - hc
     qo, ko, vo = (t.narrow(2, hc, n) for t in (q, k, v))
+    if carry.group is not None:
+        qo, ko, vo = _heads_for_sequence(qo, ko, vo, carry.group)
     carry.own[slot] = (ko, vo)
-    out = HistoryAttention.apply(qo, ko, vo, carry.histories[slot], carry.t0, scale, chunk_size or None)
+    out = HistoryAttention.apply(qo, ko, vo, carry.histories[slot], carry.history_start, scale, chunk_size or None)
+    if carry.group is not None:
+        out = torch.ops.longctx.seq_all_to_all(out, 2, 1, carry.group)
     return (F.pad(out, (0, 0, hc, 0)) if hc else out), None
+
+
+def _heads_for_sequence(q: Tensor, k: Tensor, v: Tensor, group: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Ulysses' exchange of one chunk: ``[B, H, n, D]`` on each of ``P`` ranks (the group's
+    ``c``-th chunks) → ``[B, H/P, P·n, D]``, the whole group of chunks — consecutive tokens in
+    the chunk-interleaved layout — for this rank's heads. With fewer KV heads than ranks (GQA),
+    each is repeated ``P / H_kv`` times first, so every rank gets the one its queries read."""
+    P = get_group(group).size
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % P or (hkv % P and P % hkv):
+        raise SequenceParallelError(f"sequence_block: {hq} query / {hkv} key-value heads cannot be split over sequence_parallel={P} ranks")
+    if hkv < P:
+        k, v = (t.repeat_interleave(P // hkv, dim=1) for t in (k, v))
+    return tuple(torch.ops.longctx.seq_all_to_all(t, 1, 2, group) for t in (q, k, v))
 
 
 def acquire(pool: HostPool, numel: int, dtype: torch.dtype, budget: int | None):

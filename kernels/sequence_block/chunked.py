@@ -44,6 +44,7 @@ from torch import Tensor
 
 from longctx_compiler.runtime.autocast import autocast_as
 from longctx_compiler.runtime.host_pool import HostHandle, HostPool, get_default_pool
+from longctx_compiler.runtime.sequence_parallel import get_group
 
 from .carry import Carry, KVHistory, offload
 
@@ -77,6 +78,10 @@ class BlockPlan:
         autocast: the autocast state the block was traced in
             (:func:`~longctx_compiler.runtime.autocast.current_autocast`); every run of the
             body (:meth:`run_body`) is in exactly that state.
+        sequence_group: the sequence-parallel group the block's sequence is sharded over
+            (chunk-interleaved, :mod:`longctx_compiler.runtime.sequence_parallel`), None when
+            it is not. Each attention then exchanges its chunk over the group (Ulysses) and
+            keeps the whole group's K/V history for its own heads.
     """
 
     body: fx.GraphModule
@@ -92,6 +97,12 @@ class BlockPlan:
     host_inputs: tuple[int, ...] = ()
     host_budget: int | None = None
     autocast: tuple[tuple[str, torch.dtype], ...] = ()
+    sequence_group: str | None = None
+
+    @property
+    def ranks(self) -> int:
+        """``P``: how many ranks' chunks make one chunk of the K/V history (1 unsharded)."""
+        return 1 if self.sequence_group is None else get_group(self.sequence_group).size
 
     def run_body(self, *args):
         """``body(*args)`` in the autocast state it was traced in (a bf16 autocast region's
@@ -180,8 +191,10 @@ class HostGroup:
         return self.pool.prefetch(self.handles[f"x{i}"], a, a + n, dim=dim)
 
     def histories(self, plan: BlockPlan, length: int) -> list[KVHistory]:
+        """Each attention's K/V history of a block run on ``length`` tokens (``P·length``
+        positions when the sequence is sharded: the history holds every rank's chunks)."""
         return [
-            KVHistory(self.pool, length, plan.chunk, self.handles.get(f"k{j}"), self.handles.get(f"v{j}"), plan.host_budget)
+            KVHistory(self.pool, length * plan.ranks, plan.chunk, self.handles.get(f"k{j}"), self.handles.get(f"v{j}"), plan.host_budget)
             for j in range(plan.attentions)
         ]
 
@@ -220,7 +233,7 @@ def block_forward(
         with ordinary_dispatch(False):
             for c, (a, t0, t1) in enumerate(spans):
                 hc = t0 - a
-                carry = Carry(hc, t0, list(states), histories, plan.attentions)
+                carry = Carry(hc, t0, list(states), histories, plan.attentions, plan.sequence_group)
                 outs = plan.run_body(*_window(plan, tensors, a, t1 - a), *plan.sizes_at(sizes, t1 - a), carry)
                 if outputs is None:
                     outputs = [o.new_empty(_with(o.shape, d, t)) for o, d in zip(outs, plan.output_dims)]
@@ -232,7 +245,7 @@ def block_forward(
                         boundaries[s][:, :, c] = states[s]
                     states[s] = carry.states_out[s]
                 for j, history in enumerate(histories):
-                    history.append(t0, *carry.own[j])
+                    history.append(carry.history_start, *carry.own[j])
     except BaseException:
         group.release()
         for h in histories:
@@ -310,7 +323,7 @@ def _chunk_vjp(plan, tensors, sizes, needs, leaves_fixed, states, histories, gro
         for w, d, need, fixed in zip(_window(plan, tensors, a, t1 - a, group), plan.tensor_dims, needs, leaves_fixed)
     ]
     h_ins = [s[:, :, c].detach().requires_grad_() if c else None for s in states]
-    carry = Carry(hc, t0, h_ins, histories, plan.attentions)
+    carry = Carry(hc, t0, h_ins, histories, plan.attentions, plan.sequence_group)
     outs = plan.run_body(*window, *plan.sizes_at(sizes, t1 - a), carry)
     roots, cotangents = [], []
     for o, d, g in zip(outs, plan.output_dims, grad_outputs):
@@ -324,7 +337,7 @@ def _chunk_vjp(plan, tensors, sizes, needs, leaves_fixed, states, histories, gro
     if not last:
         # The history's adjoint: what every later chunk's attention read of this chunk's k, v.
         for own, history in zip(carry.own, histories):
-            dk, dv = history.grad(t0, t1)
+            dk, dv = history.grad(carry.history_start, carry.history_start + own[0].shape[2])
             for x, g in zip(own, (dk, dv)):
                 if x.requires_grad:
                     roots.append(x)

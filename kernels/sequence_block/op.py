@@ -51,6 +51,7 @@ def register_plan(plan: BlockPlan) -> str:
         plan.body.code, repr(plan.tensor_dims), repr([str(e) for e in plan.size_exprs]), str(plan.length),
         repr(plan.output_dims), str(plan.halo), str(plan.min_length), str(plan.chunk), str(plan.scans),
         str(plan.attentions), repr(plan.host_inputs), repr(plan.host_budget), repr(plan.autocast),
+        repr(plan.sequence_group),
     ])
     key = "sequence_block_" + hashlib.sha256(text.encode()).hexdigest()[:24]
     _PLANS.setdefault(key, plan)

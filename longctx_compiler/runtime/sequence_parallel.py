@@ -1,10 +1,19 @@
 """Sequence parallelism: ``P`` ranks share one sequence, each holding a contiguous shard of it.
 
 Layout. A sequence of ``T`` tokens is padded at its end to ``P·L`` tokens, ``L = ⌈T / P⌉``
-(at least 2: a one-token shard would make the compiler specialise the length to 1), and rank
-``r`` of the group holds tokens ``[r·L, (r+1)·L)``. The padding is
-exact to add: attention is causal, so no real token reads a padded one, and padded labels are
-ignored by the loss.
+(at least 2: a one-token shard would make the compiler specialise the length to 1). The
+padding is exact to add: attention is causal, so no real token reads a padded one, and padded
+labels are ignored by the loss. Which ``L`` tokens a rank holds is one of two layouts:
+
+* **contiguous** (default): rank ``r`` holds tokens ``[r·L, (r+1)·L)``. Scans and
+  convolutions need it (a shard's start state and halo come from the previous rank).
+* **chunk-interleaved** (FPDT's, with sequence-pipelined layers, chunk ``Q``): the sequence
+  is cut into groups of ``P`` chunks; rank ``r`` holds the ``r``-th chunk of every group, so
+  its local chunk ``c`` is global ``[c·P·Q + r·n_c, … + n_c)`` with ``n_c = min(Q, L − c·Q)``
+  (the last group is split evenly). A pipelined layer's all-to-all of its local chunk ``c``
+  then gives every rank the whole group ``c`` — ``P·n_c`` consecutive tokens — for its heads,
+  and everything before it is the K/V history: FPDT's chunk pipeline, over ``P`` ranks
+  (:func:`shard_positions`).
 
 What runs where:
 
@@ -45,7 +54,8 @@ from torch import Tensor
 __all__ = [
     "SequenceParallelError", "SequenceGroup", "sequence_group", "get_group", "active_group", "current_group",
     "simulated_group", "shard_inputs", "global_loss", "reduce_gradients_over", "all_to_all_elements",
-    "scan_exchange_elements", "communication", "reset_communication", "IGNORE_INDEX",
+    "scan_exchange_elements", "communication", "reset_communication", "IGNORE_INDEX", "shard_positions",
+    "interleaved_to_sequence", "sequence_to_interleaved",
 ]
 
 #: The label value the loss ignores (transformers' and PyTorch's default).
@@ -76,6 +86,39 @@ class SequenceGroup:
     def shard_length(self, length: int) -> int:
         """``L = ⌈T / P⌉`` (at least 2): tokens per shard."""
         return max(2, -(-length // self.size))
+
+
+def shard_positions(index: Tensor, length: Any, chunk: int | None, size: int, rank: Any) -> Tensor:
+    """The global positions of a shard's local positions ``index`` (0-based, any shape).
+
+    ``length``: ``L``, the shard's tokens; ``chunk``: ``Q`` of the chunk-interleaved layout
+    (None: contiguous, ``r·L + i``). Interleaved, local ``i`` in chunk ``c = ⌊i/Q⌋`` is global
+    ``c·P·Q + r·n_c + (i − c·Q)``, ``n_c = min(Q, L − c·Q)``. Plain tensor arithmetic, so a
+    graph that calls it stays dynamic in ``L``.
+    """
+    if chunk is None:
+        return index + rank * length
+    c = torch.div(index, chunk, rounding_mode="floor")
+    n = (c * -chunk + length).clamp(max=chunk)  # tensor first: a SymInt length stays symbolic
+    return index + c * ((size - 1) * chunk) + rank * n
+
+
+def _gathered_positions(x: Tensor, dim: int, chunk: int, size: int) -> Tensor:
+    """The global position of each index along ``dim`` of an all-to-all's gathered tensor
+    (the ``P`` shards' ``L`` tokens each, in rank order)."""
+    L = x.shape[dim] // size
+    i = torch.arange(L, device=x.device)
+    return torch.cat([shard_positions(i, L, chunk, size, r) for r in range(size)])
+
+
+def interleaved_to_sequence(x: Tensor, dim: int, chunk: int, size: int) -> Tensor:
+    """The gathered ``P`` interleaved shards along ``dim``, put in sequence order."""
+    return x.index_select(dim, torch.argsort(_gathered_positions(x, dim, chunk, size)))
+
+
+def sequence_to_interleaved(x: Tensor, dim: int, chunk: int, size: int) -> Tensor:
+    """The inverse of :func:`interleaved_to_sequence`."""
+    return x.index_select(dim, _gathered_positions(x, dim, chunk, size))
 
 
 _GROUPS: dict[str, SequenceGroup] = {}
@@ -435,10 +478,12 @@ def _bind(forward: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
     return named
 
 
-def shard_inputs(group: SequenceGroup, forward: Any, args: tuple, kwargs: dict, sequence_dim: int | None) -> tuple[tuple, dict]:
-    """This rank's call: every sequence input padded to ``P·L`` tokens and sliced to the
-    rank's shard; ``labels`` as transformers' ``shift_labels`` with the global
-    ``num_items_in_batch``; an all-ones ``attention_mask`` dropped.
+def shard_inputs(group: SequenceGroup, forward: Any, args: tuple, kwargs: dict, sequence_dim: int | None,
+                 layout_chunk: int | None = None) -> tuple[tuple, dict]:
+    """This rank's call: every sequence input padded to ``P·L`` tokens and cut to the rank's
+    shard (contiguous, or chunk-interleaved with chunk ``layout_chunk``); ``labels`` as
+    transformers' ``shift_labels`` with the global ``num_items_in_batch``; an all-ones
+    ``attention_mask`` dropped.
 
     A sequence input is a tensor with a dim ``sequence_dim`` of the first such tensor's
     length ``T``. Raises :class:`SequenceParallelError` for what cannot be sharded exactly
@@ -483,7 +528,12 @@ def shard_inputs(group: SequenceGroup, forward: Any, args: tuple, kwargs: dict, 
     for k, v in seq.items():
         pad = [0, 0] * (v.dim() - d - 1) + [0, group.size * L - T]
         fill = IGNORE_INDEX if k in ("labels", "shift_labels") else 0
-        named[k] = F.pad(v, pad, value=fill).narrow(d, group.rank * L, L).contiguous()
+        v = F.pad(v, pad, value=fill)
+        if layout_chunk is None:
+            named[k] = v.narrow(d, group.rank * L, L).contiguous()
+        else:
+            index = shard_positions(torch.arange(L, device=v.device), L, layout_chunk, group.size, group.rank)
+            named[k] = v.index_select(d, index)
     if by_name:
         return (), named
     return tuple(named[i] for i in range(len(args))), {k: v for k, v in named.items() if not isinstance(k, int)}

@@ -24,8 +24,43 @@ from lm_helpers import ids_for  # noqa: E402
 from longctx_compiler.testing import relative_error  # noqa: E402
 
 
+class InlineLayersLM(torch.nn.Module):
+    """A causal LM whose layers are written inline in its forward (no module per layer): the
+    pipelined-layers pass finds no layer to pipeline, so each attention stays chunked over the
+    rank's whole shard. Its loss is transformers' convention under sequence parallelism:
+    summed over ``shift_labels``, divided by ``num_items_in_batch``."""
+
+    def __init__(self, vocab=64, hidden=32, heads=4, layers=2):
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(hidden, 3 * hidden) for _ in range(layers))
+        self.out = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(layers))
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids, labels=None, shift_labels=None, num_items_in_batch=None, use_cache=None):
+        h = self.embed(input_ids)
+        B, T, C = h.shape
+        for qkv, out in zip(self.qkv, self.out):
+            q, k, v = qkv(h).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            h = h + out(a)
+        logits = self.head(h)
+        if shift_labels is None and labels is not None:
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+        loss = None
+        if shift_labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), reduction="sum")
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum())
+        return {"loss": loss, "logits": logits}
+
+
 def build(name):
     import transformers
+
+    if name == "inline":
+        torch.manual_seed(0)
+        return InlineLayersLM()
 
     torch.manual_seed(0)
     common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=64, max_position_embeddings=256)
@@ -48,7 +83,7 @@ def build(name):
 
 def f64_loss(model, ids):
     # transformers' own loss casts the logits to float32; the reference stays in float64
-    logits = model(ids, use_cache=False).logits
+    logits = model(ids, use_cache=False)["logits"]
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
@@ -59,6 +94,8 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[13])
     ap.add_argument("--different-batches", action="store_true")
     ap.add_argument("--vs-one-process", action="store_true", help="also compare with the same rewrites on one process")
+    ap.add_argument("--layers", type=int, default=0, help="sequence-pipelined layers with this chunk (0: off)")
+    ap.add_argument("--offload", action="store_true", help="pipelined layers keep their inputs in the host pool")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dist.init_process_group("gloo")
@@ -71,13 +108,14 @@ def main():
         # own computation rounds to float32 somewhere (Mamba's scan) and eager is not exact.
         one_process = lc.optimize(copy.deepcopy(model), backend="aot_eager", strict=True, attention={"chunk_size": 4},
                                   ssm={"shard_blocks": False, "recompute_blocks": False}) if a.vs_one_process else None
-        opt = lc.optimize(model, backend="aot_eager", strict=True, attention={"chunk_size": 4},
+        layers = {"enabled": True, "chunk_size": a.layers, "offload": a.offload} if a.layers else {}
+        opt = lc.optimize(model, backend="aot_eager", strict=True, attention={"chunk_size": 4}, layers=layers,
                           distributed={"sequence_parallel": a.P})
         for t in a.lengths:
             ids = ids_for(t, t + (rank if a.different_batches else 0))
             model.zero_grad(set_to_none=True)
             reference.zero_grad(set_to_none=True)
-            loss = opt(ids, labels=ids, use_cache=False).loss
+            loss = opt(ids, labels=ids, use_cache=False)["loss"]
             loss.backward()
             want = f64_loss(reference, ids)
             want.backward()
@@ -85,7 +123,7 @@ def main():
             vs_one = {}
             if one_process is not None:
                 one_process.zero_grad(set_to_none=True)
-                one_process(ids, labels=ids, use_cache=False).loss.backward()
+                one_process(ids, labels=ids, use_cache=False)["loss"].backward()
                 vs_one = {n: relative_error(p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), one_process.parameters())}
             result["steps"].append({"T": t, "loss": float(loss), "loss_ref": float(want), "loss_dtype": str(loss.dtype),
                                     "worst_grad": max(grads.values()), "worst_param": max(grads, key=grads.get),

@@ -92,6 +92,51 @@ def test_scans_sharded_over_time_equal_one_process(tmp_path, name, lengths):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("P,lengths,extra", [(2, [13, 16], ["--offload"]), (4, [10, 29], [])])
+def test_pipelined_layers_exchange_each_chunk(tmp_path, P, lengths, extra):
+    # FPDT over P ranks: chunk-interleaved shards of 4-token chunks; each layer's chunk goes
+    # through the all-to-all and attends to the K/V history of every rank's earlier chunks.
+    # 13 over 2: shards of 7, chunks 4 + 3 (the last group split evenly); 29 over 4: shards
+    # of 8; 10 over 4: one chunk of 3. With --offload the final norm runs as a token-wise block.
+    results = launch(tmp_path, P, "--P", P, "--model", "llama", "--lengths", *lengths, "--layers", 4, *extra)
+    assert_exact(results, lengths)
+    kinds = [k for _, k, _ in results[-1]["rewrites"]]
+    assert kinds.count("pipelined layer -> Ulysses all-to-all per chunk (K/V history of all ranks)") == 2, kinds
+    assert kinds.count("decoder layer -> chunked along T (K/V history fwd, dK/dV bwd)") == 2, kinds
+
+
+@pytest.mark.slow
+def test_attention_outside_a_pipelined_layer_is_put_in_sequence_order(tmp_path):
+    # Layers written inline in one forward are not pipelined, but the shards are still
+    # interleaved for the pipelined layers' sake: each whole-shard attention gathers them and
+    # orders them by global position around the attention.
+    results = launch(tmp_path, 2, "--P", 2, "--model", "inline", "--lengths", 13, "--layers", 4)
+    assert_exact(results, [13])
+    kinds = [k for _, k, _ in results[0]["rewrites"]]
+    assert kinds.count("attention -> Ulysses all-to-all (heads <-> sequence)") == 2 and not any("decoder layer" in k for k in kinds), kinds
+
+
+@pytest.mark.parametrize("P,T,Q", [(2, 13, 4), (4, 29, 4), (4, 10, 4), (3, 40, 5), (2, 4, 8)])
+def test_interleaved_layout_is_a_permutation_put_back_in_order(P, T, Q):
+    from longctx_compiler.runtime.sequence_parallel import SequenceGroup, interleaved_to_sequence, sequence_to_interleaved, shard_positions
+
+    L = SequenceGroup(P, 0, None, "t").shard_length(T)
+    i = torch.arange(L)
+    positions = [shard_positions(i, L, Q, P, r) for r in range(P)]
+    everything = torch.cat(positions)
+    assert sorted(everything.tolist()) == list(range(P * L))
+    for r, pos in enumerate(positions):
+        for c in range(-(-L // Q)):
+            chunk = pos[c * Q:(c + 1) * Q]
+            n = len(chunk)  # local chunk c holds n consecutive tokens, right after rank r-1's
+            assert chunk.tolist() == list(range(c * P * Q + r * n, c * P * Q + (r + 1) * n))
+    x = torch.randn(2, P * L, 3)
+    gathered = torch.cat([x[:, p] for p in positions], dim=1)
+    assert torch.equal(interleaved_to_sequence(gathered, 1, Q, P), x)
+    assert torch.equal(sequence_to_interleaved(x, 1, Q, P), gathered)
+
+
+@pytest.mark.slow
 def test_shorter_than_the_group(tmp_path):
     # T = 3 on 4 ranks: one token per rank, the last rank all padding.
     assert_exact(launch(tmp_path, 4, "--P", 4, "--model", "llama_mha", "--lengths", 3), [3])
@@ -111,6 +156,7 @@ def test_bad_groups_batches_and_models_are_refused_on_every_rank(tmp_path):
     cases = {
         "not a multiple": (["--P", 4], "not a multiple of 4"),
         "different batches": (["--P", 2, "--different-batches"], "different batches"),
+        "scans on interleaved shards": (["--P", 2, "--model", "jamba", "--layers", 4], "turn off layers.enabled"),
     }
     for name, (args, words) in cases.items():
         results = launch(tmp_path, 2, *args)
