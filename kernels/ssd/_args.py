@@ -127,6 +127,19 @@ def validate(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, 
     return SSDDims(bsz, seqlen, heads, headdim, groups, dstate)
 
 
+def check_backward_args(dims: SSDDims, chunk: int, boundary_states, dout, dfinal) -> None:
+    """Shapes of the backward's extra inputs: chunk-end states ``[B, H, ⌈T/Q⌉, P, N]``, ``dout``
+    like x, ``dfinal`` (optional) like a state. Raises ValueError."""
+    d = dims
+    want = (d.batch, d.heads, math.ceil(d.seqlen / chunk), d.headdim, d.dstate)
+    if tuple(boundary_states.shape) != want:
+        raise ValueError(f"ssd_scan: boundary_states must be {want} for chunk_size={chunk}, got {tuple(boundary_states.shape)}")
+    if tuple(dout.shape) != (d.batch, d.seqlen, d.heads, d.headdim):
+        raise ValueError(f"ssd_scan: dout must have x's shape {(d.batch, d.seqlen, d.heads, d.headdim)}, got {tuple(dout.shape)}")
+    if dfinal is not None and tuple(dfinal.shape) != want[:2] + want[3:]:
+        raise ValueError(f"ssd_scan: dfinal must be {want[:2] + want[3:]}, got {tuple(dfinal.shape)}")
+
+
 def effective_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, softplus: bool, lo: float, hi: float):
     """``Δ = clamp(softplus(dt + bias), lo, hi)`` (each step optional), ``[B, T, H]``.
 

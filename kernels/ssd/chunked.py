@@ -30,7 +30,7 @@ import torch
 
 from ..selective_scan.chunked import chunk_scan
 from ._args import (
-    SSDDims, check_chunk, compute_dtype, effective_dt, epilogue, epilogue_backward, gate_cotangent, limits,
+    SSDDims, check_backward_args, check_chunk, compute_dtype, effective_dt, epilogue, epilogue_backward, gate_cotangent, limits,
     reduce_skip_grad, resets, skip_weight, validate,
 )
 
@@ -217,12 +217,7 @@ def ssd_chunked_bwd(
     dims, Q, K, cdt, group = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, chunk_size, group_chunks)
     bsz, T, H, G, R, P, N = dims.batch, dims.seqlen, dims.heads, dims.groups, dims.rep, dims.headdim, dims.dstate
     M = math.ceil(T / Q)
-    if tuple(boundary_states.shape) != (bsz, H, M, P, N):
-        raise ValueError(f"ssd_scan: boundary_states must be {(bsz, H, M, P, N)} for chunk_size={Q}, got {tuple(boundary_states.shape)}")
-    if dout.shape != x.shape:
-        raise ValueError(f"ssd_scan: dout must have x's shape {tuple(x.shape)}, got {tuple(dout.shape)}")
-    if dfinal is not None and tuple(dfinal.shape) != (bsz, H, P, N):
-        raise ValueError(f"ssd_scan: dfinal must be {(bsz, H, P, N)}, got {tuple(dfinal.shape)}")
+    check_backward_args(dims, Q, boundary_states, dout, dfinal)
     Dc = skip_weight(D, cdt)
     saved = boundary_states.to(cdt).view(bsz, G, R, M, P, N)
     init = x.new_zeros((bsz, G, R, P, N), dtype=cdt) if initial_states is None else initial_states.to(cdt).view(bsz, G, R, P, N)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._args import (
-    check_chunk, compute_dtype, effective_dt, epilogue, epilogue_backward, gate_cotangent, limits, reduce_skip_grad,
+    check_backward_args, check_chunk, compute_dtype, effective_dt, epilogue, epilogue_backward, gate_cotangent, limits, reduce_skip_grad,
     resets, skip_weight, validate,
 )
 
@@ -55,13 +55,14 @@ def _chunk_setup(pid_b, pid_h, pid_m, delta_ptr, cum_ptr, seg_ptr, T, H, Q,
     delta = tl.load(delta_ptr + row, mask=valid, other=0.0)
     c = tl.load(cum_ptr + row, mask=valid, other=0.0)
     t_end = tl.minimum(pid_m * Q + Q - 1, T - 1)
-    c_end = tl.load(cum_ptr + (pid_b * T + t_end).to(tl.int64) * H + pid_h)
+    # A chunk wholly past the end (the padding of the last saved chunk) is identity steps.
+    c_end = tl.where(pid_m * Q < T, tl.load(cum_ptr + (pid_b * T + t_end).to(tl.int64) * H + pid_h), 0.0)
     i_ge_j = (q[:, None] >= q[None, :]) & valid[:, None] & valid[None, :]
     if HAS_SEQ:
         seg = tl.load(seg_ptr + pid_b * T + t, mask=valid, other=0)
         seg_end = tl.load(seg_ptr + pid_b * T + t_end)
         # Segment of the token before the chunk (token 0's, 0, for the first chunk).
-        seg_before = tl.load(seg_ptr + pid_b * T + tl.maximum(pid_m * Q - 1, 0))
+        seg_before = tl.load(seg_ptr + pid_b * T + tl.minimum(tl.maximum(pid_m * Q - 1, 0), T - 1))
         same = i_ge_j & (seg[:, None] == seg[None, :])
         reach_in = valid & (seg == seg_before)
         reach_out = valid & (seg == seg_end)
@@ -227,79 +228,125 @@ def _chunk_backward(x_ptr, B_ptr, C_ptr, delta_ptr, cum_ptr, seg_ptr, hin_ptr, n
     tl.store(dlog_ptr + row, dlog, mask=valid)
 
 
+#: Longest chunk the kernels work on: their ``[Q, Q]`` tiles must fit a program's registers
+#: and shared memory. A larger ``chunk_size`` Q is cut into ``S = Q / Q_k`` kernel chunks of
+#: ``Q_k`` = the largest divisor of Q not above this; the saved states stay at Q's boundaries
+#: (the backward recomputes the states inside a saved chunk from its entering state).
+KERNEL_CHUNK = 64
+
+
+def _kernel_chunk(chunk: int) -> int:
+    return max(d for d in range(1, min(chunk, KERNEL_CHUNK) + 1) if chunk % d == 0)
+
+
 class _Prep:
-    """Operands in the compute dtype (contiguous), Δ, the chunk-local cumulative log-decay, the
-    segment numbers and the launch geometry shared by forward and backward."""
+    """Operands in the compute dtype (contiguous), Δ, the kernel-chunk-local cumulative
+    log-decay, the segment numbers and the launch geometry shared by forward and backward.
+
+    ``M = ⌈T/Q⌉`` saved chunks of ``Q = chunk_size`` steps, each cut into ``S`` kernel chunks
+    of ``Qk`` steps: the kernels run over ``M·S`` kernel chunks (those wholly past T are
+    identity steps).
+    """
 
     def __init__(self, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, chunk_size):
         self.dims = d = validate(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx)
-        self.Q = Q = check_chunk(chunk_size)
+        Q = check_chunk(chunk_size)
         self.cdt = cdt = compute_dtype(x, A, D, dt_bias, initial_states)
         self.M = M = math.ceil(d.seqlen / Q)
+        self.Qk = Qk = _kernel_chunk(Q)
+        self.S = Q // Qk
+        self.Mk = Mk = M * self.S
         lo, hi = limits(dt_limit)
         self.delta, self.ddelta_ddt = effective_dt(dt.to(cdt), None if dt_bias is None else dt_bias.to(cdt), dt_softplus, lo, hi)
         self.delta = self.delta.contiguous()
         self.A = A.to(cdt).contiguous()
-        # c_t = Σ Δ A from the chunk's start to t (inclusive), [B, T, H].
+        # c_t = Σ Δ A from the kernel chunk's start to t (inclusive), [B, T, H].
         pad = M * Q - d.seqlen
-        la = F.pad(self.delta * self.A, (0, 0, 0, pad)).view(d.batch, M, Q, d.heads)
+        la = F.pad(self.delta * self.A, (0, 0, 0, pad)).view(d.batch, Mk, Qk, d.heads)
         self.cum = la.cumsum(2).view(d.batch, M * Q, d.heads)[:, : d.seqlen].contiguous()
         self.seg = resets(seq_idx, d.batch, d.seqlen, x.device)
         self.x = x.to(cdt).contiguous()
         self.B = B.to(cdt).contiguous()
         self.C = C.to(cdt).contiguous()
-        self.grid = (d.batch, d.heads, M)
+        self.initial = (x.new_zeros((d.batch, d.heads, d.headdim, d.dstate), dtype=cdt) if initial_states is None
+                        else initial_states.to(cdt).contiguous())
+        self.grid = (d.batch, d.heads, Mk)
         self.meta = dict(
             HAS_SEQ=self.seg is not None,
-            BLOCK_Q=max(16, triton.next_power_of_2(Q)),
+            BLOCK_Q=max(16, triton.next_power_of_2(Qk)),
             BLOCK_P=max(16, triton.next_power_of_2(d.headdim)),
             BLOCK_N=max(16, triton.next_power_of_2(d.dstate)),
         )
 
     def sizes(self):
         d = self.dims
-        return d.seqlen, d.heads, d.groups, d.headdim, d.dstate, self.M, self.Q, d.rep
+        return d.seqlen, d.heads, d.groups, d.headdim, d.dstate, self.Mk, self.Qk, d.rep
 
     def seg_arg(self):
         # Any pointer when there are no documents: the kernels do not read it.
         return self.delta if self.seg is None else self.seg
 
     def states(self):
+        """``[B, H, M·S, P, N]``, one state per kernel chunk."""
         d = self.dims
-        return torch.empty(d.batch, d.heads, self.M, d.headdim, d.dstate, dtype=self.cdt, device=self.x.device)
+        return torch.empty(d.batch, d.heads, self.Mk, d.headdim, d.dstate, dtype=self.cdt, device=self.x.device)
 
-    def passing(self, local, decay, init, reverse: bool):
-        """``_state_passing`` over ``[B, H, M, P, N]`` states (init ``[B, H, P, N]``)."""
+    def decays(self):
+        """``[B, H, M·S]``, one chunk decay per kernel chunk."""
         d = self.dims
-        out = torch.empty_like(local)
+        return torch.empty(d.batch, d.heads, self.Mk, dtype=self.cdt, device=self.x.device)
+
+    def local_states(self):
+        """``_chunk_state``: every kernel chunk's end state from zero and its decay."""
+        local, decay = self.states(), self.decays()
+        _chunk_state[self.grid](self.x, self.B, self.delta, self.cum, self.seg_arg(), local, decay, *self.sizes(), **self.meta)
+        return local, decay
+
+    def passing(self, local, decay, init, reverse: bool = False):
+        """``_state_passing`` along dim 2 of ``local [B, H, L, P, N]`` (``decay [B, H, L]``) for
+        each of ``init``'s leading entries: ``init [B, H, P, N]`` runs one scan over all L, ``init
+        [B, H, M, P, N]`` one per saved chunk over its ``L / M`` kernel chunks."""
+        d = self.dims
+        seqs = init[..., 0, 0].numel()
+        length = local[..., 0, 0].numel() // seqs
         pn = d.headdim * d.dstate
+        out = torch.empty_like(local)
         block = min(1024, triton.next_power_of_2(pn))
-        _state_passing[(d.batch * d.heads, triton.cdiv(pn, block))](local, decay, init.contiguous(), out, self.M, pn,
-                                                                    REVERSE=reverse, BLOCK=block)
+        _state_passing[(seqs, triton.cdiv(pn, block))](local, decay, init.contiguous(), out, length, pn,
+                                                       REVERSE=reverse, BLOCK=block)
         return out
 
-    def initial(self, initial_states):
-        d = self.dims
-        if initial_states is None:
-            return torch.zeros(d.batch, d.heads, d.headdim, d.dstate, dtype=self.cdt, device=self.x.device)
-        return initial_states.to(self.cdt).contiguous()
+    def entering(self, ends, init):
+        """Entering states ``[B, H, L, P, N]`` of a run of chunks with end states ``ends`` along
+        dim -3 that starts from ``init`` (one fewer dim)."""
+        return torch.cat([init.unsqueeze(-3), ends.narrow(-3, 0, ends.shape[-3] - 1)], dim=-3)
 
-    def entering(self, boundary, initial_states):
-        """Each chunk's entering state ``[B, H, M, P, N]``: the initial state, then the previous chunk's end."""
-        return torch.cat([self.initial(initial_states)[:, :, None], boundary[:, :, :-1]], dim=2).contiguous()
+    def kernel_entering(self, boundary):
+        """Every kernel chunk's entering state ``[B, H, M·S, P, N]`` from the saved chunk-end
+        states ``[B, H, M, P, N]``: inside each saved chunk, the states are recomputed from its
+        entering state (its S kernel chunks' local states, one scan per saved chunk)."""
+        chunk_in = self.entering(boundary, self.initial)
+        if self.S == 1:
+            return chunk_in.contiguous()
+        d = self.dims
+        local, decay = self.local_states()
+        ends = self.passing(local, decay, chunk_in)
+        split = (d.batch, d.heads, self.M, self.S, d.headdim, d.dstate)
+        return self.entering(ends.view(split), chunk_in).reshape(d.batch, d.heads, self.Mk, d.headdim, d.dstate).contiguous()
 
 
 def ssd_triton_fwd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=None,
                    initial_states=None, seq_idx=None, chunk_size=256):
     """Triton forward; same contract as :func:`chunked.ssd_chunked_fwd`."""
     p = _Prep(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, chunk_size)
-    d = p.dims
-    local = p.states()
-    decay = torch.empty(d.batch, d.heads, p.M, dtype=p.cdt, device=x.device)
-    _chunk_state[p.grid](p.x, p.B, p.delta, p.cum, p.seg_arg(), local, decay, *p.sizes(), **p.meta)
-    boundary = p.passing(local, decay, p.initial(initial_states), reverse=False)
+    local, decay = p.local_states()
+    ends = p.passing(local, decay, p.initial)  # every kernel chunk's end state
+    # Saved: the ends of the Q-chunks only, the last kernel chunk of each.
+    boundary = ends[:, :, p.S - 1 :: p.S].contiguous()
     y = torch.empty_like(p.x)
-    _chunk_output[p.grid](p.x, p.B, p.C, p.delta, p.cum, p.seg_arg(), p.entering(boundary, initial_states), y, *p.sizes(), **p.meta)
+    _chunk_output[p.grid](p.x, p.B, p.C, p.delta, p.cum, p.seg_arg(), p.entering(ends, p.initial).contiguous(), y,
+                          *p.sizes(), **p.meta)
+    del ends, local
     out = epilogue(y, p.x, skip_weight(D, p.cdt), None if z is None else z.to(p.cdt))
     return out.to(x.dtype), boundary[:, :, -1].clone(), boundary
 
@@ -313,15 +360,16 @@ def ssd_triton_bwd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
     dout_c = dout.to(cdt)
     zc = None if z is None else z.to(cdt)
     g = gate_cotangent(dout_c, zc).contiguous()
+    check_backward_args(d, chunk_size, boundary_states, dout, dfinal)
     boundary = boundary_states.to(cdt).contiguous()
 
-    read_adj = p.states()
-    decay = torch.empty(d.batch, d.heads, p.M, dtype=cdt, device=x.device)
+    read_adj, decay = p.states(), p.decays()
     _chunk_state_adjoint[p.grid](g, p.C, p.delta, p.cum, p.seg_arg(), read_adj, decay, *p.sizes(), **p.meta)
-    # R_m = ∂L/∂H_in of chunk m = read_m + P_m R_{m+1}, R_M = ∂L/∂final: ν_m = R_{m+1}.
-    nu_end = p.initial(None) if dfinal is None else dfinal.to(cdt).contiguous()
+    # R_m = ∂L/∂H_in of kernel chunk m = read_m + P_m R_{m+1}, R_{M·S} = ∂L/∂final: ν_m = R_{m+1}.
+    nu_end = torch.zeros_like(p.initial) if dfinal is None else dfinal.to(cdt).contiguous()
     R = p.passing(read_adj, decay, nu_end, reverse=True)
     nu = torch.cat([R[:, :, 1:], nu_end[:, :, None]], dim=2).contiguous()
+    del read_adj
 
     y = torch.empty_like(p.x)
     dx = torch.empty_like(p.x)
@@ -329,7 +377,7 @@ def ssd_triton_bwd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
     dCh = torch.empty_like(dBh)
     ddelta = torch.empty_like(p.delta)
     dlog = torch.empty_like(p.delta)
-    _chunk_backward[p.grid](p.x, p.B, p.C, p.delta, p.cum, p.seg_arg(), p.entering(boundary, initial_states), nu, g,
+    _chunk_backward[p.grid](p.x, p.B, p.C, p.delta, p.cum, p.seg_arg(), p.kernel_entering(boundary), nu, g,
                             y, dx, dBh, dCh, ddelta, dlog, p.A, *p.sizes(), **p.meta)
 
     bsz, T, H, G, R_, N = d.batch, d.seqlen, d.heads, d.groups, d.rep, d.dstate

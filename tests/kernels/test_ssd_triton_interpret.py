@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent(
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
     from longctx_compiler.kernels.ssd import ssd_reference
+    from longctx_compiler.kernels.ssd import triton as ssd_triton
     from longctx_compiler.kernels.ssd.triton import ssd_triton_bwd, ssd_triton_fwd
     from longctx_compiler.testing import assert_exact, assert_within_dtype_rule, make_tensor
 
@@ -84,6 +85,17 @@ SCRIPT = textwrap.dedent(
             assert_exact(x, r, name=f"case {seed} float64 {name}")
         for k in want[2]:
             assert_exact(got[2][k], want[2][k], name=f"case {seed} float64 d{k}")
+        if Q in (4, 8):
+            # Kernel chunks shorter than the saved chunks (with T < Q: kernel chunks wholly past
+            # the end): the forward saves every S-th state,
+            # the backward recomputes the ones inside a saved chunk from its entering state.
+            ssd_triton.KERNEL_CHUNK = 2
+            got = kernels(a64, dout64, dfinal64, kw, Q)
+            ssd_triton.KERNEL_CHUNK = 64
+            for name, x, r in (("y", got[0], want[0]), ("final", got[1], want[1])):
+                assert_exact(x, r, name=f"case {seed} float64 kernel chunk 2 {name}")
+            for k in want[2]:
+                assert_exact(got[2][k], want[2][k], name=f"case {seed} float64 kernel chunk 2 d{k}")
         # float32: within twice the float32 reference's own error against float64.
         a32, dout32, dfinal32 = inputs(seed, b, T, H, P, G, N, D, opts, torch.float32)
         base = reference(a32, dout32, dfinal32, kw)
