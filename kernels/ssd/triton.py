@@ -1,9 +1,11 @@
 """Triton kernels for the chunked SSD scan (the CUDA path of the op).
 
-One program per (batch b, head h, chunk m) for the chunk kernels, each holding its chunk's
+One program per (chunk m, head h, batch b) for the chunk kernels, each holding its chunk's
 ``[Q, P]`` / ``[Q, N]`` tiles and the ``[Q, Q]`` decay and score matrices of the SSD matmul
-form (README.md); the state passing between chunks is a sequential loop over the M chunks,
-one program per (b, h, block of the P·N state entries). The schedule is the one of
+form (README.md); the state passing between chunks is a sequential loop over the chunks,
+one program per (b, h, block of the P·N state entries). The kernels' chunks are at most
+:data:`KERNEL_CHUNK` steps: a longer ``chunk_size`` is cut into kernel chunks, and only the
+states at its boundaries are saved (README.md, "CUDA path"). The schedule is the one of
 ``chunked.py``:
 
 * forward: ``_chunk_state`` (chunk-local end states from zero) → ``_state_passing`` (chunk-end
@@ -31,8 +33,8 @@ import triton
 import triton.language as tl
 
 from ._args import (
-    check_backward_args, check_chunk, compute_dtype, effective_dt, epilogue, epilogue_backward, gate_cotangent, limits, reduce_skip_grad,
-    resets, skip_weight, validate,
+    check_backward_args, check_chunk, compute_dtype, effective_dt, epilogue, epilogue_backward, gate_cotangent,
+    limits, reduce_skip_grad, resets, skip_weight, validate,
 )
 
 __all__ = ["ssd_triton_fwd", "ssd_triton_bwd"]
@@ -97,7 +99,7 @@ def _chunk_state(x_ptr, B_ptr, delta_ptr, cum_ptr, seg_ptr, local_ptr, decay_ptr
                  HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Chunk end state from a zero start, ``Σ_j decay_out_j Δ_j x_j ⊗ B_j`` → local[b, h, m],
     and the chunk decay → decay[b, h, m]."""
-    pid_b, pid_h, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, valid, delta, L, decay_in, decay_out, chunk_decay = _chunk_setup(
         pid_b, pid_h, pid_m, delta_ptr, cum_ptr, seg_ptr, T, H, Q, HAS_SEQ, BLOCK_Q)
     p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
@@ -132,7 +134,7 @@ def _chunk_output(x_ptr, B_ptr, C_ptr, delta_ptr, cum_ptr, seg_ptr, hin_ptr, y_p
                   T, H, G, P, N, M, Q, R,
                   HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """``y_i = Σ_j L_ij (C_i·B_j) Δ_j x_j + decay_in_i H_in C_i`` (before D and the gate)."""
-    pid_b, pid_h, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, valid, delta, L, decay_in, decay_out, chunk_decay = _chunk_setup(
         pid_b, pid_h, pid_m, delta_ptr, cum_ptr, seg_ptr, T, H, Q, HAS_SEQ, BLOCK_Q)
     p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
@@ -153,7 +155,7 @@ def _chunk_state_adjoint(g_ptr, C_ptr, delta_ptr, cum_ptr, seg_ptr, out_ptr, dec
                          HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """What the chunk's outputs read from its entering state, ``Σ_i decay_in_i g_i ⊗ C_i`` →
     out[b, h, m], and the chunk decay → decay[b, h, m]."""
-    pid_b, pid_h, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, valid, delta, L, decay_in, decay_out, chunk_decay = _chunk_setup(
         pid_b, pid_h, pid_m, delta_ptr, cum_ptr, seg_ptr, T, H, Q, HAS_SEQ, BLOCK_Q)
     p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
@@ -171,7 +173,7 @@ def _chunk_backward(x_ptr, B_ptr, C_ptr, delta_ptr, cum_ptr, seg_ptr, hin_ptr, n
                     HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """Every gradient of chunk m from its entering state H_in and the adjoint ν of its end state:
     y (for dz), dx (state part), per-head dB and dC, dΔ and ∂L/∂(log a) (README.md)."""
-    pid_b, pid_h, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_h, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, valid, delta, L, decay_in, decay_out, chunk_decay = _chunk_setup(
         pid_b, pid_h, pid_m, delta_ptr, cum_ptr, seg_ptr, T, H, Q, HAS_SEQ, BLOCK_Q)
     q = tl.arange(0, BLOCK_Q)
@@ -270,7 +272,8 @@ class _Prep:
         self.C = C.to(cdt).contiguous()
         self.initial = (x.new_zeros((d.batch, d.heads, d.headdim, d.dstate), dtype=cdt) if initial_states is None
                         else initial_states.to(cdt).contiguous())
-        self.grid = (d.batch, d.heads, Mk)
+        # Chunks on grid axis 0: the only one not limited to 65535 programs.
+        self.grid = (Mk, d.heads, d.batch)
         self.meta = dict(
             HAS_SEQ=self.seg is not None,
             BLOCK_Q=max(16, triton.next_power_of_2(Qk)),
@@ -356,11 +359,11 @@ def ssd_triton_bwd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
     """Triton backward; same contract as :func:`chunked.ssd_chunked_bwd`."""
     p = _Prep(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, chunk_size)
     d = p.dims
+    check_backward_args(d, chunk_size, boundary_states, dout, dfinal)
     cdt = p.cdt
     dout_c = dout.to(cdt)
     zc = None if z is None else z.to(cdt)
     g = gate_cotangent(dout_c, zc).contiguous()
-    check_backward_args(d, chunk_size, boundary_states, dout, dfinal)
     boundary = boundary_states.to(cdt).contiguous()
 
     read_adj, decay = p.states(), p.decays()
