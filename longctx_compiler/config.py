@@ -203,7 +203,10 @@ class DistributedConfig:
             share one sequence (each holds ``⌈T / P⌉`` tokens of it). None (default): off.
             Every rank of a group calls the model with the same full batch; the loss returned
             is the whole sequence's, and each parameter's gradient the whole batch's. Per-token
-            outputs (logits, hidden states) are the rank's own shard of the sequence.
+            outputs (logits, hidden states) are the rank's own shard of the sequence: its
+            contiguous ``[r·L, (r+1)·L)``, or with ``layers.enabled`` its chunk-interleaved
+            positions (FPDT's layout: the ``r``-th of every ``P`` chunks of ``layers``' chunk
+            size; :func:`longctx_compiler.runtime.sequence_parallel.shard_positions`).
         process_group: the group whose ranks are split into sequence-parallel groups of ``P``
             (None: the default group, i.e. the world).
     """

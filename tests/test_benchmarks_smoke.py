@@ -320,3 +320,28 @@ def test_alloc_meter_refuses_libraries_others_could_have_written(tmp_path):
         alloc_meter.build(private)
     # The fallback is a fresh private temporary directory, not a predictable path.
     assert alloc_meter._cache_dirs()[-1] is None
+
+
+def test_capacity_table_follows_its_formulas(tmp_path):
+    from benchmarks import capacity
+
+    assert capacity.llama_params(capacity.LLAMA3_8B) == 8_030_261_248  # Llama-3-8B's published count
+    assert abs(capacity.mamba_params(capacity.MAMBA_2_8B) / 2.77e9 - 1) < 0.01
+    out = tmp_path / "capacity.json"
+    assert capacity.main(["--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    check = doc["coefficients"]["host_check"]
+    # the host formula against the layers benchmark's measured host tier (pool blocks round up)
+    assert 0.85 <= check["formula_bytes_per_token"] / check["measured_bytes_per_token"] <= 1.0
+    rows = {(r["model"], r["gpu"], r["P"]): r for r in doc["rows"]}
+    for model in ("Llama-3-8B", "Mamba-2.8B"):
+        for gpu in ("80 GB", "141 GB"):
+            assert 0 < rows[model, gpu, 4]["largest_T"] < rows[model, gpu, 8]["largest_T"]
+        for P in (4, 8):
+            assert rows[model, "80 GB", P]["largest_T"] < rows[model, "141 GB", P]["largest_T"]
+    # at the largest T the device is full: static + activations + working set within 90 %
+    for r in doc["rows"]:
+        nominal = {"80 GB": 80e9, "141 GB": 141e9}[r["gpu"]]
+        used = r["static_bytes"] + r["activation_bytes"] + r["work_bytes"]
+        assert 0.85 * nominal < used <= 0.9 * nominal, r
+    assert (tmp_path / "capacity.md").read_text().count("| Llama-3-8B |") == 4
