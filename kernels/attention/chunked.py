@@ -19,9 +19,15 @@ one compiled graph then serves every sequence length with a chunk fitted to each
 Causal masking follows SDPA's top-left convention (query ``i`` sees keys ``j <= i``), for any
 ``T`` and ``S``; a sliding window ``w`` narrows it to ``i - w < j <= i``. Chunk pairs outside
 that band (every key right of every query, or ``w`` or more left of it) are skipped: no
-compute, no memory; pairs inside it are computed without a mask. Key chunk 0 is visible to every query; later chunks may be fully masked for some
-rows (``lse_part = -inf``), which the merge handles, as it handles a running ``LSE`` of
-``-inf`` (every score seen so far ``-inf`` because of the data).
+compute, no memory; pairs inside it are computed without a mask. Without a window key chunk
+0 is visible to every query; later chunks may be fully masked for some rows
+(``lse_part = -inf``), which the merge handles, as it handles a running ``LSE`` of ``-inf``
+(every score seen so far ``-inf`` because of the data).
+
+Variants (README, "Variants"): ``softcap`` caps every score to ``softcap·tanh(s / softcap)``
+(:func:`_pair_scores`, shared by forward and backward); ``sinks`` ``[Hq]`` join each row's
+softmax denominator (:func:`fold_sinks`), the returned ``lse`` includes them, and their
+gradient is a row reduction (:func:`sink_grad`).
 
 Non-finite values (see README, "Non-finite values"): a nan or infinity reaches exactly the
 outputs whose softmax row reads it, through the max and the sum, as softmax does; rows whose
@@ -147,8 +153,8 @@ def chunk_schedule(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: b
     causal pair is skipped when no query of it sees a key of it: its first key ``ks`` is right
     of its last query (``ks > qe - 1``), or with a window its last key is ``window`` or more
     left of its first query (``ke - 1 <= qs - window``). The inner chunks are the ones that
-    meet :func:`visible_keys` (:func:`visible_queries`), found by index arithmetic: the loop
-    runs ``O(outer chunks · (window / chunk + 2))`` times, not over every pair.
+    meet :func:`visible_keys` (:func:`visible_queries`), found by index arithmetic: with a
+    window the loop runs ``O(outer chunks · (window / chunk + 2))`` times, not over every pair.
     """
     def chunks(lo: int, hi: int, n: int) -> list[tuple[int, int]]:
         # The chunks of [0, n) that meet positions [lo, hi).
