@@ -10,8 +10,8 @@ Per rank (``L = T / P`` tokens of the sequence; bf16 weights and activations, ``
 
 * **static** ``16 · N / P`` bytes: bf16 weights and gradients, fp32 master weights and two
   AdamW moments, sharded over the ``P`` ranks (ZeRO-3 / FSDP over the sequence-parallel
-  ranks — see "assumptions" in the JSON: our wrapper sums gradients itself today, so this
-  needs FSDP's reduction in place of ours). Replicated, it is ``16 · N``.
+  ranks — see "assumptions" in the JSON: not supported by our wrapper yet, FSDP's hooks
+  would split the one graph each rank compiles). Replicated, it is ``16 · N``.
 * **Llama** (pipelined layers, host-pool offload, Ulysses per chunk):
   device ``α · L · h · b + W``: ``α`` whole-sequence ``[L, h]`` tensors live at the peak
   (the slope of the layers benchmark's device peak over T, in units of ``h`` elements),
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "assumptions": [
             "bf16 weights and activations, AdamW (16 bytes per parameter: bf16 weight and gradient, fp32 master and two moments)",
             "largest_T: weights, gradients and optimizer states sharded over the P sequence-parallel ranks (ZeRO-3/FSDP); "
-            "our wrapper sums gradients over the group itself, so this needs FSDP's reduction in its place (not built yet)",
+            "not supported by our wrapper yet (FSDP's hooks would split the one graph each rank compiles; it is refused)",
             "largest_T_weights_replicated: what runs today (every rank holds all 16 bytes per parameter)",
             f"usable device memory {USABLE:.0%} of nominal; layer chunk Q = {CHUNK}",
             f"largest_T_host_256GB: also bounded by {HOST_PER_RANK / 1e9:.0f} GB of host memory per rank (2 TB per 8-GPU node)",

@@ -165,6 +165,21 @@ def _forward_of(target: Callable[..., Any]) -> Callable[..., Any]:
     return module.forward if module is not None else target
 
 
+def _refuse_fully_sharded(module: torch.nn.Module) -> None:
+    """FSDP's hooks run eagerly between graphs (Dynamo skips them), and sequence parallelism
+    compiles the whole call as one graph: say so, instead of Dynamo's graph-break error."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed
+        return
+    for name, m in module.named_modules():
+        if isinstance(m, (FSDPModule, FullyShardedDataParallel)):
+            raise SequenceParallelError(
+                f"sequence parallelism does not compose with FSDP inside the optimized model yet ({name or 'the model'} is "
+                "fully sharded): its hooks would break the one graph each rank compiles. Keep the weights whole on each "
+                "rank (DDP around the optimized model composes across sequence-parallel groups)")
+
+
 class _SequenceParallel:
     """A wrapper's sequence parallelism: its group (made on the first call, collectively) and
     the gradient reduction over it (installed once on the module's parameters)."""
@@ -181,6 +196,7 @@ class _SequenceParallel:
                 # A function's parameters are unknown, so their gradients could not be summed
                 # over the group: each rank would keep its shard's part only.
                 raise SequenceParallelError("sequence parallelism needs an nn.Module (its parameters' gradients are summed over the group); optimize the model, not a function")
+            _refuse_fully_sharded(module)
             dist = self.config.distributed
             self.group = sequence_group(dist.sequence_parallel, dist.process_group)
             self.hooks = reduce_gradients_over(module, self.group)

@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--vs-one-process", action="store_true", help="also compare with the same rewrites on one process")
     ap.add_argument("--layers", type=int, default=0, help="sequence-pipelined layers with this chunk (0: off)")
     ap.add_argument("--offload", action="store_true", help="pipelined layers keep their inputs in the host pool")
+    ap.add_argument("--fsdp", action="store_true", help="fully shard the model (FSDP2) before optimizing it")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dist.init_process_group("gloo")
@@ -108,6 +109,10 @@ def main():
         # own computation rounds to float32 somewhere (Mamba's scan) and eager is not exact.
         one_process = lc.optimize(copy.deepcopy(model), backend="aot_eager", strict=True, attention={"chunk_size": 4},
                                   ssm={"shard_blocks": False, "recompute_blocks": False}) if a.vs_one_process else None
+        if a.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model)
         layers = {"enabled": True, "chunk_size": a.layers, "offload": a.offload} if a.layers else {}
         opt = lc.optimize(model, backend="aot_eager", strict=True, attention={"chunk_size": 4}, layers=layers,
                           distributed={"sequence_parallel": a.P})

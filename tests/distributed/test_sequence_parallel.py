@@ -157,6 +157,7 @@ def test_bad_groups_batches_and_models_are_refused_on_every_rank(tmp_path):
         "not a multiple": (["--P", 4], "not a multiple of 4"),
         "different batches": (["--P", 2, "--different-batches"], "different batches"),
         "scans on interleaved shards": (["--P", 2, "--model", "jamba", "--layers", 4], "turn off layers.enabled"),
+        "fully sharded weights": (["--P", 2, "--fsdp"], "does not compose with FSDP"),
     }
     for name, (args, words) in cases.items():
         results = launch(tmp_path, 2, *args)
