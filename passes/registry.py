@@ -36,6 +36,7 @@ PIPELINE: tuple[tuple[str, str], ...] = (
     ("raise", "scan_to_selective_scan:ScanToSelectiveScanPass"),
     ("rewrite", "attention:ChunkedAttentionPass"),
     ("rewrite", "adjoint_sharded_scan:AdjointShardedScanPass"),
+    ("rewrite", "ssd_scan:SSDScanPass"),
     ("rewrite", "depthwise_conv:DepthwiseConvPass"),
     ("rewrite", "adjoint_sharded_blocks:AdjointShardedBlocksPass"),
     ("rewrite", "pipelined_layers:PipelinedLayersPass"),
