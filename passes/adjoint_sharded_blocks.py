@@ -31,8 +31,9 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from longctx_compiler.kernels.selective_scan import schema as scan_schema
 from longctx_compiler.kernels.sequence_block import BLOCK_OP, BlockPlan, register_plan, scan_in_window
-from longctx_compiler.passes.adjoint_sharded_scan import _B, _C, _DELTA, _U, _Z, SCAN_OP, _all_args
+from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.block_region import check_region, copy_body, replace_region
 from longctx_compiler.passes.analysis.fx_utils import example_value
@@ -42,14 +43,12 @@ from longctx_compiler.runtime.autocast import current_autocast
 
 __all__ = ["AdjointShardedBlocksPass", "BLOCK_OP", "sequence_block_plan"]
 
-# The scan's sequence arguments (schema positions) and the dim they run along.
-_SEQ_ARGS = {_U: -1, _DELTA: -1, _B: -1, _C: -1, _Z: -1}
-
-
 def scan_site(scan: fx.Node) -> CarrySite:
-    """The scan as a carry of the sequence-window analysis."""
-    args = _all_args(scan)
-    return CarrySite(scan, args, {i: d for i, d in _SEQ_ARGS.items() if args[i] is not None}, 0, SCAN)
+    """The scan as a carry of the sequence-window analysis: its arguments, those that run
+    along the sequence (by position, with their dim) and its per-token result."""
+    args = scan_schema.ScanArgs.of(scan)
+    seq = {args._fields.index(name): d for name, d in scan_schema.SEQUENCE_DIMS.items() if getattr(args, name) is not None}
+    return CarrySite(scan, tuple(args), seq, scan_schema.Y, SCAN)
 
 
 def sequence_block_plan(gm: fx.GraphModule, match: Match, window: WindowAnalysis, carries: list[CarrySite],

@@ -39,6 +39,7 @@ import torch.fx as fx
 # Importing the op module registers torch.ops.longctx.selective_scan_fwd/_bwd.
 from longctx_compiler.capture import WRAPPER_NAME, precision_of, source_of
 from longctx_compiler.kernels.selective_scan import op as _op  # noqa: F401
+from longctx_compiler.kernels.selective_scan.schema import UNPLANNED, ScanArgs
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.analysis.fx_utils import example_value
 
@@ -50,9 +51,8 @@ RAISED_KEY = "longctx_raised_from"
 #: ``node.meta`` key of a precision note set by the pass that created the node (the raising pass).
 PRECISION_META = "longctx_precision"
 
-# Argument positions in the op's schema.
-_U, _DELTA, _A, _B, _C, _D, _Z, _BIAS, _SOFTPLUS, _H0, _CHUNK, _MODE, _WINDOW = range(13)
-_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "h0")
+#: The op's tensor arguments, which must be real floating-point tensors.
+_TENSORS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -96,21 +96,20 @@ class AdjointShardedScanPass(Pass):
     # -- check ------------------------------------------------------------------------------
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
         node = match.anchor
-        args = _all_args(node)
-        chunk = args[_CHUNK]
-        if not isinstance(chunk, int) or chunk != 0:
+        args = ScanArgs.of(node)
+        chunk = args.chunk_size
+        if not isinstance(chunk, int) or chunk != UNPLANNED:
             raise CantApply(f"already planned (chunk_size={chunk!r}); a hand-planned node keeps its plan")
-        if args[_MODE] != "exact":
-            raise CantApply(f"an unplanned node must have mode 'exact', got {args[_MODE]!r}")
-        if not isinstance(args[_SOFTPLUS], bool):
+        if args.mode != "exact":
+            raise CantApply(f"an unplanned node must have mode 'exact', got {args.mode!r}")
+        if not isinstance(args.delta_softplus, bool):
             raise CantApply("delta_softplus is only known at run time")
         vals = {}
-        for i, name in enumerate(_NAMES):
-            if name == "delta_softplus":
+        for name in _TENSORS:
+            arg = getattr(args, name)
+            if arg is None:
                 continue
-            v = example_value(args[i])
-            if args[i] is None:
-                continue
+            v = example_value(arg)
             if not isinstance(v, torch.Tensor):
                 raise CantApply(f"unknown value for {name}")
             if v.dtype not in _FLOATS:
@@ -132,10 +131,7 @@ class AdjointShardedScanPass(Pass):
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
         node = match.anchor
         cfg = ctx.config.ssm
-        args = list(_all_args(node))
-        args[_CHUNK] = cfg.chunk_size
-        args[_MODE] = cfg.mode
-        args[_WINDOW] = cfg.window if cfg.mode == "truncated" else 0
+        args = ScanArgs.of(node)._replace(chunk_size=cfg.chunk_size, mode=cfg.mode, window=cfg.window if cfg.mode == "truncated" else 0)
         graph = gm.graph
         with graph.inserting_before(node):
             new = graph.call_function(SCAN_OP, tuple(args), {})
@@ -148,20 +144,6 @@ class AdjointShardedScanPass(Pass):
         _refresh_getitems(new)
         graph.erase_node(node)
         return [new]
-
-
-def _all_args(node: fx.Node) -> tuple:
-    """The op's 13 arguments, positional, whether given by position or keyword."""
-    schema = SCAN_OP._schema
-    out = []
-    for i, a in enumerate(schema.arguments):
-        if i < len(node.args):
-            out.append(node.args[i])
-        elif a.name in node.kwargs:
-            out.append(node.kwargs[a.name])
-        else:
-            out.append(a.default_value if a.has_default_value() else None)
-    return tuple(out)
 
 
 def _refresh_getitems(node: fx.Node) -> None:

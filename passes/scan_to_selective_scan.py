@@ -71,7 +71,8 @@ import torch.fx as fx
 
 # Importing the op module registers torch.ops.longctx.selective_scan_fwd/_bwd.
 from longctx_compiler.kernels.selective_scan import op as _op  # noqa: F401
-from longctx_compiler.passes.adjoint_sharded_scan import PRECISION_META, RAISED_KEY
+from longctx_compiler.kernels.selective_scan.schema import FINAL_STATE, Y, ScanArgs
+from longctx_compiler.passes.adjoint_sharded_scan import PRECISION_META, RAISED_KEY, SCAN_OP
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.analysis.fx_utils import example_value, getitem, insert_call, is_call, propagate_example_value
 
@@ -650,7 +651,7 @@ class ScanToSelectiveScanPass(Pass):
             if plan.A[1] != ("d", "n"):
                 A = insert_call(graph, torch.permute, (A, _canonical_perm(plan.A[1], ("d", "n"), False)))
             D = extra[plan.D[0]] if plan.D is not None else None
-            res = insert_call(graph, torch.ops.longctx.selective_scan_fwd.default, (u, delta, A, Bm, Cm, D, None, None, False, outer["init"][0], 0, "exact", 0))
+            res = insert_call(graph, SCAN_OP, tuple(ScanArgs(u, delta, A, Bm, Cm, D, h0=outer["init"][0])))
             res.meta[RAISED_KEY] = match.data["hop"]
             if match.data.get("precision"):
                 res.meta[PRECISION_META] = match.data["precision"]
@@ -658,10 +659,10 @@ class ScanToSelectiveScanPass(Pass):
             # it under autocast, returns y in that dtype): same graph downstream, and the op's
             # extra precision is in the value only.
             want = {user.args[1]: _dtype_of(user) for user in node.users}
-            final = _cast(graph, getitem(graph, res, 1), want.get(0))
+            final = _cast(graph, getitem(graph, res, FINAL_STATE), want.get(0))
             ys = None
             if plan.has_y:
-                y = getitem(graph, res, 0)
+                y = getitem(graph, res, Y)
                 ys = _cast(graph, insert_call(graph, torch.permute, (y, [2, 0, 1])), want.get(1))
         for user in list(node.users):
             target = final if user.args[1] == 0 else ys

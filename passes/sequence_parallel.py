@@ -58,6 +58,7 @@ import torch
 import torch.fx as fx
 
 from longctx_compiler.passes.adjoint_sharded_blocks import scan_site
+from longctx_compiler.kernels.selective_scan.schema import FINAL_STATE, ScanArgs
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.analysis.fx_utils import arg, example_value, is_view_like, propagate_example_value
 from longctx_compiler.passes.analysis.sequence_window import ATTENTION, CarrySite, analyse_window
@@ -85,8 +86,6 @@ def layout_chunk(config: Any) -> int | None:
 A2A = torch.ops.longctx.seq_all_to_all.default
 GATHER = torch.ops.longctx.seq_all_gather.default
 HALO = torch.ops.longctx.seq_halo.default
-# Arguments of the scan op: u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk, mode.
-_DELTA, _A, _BIAS, _SOFTPLUS, _H0, _MODE = 1, 2, 7, 8, 9, 11
 # Arguments of the loss op: h, weight, bias, labels, logits, ignore_index, reduction.
 _LOSS_LOGITS, _LOSS_REDUCTION = 4, 6
 # What may stand between the loss op and the graph's output: linear in the loss.
@@ -169,8 +168,9 @@ class SequenceParallelPass(Pass):
             if n.target in ATTENTION_OPS:
                 carries.append(CarrySite(n, tuple(n.args), {0: 2, 1: 2, 2: 2}, 0, ATTENTION))
             elif n.target is SCAN_OP:
-                if n.args[_MODE] != "exact":
-                    raise SequenceParallelError(f"{n.name}: a scan with a {n.args[_MODE]!r} adjoint cannot be sharded over time (the adjoint crosses ranks exactly only)")
+                mode = ScanArgs.of(n).mode
+                if mode != "exact":
+                    raise SequenceParallelError(f"{n.name}: a scan with a {mode!r} adjoint cannot be sharded over time (the adjoint crosses ranks exactly only)")
                 if layout is not None:
                     raise SequenceParallelError(
                         f"{n.name}: a scan is sharded over time on contiguous shards, but pipelined layers (layers.enabled) "
@@ -286,7 +286,7 @@ class SequenceParallelPass(Pass):
         all-reduce, carries the adjoint back to the ranks that made them), and the scan runs
         again from ``h_r``: ``O(B·D·N)`` communication per scan, whatever ``T``."""
         graph, name, rank = gm.graph, group.name, group.rank
-        a = list(scan.args)
+        a = ScanArgs.of(scan)
         created: list[fx.Node] = []
 
         def call(target, *args, **kwargs):
@@ -294,28 +294,28 @@ class SequenceParallelPass(Pass):
             return created[-1]
 
         with graph.inserting_before(scan):
-            first = call(SCAN_OP, *a[:_H0], None, *a[_H0 + 1:])
-            final = call(operator.getitem, first, 1)
+            first = call(SCAN_OP, *a._replace(h0=None))
+            final = call(operator.getitem, first, FINAL_STATE)
             # In the scan's own compute dtype (its state's), as the scan computes its decays.
             dtype = example_value(final).dtype
-            delta = call(torch.Tensor.to, a[_DELTA], dtype)
-            if a[_BIAS] is not None:
-                delta = call(operator.add, delta, call(torch.unsqueeze, call(torch.Tensor.to, a[_BIAS], dtype), -1))
-            if a[_SOFTPLUS]:
+            delta = call(torch.Tensor.to, a.delta, dtype)
+            if a.delta_bias is not None:
+                delta = call(operator.add, delta, call(torch.unsqueeze, call(torch.Tensor.to, a.delta_bias, dtype), -1))
+            if a.delta_softplus:
                 delta = call(torch.nn.functional.softplus, delta)
             # [B, D] -> [B, D, 1] · A [D, N]: the log-decay of the whole shard
-            A = call(torch.Tensor.to, a[_A], dtype)
+            A = call(torch.Tensor.to, a.A, dtype)
             decay = call(torch.exp, call(operator.mul, call(torch.unsqueeze, call(torch.sum, delta, -1), -1), A))
             both = call(GATHER, call(torch.stack, [decay, final]), name)
             # Every rank reads the gathered states, rank 0 too (an empty slice of them): the
             # all-gather and its gradient's all-reduce are collectives every rank must join.
-            h = call(operator.add, a[_H0] if a[_H0] is not None else call(torch.zeros_like, final),
+            h = call(operator.add, a.h0 if a.h0 is not None else call(torch.zeros_like, final),
                      call(torch.sum, call(torch.narrow, both, 0, 0, 0)))
             for j in range(rank):
                 pj = call(operator.getitem, both, (j, 0))
                 sj = call(operator.getitem, both, (j, 1))
                 h = call(operator.add, call(operator.mul, pj, h), sj)
-        scan.args = (*a[:_H0], h, *a[_H0 + 1:])
+        scan.args, scan.kwargs = tuple(a._replace(h0=h)), {}
         return created
 
     def _halo(self, gm: fx.GraphModule, pad: fx.Node, group: Any) -> list[fx.Node]:

@@ -19,6 +19,7 @@ from ._args import validate
 from .chunked import MODES, selective_scan_chunked_bwd, selective_scan_chunked_fwd
 from .op import DEFAULT_CHUNK
 from .reference import selective_scan_reference
+from .schema import ScanArgs
 
 __all__ = [
     "selective_scan",
@@ -27,6 +28,7 @@ __all__ = [
     "selective_scan_chunked_bwd",
     "DEFAULT_CHUNK",
     "MODES",
+    "ScanArgs",
 ]
 
 
@@ -77,8 +79,8 @@ def selective_scan(
             raise ValueError(f"selective_scan: mode='truncated' needs an int window >= 1, got {window!r}")
     elif window is not None:
         raise ValueError("selective_scan: window is only meaningful with mode='truncated'")
-    y, final, _ = torch.ops.longctx.selective_scan_fwd(
+    y, final, _ = torch.ops.longctx.selective_scan_fwd(*ScanArgs(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), h0,
-        chunk_size, mode, 0 if window is None else window,
-    )
+        chunk_size=chunk_size, mode=mode, window=0 if window is None else window,
+    ))
     return (y, final) if return_final_state else y

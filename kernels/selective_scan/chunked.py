@@ -394,9 +394,10 @@ def selective_scan_chunked_bwd(
     state entering the group give every sub-chunk's entering state; the reverse scan over
     the group's sub-chunks, continued from the group to the right, gives ν (and dh0 after
     the first group); Sweep F and Sweep R write du, ddelta, dB, dC, dz into preallocated
-    outputs and accumulate dA, dD, ddelta_bias. Working memory: about ten ``[B, D]`` ×
-    group-tokens float64 tensors, independent of T. The result does not depend on the
-    grouping beyond float64 round-off of re-associated sums.
+    outputs and accumulate dA, dD, ddelta_bias (:class:`_GroupBackward`, one method per
+    sweep). Working memory: about ten ``[B, D]`` × group-tokens float64 tensors, independent
+    of T. The result does not depend on the grouping beyond float64 round-off of
+    re-associated sums.
 
     Args:
         u … h0: the forward's inputs (shapes as :func:`selective_scan_reference`).
@@ -414,283 +415,357 @@ def selective_scan_chunked_bwd(
         ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)``, each in its input's dtype and
         shape; the entries for omitted optional inputs are None.
     """
-    dims = validate(u, delta, A, B, C, D, z, delta_bias, h0)
-    Q = _check_chunk(chunk_size)
-    K = _group_chunks(Q, group_chunks)
-    P = _sub_chunk(Q, A.shape[-1])
-    if mode not in MODES:
-        raise ValueError(f"selective_scan: mode must be one of {MODES}, got {mode!r}")
-    if mode == "truncated" and (window is None or int(window) < 1):
-        raise ValueError("selective_scan: mode='truncated' needs window >= 1 (the number of output steps kept)")
-    bsz, dim, T, N, G = dims.batch, dims.dim, dims.seqlen, dims.dstate, dims.groups
-    M = math.ceil(T / Q)
-    want = (bsz, dim, M, N)
-    if tuple(boundary_states.shape) != want:
-        raise ValueError(f"selective_scan: boundary_states must be {want} for chunk_size={Q}, got {tuple(boundary_states.shape)}")
-    if dy.shape != u.shape:
-        raise ValueError(f"selective_scan: dy must have y's shape {tuple(u.shape)}, got {tuple(dy.shape)}")
-    if dfinal is not None and tuple(dfinal.shape) != (bsz, dim, N):
-        raise ValueError(f"selective_scan: dfinal must be {(bsz, dim, N)}, got {tuple(dfinal.shape)}")
-    # A window that reaches past the end keeps every contribution: the truncated gradient
-    # *is* the exact one, so take the exact path.
-    truncated = mode == "truncated" and int(window) < T
-    W = int(window) if truncated else 0
+    call = _Backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, dy, dfinal,
+                     chunk_size, mode, window, group_chunks)
+    # ν after the last token is zero: the final-state cotangent is injected at T-1.
+    nxt = call.du.new_zeros((call.bsz, call.dim, call.N), dtype=call.cdt)
+    for c0, c1, t0, t1 in reversed(_groups(call.T, call.Q, call.K)):
+        nxt = _GroupBackward(call, c0, c1, t0, t1).run(nxt)
+    return call.results(dh0=nxt)
 
-    # The log-decay gradient is a telescoping sum over a (sub-)chunk, whose round-off grows
-    # like eps · P / (decay horizon) for fast-decaying states (README.md, "numerics"). On
-    # the CPU the backward therefore works in float64 whatever the input dtype: more precise
-    # than plain PyTorch in float32 at about twice the arithmetic cost. Raw inputs (u, dy,
-    # z, B, C) are widened exactly where they are used (u stays in its dtype in the group's
-    # step tensor: mixed-dtype ops promote exactly); everything derived from them is float64.
-    cdt = torch.float64 if u.device.type == "cpu" else compute_dtype(u, A, D, delta_bias, h0)
-    A_c = A.to(cdt)
-    Ar = A_c.view(1, dim, 1, N)
-    bias = None if delta_bias is None else delta_bias.to(cdt)
-    Dq = None if D is None else D.to(cdt).view(1, 1, dim, 1)
-    h0c = None if h0 is None else h0.to(cdt)
-    dfc = None if dfinal is None else dfinal.to(cdt)
-    Bg, Cg = as_grouped(B), as_grouped(C)
 
-    # Outputs, preallocated in the inputs' dtypes; every group writes its token range.
-    du = u.new_empty(u.shape)
-    dx = delta.new_empty(delta.shape)
-    dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
-    dBg, dCg = as_grouped(dB), as_grouped(dC)
-    dz = None if z is None else z.new_empty(z.shape)
-    dA = A_c.new_zeros((dim, N))
-    dD = None if D is None else A_c.new_zeros(dim)
-    ddb = None if delta_bias is None else A_c.new_zeros(dim)
+class _Backward:
+    """What every group of one backward call shares: the checked sizes, the inputs, the
+    parameters in the compute dtype, the preallocated outputs (each group writes its token
+    range of du, ddelta, dB, dC, dz and adds to dA, dD, ddelta_bias) and, in truncated mode,
+    the prefix sums of Δ."""
 
-    def delta_seq(lo: int, hi: int) -> torch.Tensor:
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, dy, dfinal,
+                 chunk_size, mode, window, group_chunks):
+        dims = validate(u, delta, A, B, C, D, z, delta_bias, h0)
+        Q = self.Q = _check_chunk(chunk_size)
+        self.K = _group_chunks(Q, group_chunks)
+        self.P = _sub_chunk(Q, A.shape[-1])
+        if mode not in MODES:
+            raise ValueError(f"selective_scan: mode must be one of {MODES}, got {mode!r}")
+        if mode == "truncated" and (window is None or int(window) < 1):
+            raise ValueError("selective_scan: mode='truncated' needs window >= 1 (the number of output steps kept)")
+        bsz, dim, T, N = self.bsz, self.dim, self.T, self.N = dims.batch, dims.dim, dims.seqlen, dims.dstate
+        self.G = dims.groups
+        self.M = math.ceil(T / Q)
+        want = (bsz, dim, self.M, N)
+        if tuple(boundary_states.shape) != want:
+            raise ValueError(f"selective_scan: boundary_states must be {want} for chunk_size={Q}, got {tuple(boundary_states.shape)}")
+        if dy.shape != u.shape:
+            raise ValueError(f"selective_scan: dy must have y's shape {tuple(u.shape)}, got {tuple(dy.shape)}")
+        if dfinal is not None and tuple(dfinal.shape) != (bsz, dim, N):
+            raise ValueError(f"selective_scan: dfinal must be {(bsz, dim, N)}, got {tuple(dfinal.shape)}")
+        # A window that reaches past the end keeps every contribution: the truncated gradient
+        # *is* the exact one, so take the exact path.
+        self.truncated = mode == "truncated" and int(window) < T
+        self.W = int(window) if self.truncated else 0
+
+        # The log-decay gradient is a telescoping sum over a (sub-)chunk, whose round-off grows
+        # like eps · P / (decay horizon) for fast-decaying states (README.md, "numerics"). On
+        # the CPU the backward therefore works in float64 whatever the input dtype: more precise
+        # than plain PyTorch in float32 at about twice the arithmetic cost. Raw inputs (u, dy,
+        # z, B, C) are widened exactly where they are used (u stays in its dtype in the group's
+        # step tensor: mixed-dtype ops promote exactly); everything derived from them is float64.
+        cdt = self.cdt = torch.float64 if u.device.type == "cpu" else compute_dtype(u, A, D, delta_bias, h0)
+        self.A, self.D, self.delta_bias, self.h0 = A, D, delta_bias, h0
+        self.u, self.delta, self.z, self.dy, self.softplus = u, delta, z, dy, delta_softplus
+        self.boundary_states = boundary_states
+        self.A_c = A.to(cdt)
+        self.Ar = self.A_c.view(1, dim, 1, N)
+        self.bias = None if delta_bias is None else delta_bias.to(cdt)
+        self.Dq = None if D is None else D.to(cdt).view(1, 1, dim, 1)
+        self.h0c = None if h0 is None else h0.to(cdt)
+        self.dfc = None if dfinal is None else dfinal.to(cdt)
+        self.Bg, self.Cg = as_grouped(B), as_grouped(C)
+
+        # Outputs, preallocated in the inputs' dtypes; every group writes its token range.
+        self.du = u.new_empty(u.shape)
+        self.dx = delta.new_empty(delta.shape)
+        self.dB, self.dC = B.new_empty(B.shape), C.new_empty(C.shape)
+        self.dBg, self.dCg = as_grouped(self.dB), as_grouped(self.dC)
+        self.dz = None if z is None else z.new_empty(z.shape)
+        self.dA = self.A_c.new_zeros((dim, N))
+        self.dD = None if D is None else self.A_c.new_zeros(dim)
+        self.ddb = None if delta_bias is None else self.A_c.new_zeros(dim)
+
+        if self.truncated:
+            # Leaving term of the windowed adjoint at t: Π_{j=t+1}^{t+W} ā_j · C_{t+W} g_{t+W},
+            # with the window sum Σ_{j=t+1}^{t+W} Δ_j = P(t+W) − P(t), P the inclusive prefix sum
+            # of Δ. P is assembled as (sum of whole chunks before) + (chunk-local cumsum), both
+            # float64: the difference loses at most ~1e-16 · ΣΔ absolute, so exp(A · window sum)
+            # is safe (and it is a product of decays, never a division by one). Only the chunk
+            # totals ([B, D, M]) are kept for all of T; a group needs P over its own range and
+            # over the same range shifted by W (a group-sized slice, not the whole halo).
+            totals = self.A_c.new_empty((bsz, dim, self.M))
+            for c0, c1, t0, t1 in _groups(T, Q, self.K):
+                totals[..., c0:c1] = self.delta_seq(t0, t1).sum(-1)
+            self.chunk_prefix = F.pad(totals.cumsum(-1), (1, 0))  # [B, D, M+1]: Σ Δ before chunk c
+            del totals
+            self.t_leave = T - 1 - self.W  # where the final-state cotangent leaves the window (≥ 0)
+
+    def delta_seq(self, lo: int, hi: int) -> torch.Tensor:
         """Δ over tokens [lo, hi) (lo a chunk start), ``[B, D, chunks, Q]`` zero-padded."""
+        Q = self.Q
         nch = math.ceil((hi - lo) / Q)
-        x = delta[..., lo:hi].to(cdt)
-        if bias is not None:
-            x = x + bias[:, None]
-        d = F.softplus(x) if delta_softplus else x
+        x = self.delta[..., lo:hi].to(self.cdt)
+        if self.bias is not None:
+            x = x + self.bias[:, None]
+        d = F.softplus(x) if self.softplus else x
         return F.pad(d, (0, nch * Q - (hi - lo))).unflatten(-1, (nch, Q))
 
-    if truncated:
-        # Leaving term of the windowed adjoint at t: Π_{j=t+1}^{t+W} ā_j · C_{t+W} g_{t+W},
-        # with the window sum Σ_{j=t+1}^{t+W} Δ_j = P(t+W) − P(t), P the inclusive prefix sum
-        # of Δ. P is assembled as (sum of whole chunks before) + (chunk-local cumsum), both
-        # float64: the difference loses at most ~1e-16 · ΣΔ absolute, so exp(A · window sum)
-        # is safe (and it is a product of decays, never a division by one). Only the chunk
-        # totals ([B, D, M]) are kept for all of T; a group needs P over its own range and
-        # over the same range shifted by W (a group-sized slice, not the whole halo).
-        totals = A_c.new_empty((bsz, dim, M))
-        for c0, c1, t0, t1 in _groups(T, Q, K):
-            totals[..., c0:c1] = delta_seq(t0, t1).sum(-1)
-        chunk_prefix = F.pad(totals.cumsum(-1), (1, 0))  # [B, D, M+1]: Σ Δ before chunk c
-        del totals
-        t_leave = T - 1 - W  # where the final-state cotangent leaves the window (≥ 0)
+    def prefix(self, lo: int, n: int) -> torch.Tensor:
+        """P(t) for t in [lo, lo + n) (all < T), ``[B, D, n]`` (truncated mode)."""
+        Q = self.Q
+        c0, c1 = lo // Q, math.ceil((lo + n) / Q)
+        p = self.delta_seq(c0 * Q, min(c1 * Q, self.T)).cumsum(-1).add_(self.chunk_prefix[..., c0:c1, None])
+        return p.flatten(-2)[..., lo - c0 * Q : lo - c0 * Q + n]
 
-        def prefix(lo: int, n: int) -> torch.Tensor:
-            """P(t) for t in [lo, lo + n) (all < T), ``[B, D, n]``."""
-            c0, c1 = lo // Q, math.ceil((lo + n) / Q)
-            p = delta_seq(c0 * Q, min(c1 * Q, T)).cumsum(-1).add_(chunk_prefix[..., c0:c1, None])
-            return p.flatten(-2)[..., lo - c0 * Q : lo - c0 * Q + n]
+    def results(self, dh0: torch.Tensor) -> tuple:
+        """``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)`` in the inputs' dtypes (None for
+        omitted inputs), given ``dh0``, the carry the first group hands on."""
+        return (
+            self.du,
+            self.dx,
+            self.dA.to(self.A.dtype),
+            self.dB,
+            self.dC,
+            None if self.dD is None else self.dD.to(self.D.dtype),
+            self.dz,
+            None if self.ddb is None else self.ddb.to(self.delta_bias.dtype),
+            None if self.h0 is None else dh0.to(self.h0.dtype),
+        )
 
-    def group(c0: int, c1: int, t0: int, t1: int, nxt: torch.Tensor) -> torch.Tensor:
-        """Backward of chunks [c0, c1); ``nxt`` is the adjoint carry ν entering token t1-1
-        from the right (ā_{t1} μ_{t1}). Returns the carry entering token t0-1 (dh0 for
-        t0 = 0). A function, so that all of the group's buffers die before the next's exist."""
-        lay = _Layout(bsz, dim, t1 - t0, N, G, P)
-        J = lay.J
-        xQ, dtQ = _delta_steps(lay, delta[..., t0:t1], bias, delta_softplus, cdt)
+
+class _GroupBackward:
+    """The backward of chunks [c0, c1) (tokens [t0, t1)), one sweep per method, in the order
+    :meth:`run` calls them.
+
+    Construction builds the group's step tensors (``[P, B, D, J]`` scalars, ``[P, B, G, J, N]``
+    B/C; compute dtype but u): Δ, its sub-chunk sums ``S_end``, u, ``g = ∂L/∂(y before the
+    gate)``, B, C and, in truncated mode, what leaves the window. The sweeps hand their
+    ``[B, D, J, N]`` results on through the attributes ``H_in`` and ``nu`` (taken, not kept:
+    each sweep overwrites its buffer step by step) and their per-position results through
+    ``yQ``, ``dtQ`` (becomes du's state part) and ``eQ`` (becomes dΔ). A group's buffers die
+    with the object, before the next group's exist.
+    """
+
+    def __init__(self, call: _Backward, c0: int, c1: int, t0: int, t1: int):
+        self.call, self.c0, self.c1, self.t0, self.t1 = call, c0, c1, t0, t1
+        cdt = call.cdt
+        lay = self.lay = _Layout(call.bsz, call.dim, t1 - t0, call.N, call.G, call.P)
+        xQ, dtQ = _delta_steps(lay, call.delta[..., t0:t1], call.bias, call.softplus, cdt)
         del xQ  # recomputed at the end: one buffer less during the sweeps
+        self.dtQ = dtQ
         # Sub-chunk-local cumulative Δ, S_q = Σ_{j ≤ q in sub-chunk} Δ_j, are the weights of
         # the log-decay gradient telescoping (bounded by P steps: no long-range cancellation).
         # They are running sums in the sweeps (forward in F, S_end − Σ_{j>q} Δ_j in R), not
         # a stored step tensor; the two differ by round-off of order eps · S_end, the order
         # of the telescoping's own round-off.
-        S_end = dtQ.sum(0).unsqueeze_(-1)  # [B, D, J, 1]
-        uQ = lay.steps(u[..., t0:t1])  # u's dtype: widened exactly where it is used
+        self.S_end = dtQ.sum(0).unsqueeze_(-1)  # [B, D, J, 1]
+        self.uQ = lay.steps(call.u[..., t0:t1])  # u's dtype: widened exactly where it is used
         # g = ∂L/∂(y before the gate).
-        gQ = lay.steps(dy[..., t0:t1], cdt)
-        if z is not None:
-            gQ.mul_(F.silu(lay.steps(z[..., t0:t1], cdt)))
-        BQ = lay.steps_bc(Bg[..., t0:t1], cdt)
-        CQ = lay.steps_bc(Cg[..., t0:t1], cdt)
-        dt4, g4 = (x.unsqueeze(-1).unbind(0) for x in (dtQ, gQ))
-        dts, us, Bs, Cs = dtQ.unbind(0), uQ.unbind(0), BQ.unbind(0), CQ.unbind(0)
+        self.gQ = lay.steps(call.dy[..., t0:t1], cdt)
+        if call.z is not None:
+            self.gQ.mul_(F.silu(lay.steps(call.z[..., t0:t1], cdt)))
+        self.BQ = lay.steps_bc(call.Bg[..., t0:t1], cdt)
+        self.CQ = lay.steps_bc(call.Cg[..., t0:t1], cdt)
+        self.dt4, self.g4 = (x.unsqueeze(-1).unbind(0) for x in (dtQ, self.gQ))
+        self.dts, self.us, self.Bs, self.Cs = dtQ.unbind(0), self.uQ.unbind(0), self.BQ.unbind(0), self.CQ.unbind(0)
         # (sub-chunk, position) of the last token T-1 if it is in this group.
-        j_last, q_last = divmod(T - 1 - t0, P) if c1 == M else (-1, -1)
+        self.j_last, self.q_last = divmod(call.T - 1 - t0, lay.P) if c1 == call.M else (-1, -1)
+        self.leave, self.j_leave, self.q_leave = None, -1, -1
+        if call.truncated:
+            self._window_leaving()
 
-        if truncated:
-            n = max(0, min(t1, T - W) - t0)  # positions t of the group with t + W < T
-            gshQ = lay.steps(dy[..., t0 + W : t0 + W + n], cdt)
-            if z is not None:
-                gshQ.mul_(F.silu(lay.steps(z[..., t0 + W : t0 + W + n], cdt)))
-            CshQ = lay.steps_bc(Cg[..., t0 + W : t0 + W + n], cdt)
-            wQ = lay.steps(prefix(t0 + W, n).sub_(prefix(t0, n)) if n else dy.new_empty((bsz, dim, 0)), cdt)
-            w4, gsh4, Cshs = wQ.unsqueeze(-1).unbind(0), gshQ.unsqueeze(-1).unbind(0), CshQ.unbind(0)
-            leave, j_leave, q_leave = None, -1, -1
-            if dfc is not None and t0 <= t_leave < t1:
-                j_leave, q_leave = divmod(t_leave - t0, P)
-                leave = torch.exp(wQ[q_leave, :, :, j_leave, None] * A_c) * dfc
+    def _window_leaving(self) -> None:
+        """Truncated mode: per position t, C and g at ``t + W`` and the window's decay
+        ``Π_{j=t+1}^{t+W} ā_j`` (through ``w = P(t+W) − P(t)``), and the final-state
+        cotangent's leaving term at ``T-1-W`` if that is in the group."""
+        call, lay, t0, W = self.call, self.lay, self.t0, self.call.W
+        n = max(0, min(self.t1, call.T - W) - t0)  # positions t of the group with t + W < T
+        gshQ = lay.steps(call.dy[..., t0 + W : t0 + W + n], call.cdt)
+        if call.z is not None:
+            gshQ.mul_(F.silu(lay.steps(call.z[..., t0 + W : t0 + W + n], call.cdt)))
+        CshQ = lay.steps_bc(call.Cg[..., t0 + W : t0 + W + n], call.cdt)
+        wQ = lay.steps(call.prefix(t0 + W, n).sub_(call.prefix(t0, n)) if n else call.dy.new_empty((call.bsz, call.dim, 0)), call.cdt)
+        self.w4, self.gsh4, self.Cshs = wQ.unsqueeze(-1).unbind(0), gshQ.unsqueeze(-1).unbind(0), CshQ.unbind(0)
+        if call.dfc is not None and t0 <= call.t_leave < self.t1:
+            self.j_leave, self.q_leave = divmod(call.t_leave - t0, lay.P)
+            self.leave = torch.exp(wQ[self.q_leave, :, :, self.j_leave, None] * call.A_c) * call.dfc
 
-        def adjoint_input(q: int, base: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
-            """``base + v`` at in-sub-chunk position q for the group's sub-chunks (fresh,
-            ``[B, D, J, N]``; μ_t = v_t + ā_{t+1} μ_{t+1}), or ``v ⊙ h`` given ``h``: then
-            ``base`` must be a fresh ``h ⊙ C`` (computed for y already; it is overwritten)."""
-            if h is None:
-                v = lay.expand(Cs[q]) * g4[q] if base is None else torch.addcmul(base, lay.expand(Cs[q]), g4[q])
-            else:
-                v = base.mul_(g4[q])
-            if truncated:
-                leaving = torch.exp(w4[q] * Ar).mul_(lay.expand(Cshs[q])).mul_(gsh4[q])
-                v -= leaving if h is None else leaving.mul_(h)
-                if q == q_leave and leave is not None:
-                    v[:, :, j_leave] -= leave if h is None else leave * h[:, :, j_leave]
-            if q == q_last and dfc is not None:
-                # The final-state cotangent is an output attached to h_{T-1}.
-                v[:, :, j_last] += dfc if h is None else dfc * h[:, :, j_last]
-            return v
-
-        def du_in(q: int) -> torch.Tensor:
-            # Δ u at position q, [B, D, J, 1]: recomputed (a [B, D, J] product) rather than
-            # kept for the group: one step tensor less.
-            return torch.mul(dts[q], us[q]).unsqueeze_(-1)
-
-        def step(q: int, h: torch.Tensor) -> torch.Tensor:
-            # h_q = ā_q h_{q-1} + Δ_q u_q B_q, in the buffer of the fresh ā_q.
-            return (dt4[q] * Ar).exp_().mul_(h).addcmul_(du_in(q), lay.expand(Bs[q]))
-
-        # Sweep L (reverse, sub-chunk-local adjoint from zero): L_j = ā_{s_j} μ^loc_{s_j}.
-        # (First: it needs no states, so the group's states are not alive during it.)
-        carry = dtQ.new_zeros((bsz, dim, J, N))
-        for q in reversed(range(P)):
-            carry = (dt4[q] * Ar).exp_().mul_(adjoint_input(q, carry))
-        L = carry
-        del carry
-
-        # Sweep 1 (forward, sub-chunk-local states from zero) and a scan over the group's
-        # sub-chunks from the saved state entering the group: every sub-chunk's entering
-        # state H_in and end state H_end (the latter in Sweep 1's buffer).
-        h = torch.zeros_like(L)
-        for q in range(P):
-            h = step(q, h)
-        decay = torch.exp(S_end * Ar)  # Π ā over each sub-chunk, exp(A · ΣΔ)
-        if c0 == 0:
-            state = torch.zeros_like(nxt) if h0c is None else h0c
+    # -- per-position helpers ----------------------------------------------------------------
+    def adjoint_input(self, q: int, base: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
+        """``base + v`` at in-sub-chunk position q for the group's sub-chunks (fresh,
+        ``[B, D, J, N]``; μ_t = v_t + ā_{t+1} μ_{t+1}), or ``v ⊙ h`` given ``h``: then
+        ``base`` must be a fresh ``h ⊙ C`` (computed for y already; it is overwritten)."""
+        call, lay = self.call, self.lay
+        if h is None:
+            v = lay.expand(self.Cs[q]) * self.g4[q] if base is None else torch.addcmul(base, lay.expand(self.Cs[q]), self.g4[q])
         else:
-            state = boundary_states[:, :, c0 - 1].to(cdt)
-        H_end = h  # H_j = P_j · H_{j-1} + h_local_j, in place
-        _link_(H_end, decay, state)
-        H_in = torch.cat([state[:, :, None], H_end[:, :, :-1]], dim=2)
-        del h, state
+            v = base.mul_(self.g4[q])
+        if call.truncated:
+            leaving = torch.exp(self.w4[q] * call.Ar).mul_(lay.expand(self.Cshs[q])).mul_(self.gsh4[q])
+            v -= leaving if h is None else leaving.mul_(h)
+            if q == self.q_leave and self.leave is not None:
+                v[:, :, self.j_leave] -= self.leave if h is None else self.leave * h[:, :, self.j_leave]
+        if q == self.q_last and call.dfc is not None:
+            # The final-state cotangent is an output attached to h_{T-1}.
+            v[:, :, self.j_last] += call.dfc if h is None else call.dfc * h[:, :, self.j_last]
+        return v
 
-        # Reverse scan over the group's sub-chunks: ν_j = carry entering sub-chunk j from the
-        # right, ν_{j-1} = L_j + P_j ν_j, starting from the group's right neighbour (ν = 0
-        # after the last token: the final-state cotangent is injected at T-1). In place, L_j
-        # becomes ν_{j-1}.
-        nu_last = nxt
-        _link_(L, decay, nu_last, reverse=True)
-        del decay
-        nu = torch.cat([L[:, :, 1:], nu_last[:, :, None]], dim=2)
-        nxt = L[:, :, 0].clone()  # ν_{-1} of the group, handed on: not a view of the group's L
-        del L, nu_last
+    def du_in(self, q: int) -> torch.Tensor:
+        """Δ u at position q, ``[B, D, J, 1]``: recomputed (a ``[B, D, J]`` product) rather than
+        kept for the group: one step tensor less."""
+        return torch.mul(self.dts[q], self.us[q]).unsqueeze_(-1)
 
-        # Sub-chunk-end terms: z at the position after sub-chunk j is ν_j ⊙ H_end_j; r (below)
-        # starts from Σ_n A_n of it and dA gets S_end · it.
-        z_end = H_end.mul_(nu)
-        acc_dA = S_end * z_end
-        r = z_end.mul_(Ar).sum(-1)
-        del z_end, H_end
+    def decay(self, q: int) -> torch.Tensor:
+        """``ā_q = exp(Δ_q A)``, fresh ``[B, D, J, N]``."""
+        return (self.dt4[q] * self.call.Ar).exp_()
 
-        # Sweep F (forward): true states from H_in; emit y (for dz), dC, and the forward half
-        # of the log-decay telescoping, v_q ⊙ ā_q h_{q-1} (README.md, "no cancellation"):
-        # e_q = Σ_n A v ā h_{q-1} (per position, kept for Sweep R) and Σ_q S_q v ā h_{q-1}
-        # (for dA).
-        h = H_in
-        del H_in
-        yQ, eQ, dCQ = torch.empty_like(dtQ), torch.empty_like(dtQ), torch.empty_like(CQ)
-        ys, es, dCs = yQ.unbind(0), eQ.unbind(0), dCQ.unbind(0)
-        S = torch.zeros_like(dt4[0])
-        for q in range(P):
-            Cq = lay.expand(Cs[q])
-            ah = (dt4[q] * Ar).exp_().mul_(h)  # ā_q h_{q-1}
-            h = torch.addcmul(ah, du_in(q), lay.expand(Bs[q]))
-            S = S + dt4[q]
-            lay.reduce_into(g4[q] * h, dCs[q])
+    def step(self, q: int, h: torch.Tensor) -> torch.Tensor:
+        """``h_q = ā_q h_{q-1} + Δ_q u_q B_q``, in the buffer of the fresh ``ā_q``."""
+        return self.decay(q).mul_(h).addcmul_(self.du_in(q), self.lay.expand(self.Bs[q]))
+
+    # -- the sweeps ----------------------------------------------------------------------------
+    def run(self, nxt: torch.Tensor) -> torch.Tensor:
+        """The group's backward. ``nxt`` is the adjoint carry ν entering token t1-1 from the
+        right (``ā_{t1} μ_{t1}``); returns the carry entering token t0-1 (dh0 for t0 = 0)."""
+        L = self.sweep_local_adjoint()
+        decay = self.sweep_states()
+        nxt = self.link_adjoints(L, decay, nxt)
+        del L, decay
+        acc_dA, r = self.chunk_end_terms()
+        self.sweep_forward(acc_dA)
+        self.sweep_reverse(acc_dA, r)
+        self.call.dA.add_(acc_dA.sum((0, 2)))
+        del acc_dA, r
+        self.local_gradients()
+        return nxt
+
+    def sweep_local_adjoint(self) -> torch.Tensor:
+        """Sweep L (reverse, sub-chunk-local adjoint from zero): ``L_j = ā_{s_j} μ^loc_{s_j}``,
+        ``[B, D, J, N]``. First: it needs no states, so the group's states are not alive
+        during it."""
+        call = self.call
+        carry = self.dtQ.new_zeros((call.bsz, call.dim, self.lay.J, call.N))
+        for q in reversed(range(self.lay.P)):
+            carry = self.decay(q).mul_(self.adjoint_input(q, carry))
+        return carry
+
+    def sweep_states(self) -> torch.Tensor:
+        """Sweep 1 (forward, sub-chunk-local states from zero) and a scan over the group's
+        sub-chunks from the saved state entering the group: every sub-chunk's entering state
+        (``H_in``) and end state (``H_end``, in Sweep 1's buffer). Returns the sub-chunks'
+        decays ``Π ā = exp(A · ΣΔ)``, ``[B, D, J, N]``."""
+        call = self.call
+        h = self.dtQ.new_zeros((call.bsz, call.dim, self.lay.J, call.N))
+        for q in range(self.lay.P):
+            h = self.step(q, h)
+        decay = torch.exp(self.S_end * call.Ar)  # Π ā over each sub-chunk, exp(A · ΣΔ)
+        if self.c0 == 0:
+            state = self.dtQ.new_zeros((call.bsz, call.dim, call.N)) if call.h0c is None else call.h0c
+        else:
+            state = call.boundary_states[:, :, self.c0 - 1].to(call.cdt)
+        _link_(h, decay, state)  # H_j = P_j · H_{j-1} + h_local_j, in place
+        self.H_end = h
+        self.H_in = torch.cat([state[:, :, None], h[:, :, :-1]], dim=2)
+        return decay
+
+    def link_adjoints(self, L: torch.Tensor, decay: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        """Reverse scan over the group's sub-chunks: ``ν_j`` = carry entering sub-chunk j from
+        the right, ``ν_{j-1} = L_j + P_j ν_j``, starting from the group's right neighbour
+        ``nxt``. In place, ``L_j`` becomes ``ν_{j-1}``; sets ``nu`` and returns the group's
+        ``ν_{-1}`` (a copy, not a view of the group's L)."""
+        _link_(L, decay, nxt, reverse=True)
+        self.nu = torch.cat([L[:, :, 1:], nxt[:, :, None]], dim=2)
+        return L[:, :, 0].clone()
+
+    def chunk_end_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sub-chunk-end terms: z at the position after sub-chunk j is ``ν_j ⊙ H_end_j``; the
+        log-decay sums start from it. Returns ``(acc_dA = S_end · z_end [B, D, J, N],
+        r = Σ_n A_n z_end [B, D, J])``; ``H_end`` is used up."""
+        z_end = self.H_end.mul_(self.nu)
+        self.H_end = None
+        acc_dA = self.S_end * z_end
+        r = z_end.mul_(self.call.Ar).sum(-1)
+        return acc_dA, r
+
+    def sweep_forward(self, acc_dA: torch.Tensor) -> None:
+        """Sweep F (forward): true states from ``H_in`` (used up); emits y (``yQ``, for dz), dC
+        (written out), and the forward half of the log-decay telescoping, ``v_q ⊙ ā_q h_{q-1}``
+        (README.md, "no cancellation"): ``e_q = Σ_n A v ā h_{q-1}`` per position (``eQ``, for
+        Sweep R) and ``Σ_q S_q v ā h_{q-1}`` (added to ``acc_dA``)."""
+        call, lay, Ar = self.call, self.lay, self.call.Ar
+        h, self.H_in = self.H_in, None
+        self.yQ, self.eQ, dCQ = torch.empty_like(self.dtQ), torch.empty_like(self.dtQ), torch.empty_like(self.CQ)
+        ys, es, dCs = self.yQ.unbind(0), self.eQ.unbind(0), dCQ.unbind(0)
+        S = torch.zeros_like(self.dt4[0])
+        for q in range(lay.P):
+            Cq = lay.expand(self.Cs[q])
+            ah = self.decay(q).mul_(h)  # ā_q h_{q-1}
+            h = torch.addcmul(ah, self.du_in(q), lay.expand(self.Bs[q]))
+            S = S + self.dt4[q]
+            lay.reduce_into(self.g4[q] * h, dCs[q])
             hC = h * Cq
             torch.sum(hC, -1, out=ys[q])
             del hC
-            vah = adjoint_input(q, ah * Cq, ah)  # v ⊙ ā h_{q-1}, in the buffer of ā h ⊙ C
+            vah = self.adjoint_input(q, ah * Cq, ah)  # v ⊙ ā h_{q-1}, in the buffer of ā h ⊙ C
             del ah
             acc_dA.addcmul_(S, vah)
             torch.sum(vah.mul_(Ar), -1, out=es[q])
             del vah
         del h, Cq
-        lay.write_bc(dCg[..., t0:t1], dCQ)
-        del dCQ, dCs
+        lay.write_bc(call.dCg[..., self.t0:self.t1], dCQ)
 
-        # Sweep R (reverse, true adjoint): μ from ν; emit du, dΔ, dB and the reverse half of
-        # the telescoping, ā_{q+1} μ_{q+1} ⊙ b_q (the carry entering q from the right, times
-        # b_q), giving r = Σ_n A_n z_{q,n}. du overwrites Δ and dΔ overwrites e at each
-        # position once they are consumed. (In-place updates keep ~4 [B, D, J, N] alive.)
-        carry = nu
-        del nu
-        dBQ = torch.empty_like(BQ)
-        dBs = dBQ.unbind(0)
-        after = torch.zeros_like(S_end)  # Σ_{j > q} Δ_j
-        for q in reversed(range(P)):
-            Bq = lay.expand(Bs[q])
-            du_q = du_in(q)
-            S = S_end - after
-            after = after + dt4[q]
+    def sweep_reverse(self, acc_dA: torch.Tensor, r: torch.Tensor) -> None:
+        """Sweep R (reverse, true adjoint): μ from ``nu`` (used up); emits dB (written out), du's
+        state part ``Δ Σ_n μ B`` (over Δ in ``dtQ``) and dΔ (over e in ``eQ``, each position
+        once it is consumed), and the reverse half of the telescoping, ``ā_{q+1} μ_{q+1} ⊙ b_q``
+        (the carry entering q from the right, times ``b_q``), which completes
+        ``r = Σ_n A_n z_{q,n}`` and ``acc_dA``. (In-place updates keep ~4 ``[B, D, J, N]`` alive.)"""
+        call, lay, Ar = self.call, self.lay, self.call.Ar
+        carry, self.nu = self.nu, None
+        dBQ = torch.empty_like(self.BQ)
+        dBs, es = dBQ.unbind(0), self.eQ.unbind(0)
+        after = torch.zeros_like(self.S_end)  # Σ_{j > q} Δ_j
+        for q in reversed(range(lay.P)):
+            Bq = lay.expand(self.Bs[q])
+            du_q = self.du_in(q)
+            S = self.S_end - after
+            after = after + self.dt4[q]
             cb = (carry * Bq).mul_(du_q)  # ā_{q+1} μ_{q+1} ⊙ b_q
             acc_dA.addcmul_(S, cb, value=-1)
             r.add_(es[q]).sub_(cb.mul_(Ar).sum(-1))
             del cb
-            mu = adjoint_input(q, carry)
-            carry = (dt4[q] * Ar).exp_().mul_(mu)
+            mu = self.adjoint_input(q, carry)
+            carry = self.decay(q).mul_(mu)
             muB = (mu * Bq).sum(-1)
-            torch.addcmul(r, muB, us[q], out=es[q])  # dΔ = r + u Σ_n μ B
-            torch.mul(muB, dts[q], out=dts[q])  # du (state part) = Δ Σ_n μ B
+            torch.addcmul(r, muB, self.us[q], out=es[q])  # dΔ = r + u Σ_n μ B
+            torch.mul(muB, self.dts[q], out=self.dts[q])  # du (state part) = Δ Σ_n μ B
             lay.reduce_into(mu.mul_(du_q), dBs[q])
             del mu
-        dA.add_(acc_dA.sum((0, 2)))
-        lay.write_bc(dBg[..., t0:t1], dBQ)
-        duQ, ddtQ = dtQ, eQ
-        del du_q, Bq, carry, acc_dA, r, dBQ, dBs, BQ, Bs, S, S_end, after, dt4, dts, es, dtQ, eQ
-        if truncated:
-            del gshQ, CshQ, wQ, w4, gsh4, Cshs
+        lay.write_bc(call.dBg[..., self.t0:self.t1], dBQ)
+        # B and the window's leaving terms are used up.
+        self.BQ = self.Bs = self.w4 = self.gsh4 = self.Cshs = None
 
-        # Local gradients: dz (needs y), du (+ D g), dD, dδ, dbias.
-        if z is not None:
+    def local_gradients(self) -> None:
+        """The gradients local to each position, written out: dz (needs y), du (+ D g), dD,
+        dδ (dΔ through softplus), dbias."""
+        call, lay, t0, t1 = self.call, self.lay, self.t0, self.t1
+        cdt, Dq = call.cdt, call.Dq
+        yQ, duQ, ddtQ = self.yQ, self.dtQ, self.eQ
+        self.yQ = self.dtQ = self.eQ = self.dt4 = self.dts = None
+        if call.z is not None:
             if Dq is not None:
-                yQ.addcmul_(Dq, uQ)  # y before the gate
-            yQ.mul_(lay.steps(dy[..., t0:t1], cdt)).mul_(_silu_grad(lay.steps(z[..., t0:t1], cdt)))
-            lay.write(dz[..., t0:t1], yQ)
-        del yQ, ys
+                yQ.addcmul_(Dq, self.uQ)  # y before the gate
+            yQ.mul_(lay.steps(call.dy[..., t0:t1], cdt)).mul_(_silu_grad(lay.steps(call.z[..., t0:t1], cdt)))
+            lay.write(call.dz[..., t0:t1], yQ)
+        del yQ
         if Dq is not None:
-            duQ.addcmul_(Dq, gQ)
-            dD.add_((gQ * uQ).sum((0, 1, 3)))
-        lay.write(du[..., t0:t1], duQ)
-        del duQ, gQ, g4, uQ, us
-        if delta_softplus:
-            xQ, _ = _delta_steps(lay, delta[..., t0:t1], bias, False, cdt)
+            duQ.addcmul_(Dq, self.gQ)
+            call.dD.add_((self.gQ * self.uQ).sum((0, 1, 3)))
+        lay.write(call.du[..., t0:t1], duQ)
+        del duQ
+        self.gQ = self.g4 = self.uQ = self.us = None
+        if call.softplus:
+            xQ, _ = _delta_steps(lay, call.delta[..., t0:t1], call.bias, False, cdt)
             ddtQ.mul_(_softplus_grad_(xQ))
             del xQ
-        lay.write(dx[..., t0:t1], ddtQ)
-        if ddb is not None:
-            ddb.add_(lay.zero_pad(ddtQ).sum((0, 1, 3)))
-        return nxt
-
-    nxt = du.new_zeros((bsz, dim, N), dtype=cdt)
-    for c0, c1, t0, t1 in reversed(_groups(T, Q, K)):
-        nxt = group(c0, c1, t0, t1, nxt)
-    dh0 = nxt
-    return (
-        du,
-        dx,
-        dA.to(A.dtype),
-        dB,
-        dC,
-        None if dD is None else dD.to(D.dtype),
-        dz,
-        None if ddb is None else ddb.to(delta_bias.dtype),
-        None if h0 is None else dh0.to(h0.dtype),
-    )
+        lay.write(call.dx[..., t0:t1], ddtQ)
+        if call.ddb is not None:
+            call.ddb.add_(lay.zero_pad(ddtQ).sum((0, 1, 3)))

@@ -36,6 +36,7 @@ from longctx_compiler.runtime.autocast import register_autocast
 
 from ._args import compute_dtype
 from .chunked import selective_scan_chunked_bwd, selective_scan_chunked_fwd
+from .schema import UNPLANNED, ScanArgs
 
 __all__ = ["DEFAULT_CHUNK", "selective_scan_fwd", "selective_scan_bwd"]
 
@@ -44,7 +45,7 @@ DEFAULT_CHUNK = 256
 
 
 def _chunk(chunk_size: int) -> int:
-    return DEFAULT_CHUNK if chunk_size == 0 else chunk_size
+    return DEFAULT_CHUNK if chunk_size == UNPLANNED else chunk_size
 
 
 def _impl(device: torch.device):
@@ -157,14 +158,14 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, 
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode, window = inputs
+    a = ScanArgs(*inputs)
     _, _, boundary = output
     # Exactly the inputs and the M·D·N boundary states: this is the whole saved set.
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, boundary)
-    ctx.delta_softplus = delta_softplus
-    ctx.chunk_size = chunk_size
-    ctx.mode = mode
-    ctx.window = window
+    ctx.save_for_backward(a.u, a.delta, a.A, a.B, a.C, a.D, a.z, a.delta_bias, a.h0, boundary)
+    ctx.delta_softplus = a.delta_softplus
+    ctx.chunk_size = a.chunk_size
+    ctx.mode = a.mode
+    ctx.window = a.window
     ctx.mark_non_differentiable(boundary)
 
 
@@ -186,6 +187,9 @@ def _backward(ctx, dy, dfinal, _dboundary):
 
 
 selective_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+# The schema module names the arguments in this order; passes rely on it.
+assert tuple(a.name for a in torch.ops.longctx.selective_scan_fwd.default._schema.arguments) == ScanArgs._fields
 
 
 # -- autocast ----------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ from longctx_compiler.kernels.attention import op as _attention_op  # noqa: F401
 from longctx_compiler.kernels.attention.chunked import chunked_attention_backward, chunked_attention_forward, merge_partial
 from longctx_compiler.kernels.attention.reference import accumulation_dtype
 from longctx_compiler.kernels.selective_scan import op as _scan_op  # noqa: F401
+from longctx_compiler.kernels.selective_scan.schema import SEQUENCE_DIMS as SCAN_DIMS
+from longctx_compiler.kernels.selective_scan.schema import ScanArgs
 from longctx_compiler.runtime.autocast import AUTOCAST_DEVICE_TYPES, autocast_cast
 from longctx_compiler.runtime.host_pool import HostHandle, HostPool
 from longctx_compiler.runtime.sequence_parallel import SequenceParallelError, get_group
@@ -77,20 +79,30 @@ class Carry:
         return cls(0, 0, [None] * scans, None, attentions)
 
 
-def scan_in_window(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode, window, slot: int, carry: Carry):
-    """The block's scan inside a window: scan tokens ``hc..`` from the carried state (the
-    node's own ``h0`` for the first chunk); returns ``(y padded with hc leading zeros, final)``."""
+def _own_tokens(args: tuple, fields: tuple[str, ...], dims: dict[str, int], hc: int) -> dict[str, Any]:
+    """The sequence arguments (``dims``: name → sequence dim) of a call on a window, narrowed
+    to the chunk's own tokens (the window minus its ``hc`` halo tokens)."""
+    out = {}
+    for name, d in dims.items():
+        t = args[fields.index(name)]
+        if t is not None and hc:
+            out[name] = t.narrow(d, hc, t.shape[d] - hc)
+    return out
+
+
+def scan_in_window(*rest):
+    """The block's selective scan inside a window: scan tokens ``hc..`` from the carried state
+    (the node's own ``h0`` for the first chunk); returns ``(y padded with hc leading zeros,
+    final)``. The state ``[B, D, N]`` is carried as it is.
+
+    Arguments: those of ``longctx::selective_scan_fwd`` (:class:`ScanArgs`), then ``slot, carry``.
+    """
+    *args, slot, carry = rest
+    args = ScanArgs(*args)
     hc = carry.hc
-    n = u.shape[-1] - hc
     h_in = carry.states_in[slot]
-
-    def own(t):
-        return None if t is None or not hc else t.narrow(-1, hc, n)
-
-    y, final, _ = torch.ops.longctx.selective_scan_fwd(
-        own(u) if hc else u, own(delta) if hc else delta, A, own(B) if hc else B, own(C) if hc else C, D,
-        own(z) if hc else z, delta_bias, delta_softplus, h0 if h_in is None else h_in, chunk_size, mode, window,
-    )
+    own = args._replace(**_own_tokens(args, ScanArgs._fields, SCAN_DIMS, hc), **({} if h_in is None else {"h0": h_in}))
+    y, final, _ = torch.ops.longctx.selective_scan_fwd(*own)
     carry.states_out[slot] = final
     return (F.pad(y, (hc, 0)) if hc else y), final
 

@@ -32,11 +32,12 @@ from longctx_compiler.kernels.selective_scan import selective_scan_reference
 
 # Importing the op module registers torch.ops.longctx.selective_scan_fwd/_bwd.
 from longctx_compiler.kernels.selective_scan import op as _op  # noqa: F401
+from longctx_compiler.kernels.selective_scan.schema import UNPLANNED, ScanArgs
 
 __all__ = ["CANONICAL_CHUNK", "selective_scan_fn", "RMSNorm", "SelectiveSSM", "TinyMambaLM", "TinyLMOutput"]
 
 #: ``chunk_size`` value of the canonical, not-yet-planned selective-scan node.
-CANONICAL_CHUNK = 0
+CANONICAL_CHUNK = UNPLANNED
 
 
 def selective_scan_fn(
@@ -58,9 +59,7 @@ def selective_scan_fn(
     :func:`longctx_compiler.kernels.selective_scan.selective_scan_reference`.
     """
     if torch.compiler.is_compiling():
-        y, final, _ = torch.ops.longctx.selective_scan_fwd.default(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, CANONICAL_CHUNK, "exact", 0
-        )
+        y, final, _ = torch.ops.longctx.selective_scan_fwd.default(*ScanArgs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0))
         return (y, final) if return_final_state else y
     return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, return_final_state)
 
