@@ -537,7 +537,7 @@ def _ssd(call: _Call) -> Any:
         return why
     if z is not None and not call.mamba_ssm:
         # transformers' torch path drops z (it is not one of its parameters); mamba_ssm applies it.
-        return "z is given, which transformers' torch path ignores: left to the library"
+        return "z is given, which transformers' torch path ignores (mamba_ssm's kernel applies it)"
     if call.get("return_varlen_states"):
         return "return_varlen_states (per-document final states) is not computed by the op"
     if cu_seqlens is not None and seq_idx is None:

@@ -22,7 +22,7 @@ The report's ``kind`` names the source (``"transformers bamba chunk scan -> ssd(
 
 A recognised call the op cannot reproduce exactly ran the library's own function inside the
 graph (see :func:`longctx_compiler.capture.refusal_of`); this pass records it as a refusal
-with the capture's reason, one per module that made such a call.
+with the capture's reason, one per call.
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from longctx_compiler.capture import model_chunk_of, precision_of, refusal_of, source_of
+from longctx_compiler.capture import WRAPPER_NAME, model_chunk_of, precision_of, refusal_of, source_of
 from longctx_compiler.kernels.ssd import DEFAULT_CHUNK
 from longctx_compiler.passes.adjoint_sharded_scan import _drop_wrapper_frames, _refresh_getitems
 from longctx_compiler.passes.analysis.fx_utils import example_value, propagate_example_value
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.report import node_site
 
 __all__ = ["SSDScanPass", "SSD_OP"]
 
@@ -88,9 +87,11 @@ class SSDScanPass(Pass):
                 yield Match(anchor=node, nodes=[node], data={"source": source, "precision": precision_of(node)})
                 continue
             why = refusal_of(node)
-            # One refusal per module that called the library's function (its nodes share the reason).
+            # One refusal per call of the library's function: its nodes share the reason and
+            # the stack up to the captured call.
             if why and why[0] == "ssd":
-                refused.setdefault((why, node_site(node).split(" ")[0]), node)
+                trace = node.meta.get("stack_trace") or ""
+                refused.setdefault((why, trace[: trace.find(f"in {WRAPPER_NAME}")]), node)
         for (why, _), node in refused.items():
             _drop_wrapper_frames(node)
             yield Match(anchor=node, nodes=[node], data={"source": why[1], "refused": why[2]})
