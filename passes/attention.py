@@ -79,7 +79,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 # Importing the kernels registers the torch.library ops the rewrite inserts.
 import longctx_compiler.kernels.attention  # noqa: F401
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.analysis.causal_mask import NotProvable, prove_causal
+from longctx_compiler.passes.analysis.causal_mask import NotProvable, prove_band
 from longctx_compiler.passes.analysis.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value, strip_repeat_kv
 
 __all__ = ["ChunkedAttentionPass", "autocast_state_at"]
@@ -103,7 +103,8 @@ class ChunkedAttentionPass(Pass):
     def kind_of(self, match: Match) -> str:
         spelling = match.data["spelling"]
         target = "chunked_attention+offload" if match.data.get("offload") else "chunked_attention"
-        return f"{spelling} -> {target}"
+        window = match.data.get("window")
+        return f"{spelling} -> {target}" + (f" (sliding window {window})" if window else "")
 
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
         d = match.data
@@ -113,6 +114,7 @@ class ChunkedAttentionPass(Pass):
             "offload": cfg.offload,
             "host_pool_bytes": cfg.host_pool_bytes if cfg.offload else None,
             "causal": d.get("causal"),
+            "window": d.get("window"),
             "gqa_groups": d.get("groups"),
             "repeat_kv_removed": d.get("repeat_kv_removed", False),
             "autocast": d.get("autocast"),
@@ -248,7 +250,7 @@ class ChunkedAttentionPass(Pass):
             if additive and mval.dtype == torch.bool:
                 raise CantApply("a boolean tensor added to the scores")
             try:
-                prove_causal(mask, additive=additive)
+                d["window"] = prove_band(mask, additive=additive)
             except NotProvable as why:
                 raise CantApply(f"mask not proven causal: {why}") from None
             d["causal"] = True
@@ -380,7 +382,8 @@ class ChunkedAttentionPass(Pass):
             # The op's fake value under the autocast state of the site (its Autocast kernel
             # casts there as it will when the graph runs).
             with torch.autocast(device_type, dtype=ac_dtype, enabled=enabled):
-                res = insert_call(graph, op, (q, k, v, bool(d["causal"]), d["scale_value"], chunk, budget))
+                variants = (d["window"],) if d.get("window") else ()
+                res = insert_call(graph, op, (q, k, v, bool(d["causal"]), d["scale_value"], chunk, budget, *variants))
                 out = getitem(graph, res, 0)
         _carry_dtype(match.anchor, out)
         match.anchor.replace_all_uses_with(out)

@@ -51,7 +51,7 @@ from longctx_compiler.passes.block_region import check_region, find_blocks, repl
 from longctx_compiler.passes.analysis.fx_utils import example_value
 from longctx_compiler.passes.analysis.sequence_window import ATTENTION, SCAN, CarrySite, analyse_window
 
-__all__ = ["PipelinedLayersPass", "ATTENTION_OPS", "configured_chunk"]
+__all__ = ["PipelinedLayersPass", "ATTENTION_OPS", "configured_chunk", "attention_variant"]
 
 ATTENTION_OPS = (
     torch.ops.longctx.chunked_attention_fwd.default,
@@ -63,6 +63,8 @@ DEFAULT_CHUNK = 1024
 # q, k, v of the attention ops run along dim 2 ([B, H, T, D]).
 _QKV = {0: 2, 1: 2, 2: 2}
 _CAUSAL = 3
+# window, softcap, sinks follow q, k, v, causal, scale, chunk_size, host_pool_bytes.
+_VARIANTS = 7
 
 
 def configured_chunk(config: Any) -> int:
@@ -70,6 +72,15 @@ def configured_chunk(config: Any) -> int:
     ``attention.chunk_size``, else :data:`DEFAULT_CHUNK`."""
     layers = getattr(config, "layers", None)
     return getattr(layers, "chunk_size", None) or config.attention.chunk_size or DEFAULT_CHUNK
+
+
+def attention_variant(n: fx.Node) -> str | None:
+    """What an attention op call adds to plain causal attention (a sliding window, soft-capped
+    scores, sink logits — its arguments after the pool budget), in words; None if nothing."""
+    window, softcap, sinks = (list(n.args[_VARIANTS:]) + [0, 0.0, None])[:3]
+    found = [f"a sliding window of {window}" if window else None, f"soft-capped scores ({softcap})" if softcap else None,
+             "attention sinks" if sinks is not None else None]
+    return ", ".join(f for f in found if f) or None
 
 
 def _is_attention(n: fx.Node) -> bool:
@@ -149,6 +160,9 @@ class PipelinedLayersPass(Pass):
             if _is_attention(n):
                 if n.args[_CAUSAL] is not True:
                     raise CantApply("the attention is not causal: every token reads the whole sequence, which no chunk holds")
+                variant = attention_variant(n)
+                if variant:
+                    raise CantApply(f"the attention has {variant}, which the layer's K/V history does not apply yet")
                 carries.append(CarrySite(n, tuple(n.args), _QKV, 0, ATTENTION))
             elif n.op == "call_function" and n.target is SCAN_OP:
                 if ctx.config.ssm.mode != "exact":

@@ -71,7 +71,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from longctx_compiler.dynamo_names import readable_input_name
 from longctx_compiler.passes.analysis.fx_utils import example_value, writes_in_place
 
-__all__ = ["NotProvable", "prove_causal", "mask_inputs", "MASKED_THRESHOLD"]
+__all__ = ["NotProvable", "prove_causal", "prove_band", "mask_inputs", "MASKED_THRESHOLD"]
 
 #: An additive mask value at or below this removes a score exactly: softmax's
 #: ``exp(score + m - rowmax)`` underflows to 0 in every float dtype for any score of
@@ -1307,8 +1307,24 @@ def prove_causal(mask: fx.Node, *, additive: bool) -> None:
     Raises:
         NotProvable: with the reason, when the mask is not (provably) causal.
     """
+    window = prove_band(mask, additive=additive)
+    if window is not None:
+        raise NotProvable(f"the mask is a sliding window of {window} keys, not the causal mask")
+
+
+def prove_band(mask: fx.Node, *, additive: bool) -> int | None:
+    """Prove that ``mask`` is causal or a causal band, for every sequence length.
+
+    Returns None for the causal mask (keep ``j ≤ i``) and ``w ≥ 1`` for a sliding window
+    (keep ``i − w < j ≤ i``: the query and the ``w − 1`` keys before it), whatever
+    inequalities the model wrote it with — ``w`` is read off the kept set, so an off-by-one
+    in a model's spelling gives the window that model really uses.
+
+    Raises:
+        NotProvable: with the reason, when the mask is neither (provably).
+    """
     try:
-        _prove(mask, additive)
+        return _prove(mask, additive)
     except NotProvable:
         raise
     except RecursionError:
@@ -1317,7 +1333,7 @@ def prove_causal(mask: fx.Node, *, additive: bool) -> None:
         raise NotProvable(f"internal: the prover failed ({type(e).__name__}: {e})") from e
 
 
-def _prove(mask: fx.Node, additive: bool) -> None:
+def _prove(mask: fx.Node, additive: bool) -> int | None:
     inputs = mask_inputs(mask)
     if inputs:
         raise NotProvable(_describe_inputs(inputs))
@@ -1337,12 +1353,12 @@ def _prove(mask: fx.Node, additive: bool) -> None:
     expr = _normalize(expr.subs(j, i + d) if isinstance(expr, sympy.Basic) else expr)
     extra = (expr.free_symbols if isinstance(expr, sympy.Basic) else set()) - {d}
     if extra:
-        raise NotProvable("the mask depends on more than the query-key distance (a window, batch- or head-dependent mask)")
+        raise NotProvable("the mask depends on more than the query-key distance (a length-dependent window, a batch- or head-dependent mask)")
+    # The kept distances d = j - i, interval by interval (d = 0 is an interval of its own).
+    runs: list[tuple[float, float, bool]] = []
     for lo, hi, value in _intervals(expr, d, extra=(0,)):
         if isinstance(value, sympy.Basic) and value.has(d):
             raise NotProvable("the mask's values vary with the query-key distance")
-        keep_expected = hi <= 0
-        where = lo if lo != -math.inf else hi
         if additive:
             if not (isinstance(value, sympy.Expr) and value.is_number):
                 raise NotProvable("the mask value is not a number")
@@ -1351,10 +1367,25 @@ def _prove(mask: fx.Node, additive: bool) -> None:
             if not (kept or removed):
                 shown = float(value) if value.is_finite or value in (sympy.oo, -sympy.oo) else value
                 raise NotProvable(f"the mask adds {shown} to some scores (only 0 and -inf-like values are exact masking)")
-            ok = bool(kept) == keep_expected
         else:
             if value not in (_TRUE, _FALSE):
                 raise NotProvable("the boolean mask does not reduce to True/False")
-            ok = (value is _TRUE) == keep_expected
-        if not ok:
-            raise NotProvable(f"the mask is not causal (differs at key - query = {where})")
+            kept = value is _TRUE
+        runs.append((lo, hi, kept))
+    return _band_of(runs)
+
+
+def _band_of(runs: list[tuple[float, float, bool]]) -> int | None:
+    """The window of a kept set given as ordered intervals of ``d = j − i``: it must be one
+    run of kept distances ending exactly at 0 (None when it reaches −∞: causal)."""
+    for lo, hi, kept in runs:
+        if kept and hi > 0:
+            raise NotProvable(f"the mask is not causal (it keeps key - query = {max(lo, 1)})")
+        if not kept and lo <= 0 <= hi:
+            raise NotProvable("the mask is not causal (differs at key - query = 0)")
+    kept_runs = [(lo, hi) for lo, hi, kept in runs if kept]
+    first = kept_runs[0][0]
+    for (_, hi), (lo, _) in zip(kept_runs, kept_runs[1:]):
+        if lo != hi + 1:
+            raise NotProvable(f"the mask is not causal (differs at key - query = {hi + 1})")
+    return None if first == -math.inf else int(1 - first)

@@ -9,9 +9,10 @@ causal masks in some spelling; the rest are one mutation away (an offset, a stri
 comparison, a swapped orientation, a size-1 dim, a soft value).
 
 Each batch of programs is traced by Dynamo with a dynamic length (the spellings the pass
-sees) and every mask goes to :func:`prove_causal`. The judge: a proof must hold on the
-program's eager values at T = 1, 2, 3, 7, 16, 33 (kept ⇔ key ≤ query; additive: 0 where
-kept, ≤ ``MASKED_THRESHOLD`` where dropped). Refusals are fine; a wrong proof fails.
+sees) and every mask goes to :func:`prove_band`. The judge: a proof must hold on the
+program's eager values at T = 1, 2, 3, 7, 16, 33 (kept ⇔ key ≤ query, and for a proven
+window ``w`` also key > query − w; additive: 0 where kept, ≤ ``MASKED_THRESHOLD`` where
+dropped). Refusals are fine; a wrong proof fails.
 
 Size: ``LONGCTX_FUZZ_EXAMPLES`` mask programs (default 160: about a minute on one loaded
 core; ``make fuzz`` runs the nightly size, ≥ 10,000). The figures (proofs, refusals, wrong)
@@ -33,7 +34,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from longctx_compiler.passes.analysis.causal_mask import MASKED_THRESHOLD, NotProvable, prove_causal
+from longctx_compiler.passes.analysis.causal_mask import MASKED_THRESHOLD, NotProvable, prove_band, prove_causal
 from longctx_compiler.passes.analysis.fx_utils import example_value
 
 PROGRAMS = int(os.environ.get("LONGCTX_FUZZ_EXAMPLES", "160"))
@@ -169,7 +170,9 @@ def keep_mask(draw, causal: bool, depth: int = 2):
         return draw(triangular(causal))
     if kind == "packed":
         return draw(packed(causal))
-    a = draw(keep_mask(causal, depth - 1))
+    # a near miss may start from a causal mask: with "window" and "&" it is a band (a proof
+    # must then give its exact window), with anything else one mutation away from one
+    a = draw(keep_mask(causal or draw(st.booleans()), depth - 1))
     # combine with something that keeps it causal (causal) or anything (near miss)
     other = draw(st.sampled_from(["ones", "same", "window", "buffer", "cmp"]))
     if causal:
@@ -302,8 +305,9 @@ def eager_values(expr: str):
         yield t, m
 
 
-def judge(expr: str, additive: bool) -> str | None:
-    """None if the program's eager values are the causal mask at every length, else why not."""
+def judge(expr: str, additive: bool, window: int | None = None) -> str | None:
+    """None if the program's eager values are the causal mask (with ``window``: the band
+    ``i − window < j ≤ i``) at every length, else why not."""
     for t, m in eager_values(expr):
         if m.dim() < 2:
             return f"T={t}: a {m.dim()}-D mask"
@@ -311,7 +315,7 @@ def judge(expr: str, additive: bool) -> str | None:
         m = m.expand(*m.shape[:-2], t if rows == 1 else rows, t if cols == 1 else cols)
         i = torch.arange(m.shape[-2])[:, None]
         j = torch.arange(m.shape[-1])[None, :]
-        causal = (j <= i).expand_as(m)
+        causal = ((j <= i) & (j > i - window if window else True)).expand_as(m)
         if additive:
             ok = bool(((m == 0) == causal).all()) and bool((m[~causal] <= MASKED_THRESHOLD).all())
         else:
@@ -338,7 +342,7 @@ def check_batch(exprs: list[str]) -> None:
             continue
         additive = val.dtype != torch.bool
         try:
-            prove_causal(node, additive=additive)
+            window = prove_band(node, additive=additive)
         except NotProvable as why:
             STATS["refused"] += 1
             # "internal:" marks a modelling gap (an op result the prover cannot follow):
@@ -349,14 +353,15 @@ def check_batch(exprs: list[str]) -> None:
                 STATS["refused although causal"] += 1  # completeness, not soundness
             continue
         STATS["proven"] += 1
-        wrong = judge(expr, additive)
+        STATS["windows"] += window is not None
+        wrong = judge(expr, additive, window)
         if wrong is not None:
             STATS["wrong"] += 1
-            raise AssertionError(f"proven causal but it is not ({wrong}):\n{expr}")
+            raise AssertionError(f"proven {'a window of ' + str(window) if window else 'causal'} but it is not ({wrong}):\n{expr}")
 
 
 def report(elapsed: float) -> None:
-    line = {k: STATS[k] for k in ("programs", "proven", "refused", "refused although causal", "not traced", "wrong")}
+    line = {k: STATS[k] for k in ("programs", "proven", "windows", "refused", "refused although causal", "not traced", "wrong")}
     line["seconds"] = round(elapsed, 1)
     print(f"\nnear-miss masks: {json.dumps(line)}")
     for reason, count in REASONS.most_common(12):
@@ -420,6 +425,33 @@ def test_true_causal_spellings_are_proven():
             prove_causal(node, additive=additive)
         except NotProvable as why:
             pytest.fail(f"not proven: {expr}\n  {why}")
+
+
+BANDS = [  # (spelling, the window it keeps)
+    ("(torch.arange(T)[None, :] > torch.arange(T)[:, None] - 3) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])", 3),
+    ("(torch.arange(T)[None, :] >= torch.arange(T)[:, None] - 3) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])", 4),
+    ("torch.ones(T, T, dtype=torch.bool).tril().triu(-1)", 2),
+    ("torch.where((torch.arange(T)[:, None] - torch.arange(T)[None, :]) < 5, 0.0, float('-inf')) + torch.full((T, T), float('-inf')).triu(1)", 5),
+    ("(torch.arange(T)[:, None] - torch.arange(T)[None, :] < 1) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])", 1),
+]
+NEAR_MISS_BANDS = [
+    "(torch.arange(T)[None, :] > torch.arange(T)[:, None] - 3) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None] + 1)",
+    "(torch.arange(T)[None, :] > torch.arange(T)[:, None] - 3) & (torch.arange(T)[None, :] < torch.arange(T)[:, None])",
+    "((torch.arange(T)[None, :] > torch.arange(T)[:, None] - 3) | (torch.arange(T)[None, :] == 0)) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])",
+    "(torch.arange(T)[None, :] > torch.arange(T)[:, None] - T // 2) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])",
+    "torch.where((torch.arange(T)[:, None] - torch.arange(T)[None, :]).abs() < 5, 0.0, float('-inf'))",
+]
+
+
+def test_band_spellings_are_proven_with_their_window_and_near_misses_refused():
+    for (expr, w), node in zip(BANDS, trace([e for e, _ in BANDS])):
+        additive = example_value(node).dtype != torch.bool
+        assert judge(expr, additive, w) is None, expr  # the list itself is right
+        assert prove_band(node, additive=additive) == w, expr
+    for expr, node in zip(NEAR_MISS_BANDS, trace(NEAR_MISS_BANDS)):
+        additive = example_value(node).dtype != torch.bool
+        with pytest.raises(NotProvable):
+            prove_band(node, additive=additive)
 
 
 def test_generator_makes_both_kinds():

@@ -290,7 +290,7 @@ def test_gathers_with_possibly_negative_indices_are_refused():
         prove(shifted)
 
 
-def test_sliding_window_and_padding_masks_are_refused():
+def test_sliding_window_and_padding_masks_are_not_causal():
     def window(x):
         t = x.shape[1]
         i = torch.arange(t)[:, None]
@@ -304,7 +304,7 @@ def test_sliding_window_and_padding_masks_are_refused():
         j = torch.arange(t)[None, :]
         return ((j <= i) & pad[:, None, :].bool(),)
 
-    with pytest.raises(NotProvable, match="not causal"):
+    with pytest.raises(NotProvable, match="sliding window of 4 keys, not the causal mask"):
         prove(window, additive=False)
     with pytest.raises(NotProvable, match="padding"):
         prove(padding, X, torch.ones(2, 9), additive=False)
@@ -421,3 +421,78 @@ def test_transformers_padding_and_caller_positions_are_refused_by_name():
     (mask,) = transformers_masks("eager", False, position_ids=positions)
     with pytest.raises(NotProvable, match="position_ids passed by the caller"):
         prove_causal(mask, additive=True)
+
+
+# -- sliding windows -------------------------------------------------------------------------
+
+def band(fn, *args, additive=None):
+    """Trace ``fn`` and return :func:`prove_band`'s window."""
+    from longctx_compiler.passes.analysis.causal_mask import prove_band
+
+    mask = capture(fn, *(args or (X,)))
+    if additive is None:
+        additive = example_value(mask).dtype != torch.bool
+    return prove_band(mask, additive=additive)
+
+
+def _ij(x):
+    t = x.shape[1]
+    return torch.arange(t)[:, None], torch.arange(t)[None, :]
+
+
+@pytest.mark.parametrize("w", [1, 2, 5, 4096])
+def test_windows_are_read_off_the_kept_set(w):
+    def transformers_spelling(x):  # sliding_window_overlay & causal: kv > q - w, kv <= q
+        i, j = _ij(x)
+        return (j > i - w) & (j <= i)
+
+    def inclusive_spelling(x):  # the same band written with >= (one more key: window w + 1)
+        i, j = _ij(x)
+        return (j >= i - w) & (j <= i)
+
+    def additive_spelling(x):
+        i, j = _ij(x)
+        return torch.where((i - j < w) & (j <= i), 0.0, float("-inf"))
+
+    def tril_triu(x):
+        t = x.shape[1]
+        return torch.ones(t, t, dtype=torch.bool).tril().triu(-(w - 1))
+
+    assert band(transformers_spelling) == w
+    assert band(inclusive_spelling) == w + 1
+    assert band(additive_spelling) == w
+    assert band(tril_triu) == w
+    with pytest.raises(NotProvable, match=f"sliding window of {w} keys"):
+        prove(transformers_spelling)  # the plain causal prover does not accept a band
+
+
+def test_causal_is_no_window():
+    def causal(x):
+        i, j = _ij(x)
+        return j <= i
+
+    assert band(causal) is None
+
+
+@pytest.mark.parametrize("name, fn, words", [
+    ("a band that looks ahead", lambda i, j: (j > i - 3) & (j <= i + 1), "keeps key - query = 1"),
+    ("a band without the diagonal", lambda i, j: (j > i - 3) & (j < i), "differs at key - query = 0"),
+    ("a window with a sink token", lambda i, j: ((j > i - 3) | (j == 0)) & (j <= i), "more than the query-key distance"),
+    ("two bands", lambda i, j: (j <= i) & ((j > i - 2) | (j <= i - 4)), "differs at key - query = -3"),
+    ("no causal side", lambda i, j: j > i - 3, "keeps key - query"),
+])
+def test_near_miss_bands_are_refused(name, fn, words):
+    def mask(x):
+        return fn(*_ij(x))
+
+    with pytest.raises(NotProvable, match=words):
+        band(mask)
+
+
+def test_a_window_that_grows_with_the_length_is_refused():
+    def mask(x):
+        i, j = _ij(x)
+        return (j > i - x.shape[1] // 2) & (j <= i)
+
+    with pytest.raises(NotProvable, match="more than the query-key distance"):
+        band(mask)
