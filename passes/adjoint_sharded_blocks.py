@@ -1,4 +1,5 @@
-"""Run each block around an adjoint-sharded scan chunk by chunk along the sequence.
+"""Run each block around an adjoint-sharded scan (Mamba's selective scan, Mamba-2's SSD scan)
+chunk by chunk along the sequence.
 
 The scan's own saved state is already ``M·B·D·N`` boundary states. What a Mamba-style block
 still needs in backward is its token-wise work: the input projection ``[T, 2·D_inner]``,
@@ -8,6 +9,9 @@ takes the adjoint sharding from the scan up to the whole block::
 
     before:  x ─ norm ─ in_proj ─ conv ─ silu ─ x_proj ─ dt_proj ─ scan ─ gate ─ out_proj ─ (+x) ─ out
     after:   out, states = longctx.ssm_block_fwd([x, *params], sizes, plan)
+
+A Mamba-2 block (``in_proj → (z, xBC, Δ) → conv → SSD scan → norm(y · silu(z)) → out_proj``)
+becomes the same op, its carry the SSD state ``[B, H, P, N]``.
 
 The op runs the block one chunk of ``Q`` tokens at a time (the chunk's window also reads the
 ``H`` tokens before it, the convolution's reach), carrying the scan's state forward and
@@ -20,8 +24,10 @@ states; working memory: one chunk's activations instead of the whole sequence's.
 Which nodes form "the block" and what disqualifies it are as in :mod:`recompute_ssm_blocks`
 (which handles any block this pass refuses). On top, the block must be provably local
 along the sequence (:mod:`sequence_window`: every operation has a rule; no look-ahead; the
-outputs pointwise in the scan's output), and the scan exact (a truncated adjoint is
-defined per scan, not across the block's chunks).
+outputs pointwise in the scan's output), and a selective scan exact (a truncated adjoint is
+defined per scan, not across the block's chunks). An SSD scan with documents (``seq_idx``)
+also reads the token before each chunk: a document starting at a chunk's first token resets
+the carried state.
 """
 
 from __future__ import annotations
@@ -32,23 +38,29 @@ import torch
 import torch.fx as fx
 
 from longctx_compiler.kernels.selective_scan import schema as scan_schema
-from longctx_compiler.kernels.sequence_block import BLOCK_OP, BlockPlan, register_plan, scan_in_window
-from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
+from longctx_compiler.kernels.sequence_block import BLOCK_OP, BlockPlan, register_plan, scan_in_window, ssd_in_window
+from longctx_compiler.kernels.ssd import schema as ssd_schema
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.block_region import check_region, copy_body, replace_region
 from longctx_compiler.passes.analysis.fx_utils import example_value
-from longctx_compiler.passes.recompute_ssm_blocks import find_scan_blocks
-from longctx_compiler.passes.analysis.sequence_window import SCAN, CarrySite, WindowAnalysis, analyse_window
+from longctx_compiler.passes.recompute_ssm_blocks import find_scan_blocks, is_scan, is_ssd
+from longctx_compiler.passes.analysis.sequence_window import SCAN, SSD, STATE_CARRIES, CarrySite, WindowAnalysis, analyse_window
 from longctx_compiler.runtime.autocast import current_autocast
 
 __all__ = ["AdjointShardedBlocksPass", "BLOCK_OP", "sequence_block_plan"]
 
+#: Each scan kind's windowed form.
+WINDOWED = {SCAN: scan_in_window, SSD: ssd_in_window}
+
+
 def scan_site(scan: fx.Node) -> CarrySite:
-    """The scan as a carry of the sequence-window analysis: its arguments, those that run
-    along the sequence (by position, with their dim) and its per-token result."""
-    args = scan_schema.ScanArgs.of(scan)
-    seq = {args._fields.index(name): d for name, d in scan_schema.SEQUENCE_DIMS.items() if getattr(args, name) is not None}
-    return CarrySite(scan, tuple(args), seq, scan_schema.Y, SCAN)
+    """A scan (selective or SSD) as a carry of the sequence-window analysis: its arguments,
+    those that run along the sequence (by position, with their dim), its per-token result
+    and, for an SSD with documents, the one token before each chunk that a reset reads."""
+    what, schema, args = (SSD, ssd_schema, ssd_schema.SSDArgs.of(scan)) if is_ssd(scan) else (SCAN, scan_schema, scan_schema.ScanArgs.of(scan))
+    seq = {args._fields.index(name): d for name, d in schema.SEQUENCE_DIMS.items() if getattr(args, name) is not None}
+    reach = 1 if what == SSD and args.seq_idx is not None else 0
+    return CarrySite(scan, tuple(args), seq, 0, what, reach)
 
 
 def sequence_block_plan(gm: fx.GraphModule, match: Match, window: WindowAnalysis, carries: list[CarrySite],
@@ -66,8 +78,11 @@ def sequence_block_plan(gm: fx.GraphModule, match: Match, window: WindowAnalysis
     slots: dict[fx.Node, tuple[CarrySite, int]] = {}
     counts: dict[str, int] = {}
     for site in carries:
-        slots[site.node] = (site, counts.get(site.what, 0))
-        counts[site.what] = counts.get(site.what, 0) + 1
+        # State carries (selective and SSD scans) share one numbering: the runtime keeps a
+        # state per slot, whatever the scan.
+        kind = SCAN if site.what in STATE_CARRIES else site.what
+        slots[site.node] = (site, counts.get(kind, 0))
+        counts[kind] = counts.get(kind, 0) + 1
 
     def replace(n, env, extra):
         if n not in slots:
@@ -107,9 +122,11 @@ class AdjointShardedBlocksPass(Pass):
 
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
         window = match.data.get("window")
+        ssd = is_ssd(match.data["scan"])
         return {
             "block": match.data["path"], "nodes": len(match.nodes), "chunk_size": self.chunk(window, ctx),
-            "halo": None if window is None else window.halo, "saved": "block inputs + M·B·D·N boundary states",
+            "halo": None if window is None else window.halo, "scan": "ssd" if ssd else "selective_scan",
+            "saved": f"block inputs + {'M·B·H·P·N' if ssd else 'M·B·D·N'} boundary states",
         }
 
     @staticmethod
@@ -124,11 +141,11 @@ class AdjointShardedBlocksPass(Pass):
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
         if match.data["path"] is None:
             raise CantApply("the scan is not inside a module of its own (no enclosing block to recompute)")
-        check_region(gm, match, lambda n: n.op == "call_function" and n.target is SCAN_OP)
-        cfg = ctx.config.ssm
-        if cfg.mode != "exact":
-            raise CantApply(f"the scan's adjoint is {cfg.mode!r}: a truncated adjoint is defined per scan, not across the block's chunks")
+        check_region(gm, match, is_scan)
         site = scan_site(match.data["scan"])
+        cfg = ctx.config.ssm
+        if site.what == SCAN and cfg.mode != "exact":
+            raise CantApply(f"the scan's adjoint is {cfg.mode!r}: a truncated adjoint is defined per scan, not across the block's chunks")
         window = analyse_window(match.nodes, match.data["inputs"], match.data["outputs"], [site])
         for a in match.data["inputs"]:
             v = example_value(a)
@@ -139,6 +156,6 @@ class AdjointShardedBlocksPass(Pass):
 
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
         window = match.data["window"]
-        key, tensors, sizes = sequence_block_plan(gm, match, window, match.data["carries"], {SCAN: scan_in_window}, self.chunk(window, ctx))
+        key, tensors, sizes = sequence_block_plan(gm, match, window, match.data["carries"], WINDOWED, self.chunk(window, ctx))
         call, results = replace_region(gm, match, BLOCK_OP, (list(tensors), list(sizes), key), {})
         return [call, *results]

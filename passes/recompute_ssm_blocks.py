@@ -39,20 +39,35 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from longctx_compiler.kernels.sequence_block import BLOCK_OP
+from longctx_compiler.kernels.ssd import op as _ssd_op  # noqa: F401 - registers longctx::ssd_fwd
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.block_region import check_region, find_blocks, replace_region
 from longctx_compiler.passes.analysis.fx_utils import example_value
 
-__all__ = ["RecomputeSSMBlocksPass", "CHECKPOINT_HOP", "find_scan_blocks"]
+__all__ = ["RecomputeSSMBlocksPass", "CHECKPOINT_HOP", "find_scan_blocks", "SSD_OP", "SCAN_OPS", "is_scan", "is_ssd"]
 
 CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
+SSD_OP = torch.ops.longctx.ssd_fwd.default
+#: The scans a block is built around: the selective scan (Mamba) and the SSD scan (Mamba-2),
+#: the latter also as its overload packet (what ``ssd_scan`` calls, and Dynamo records).
+SCAN_OPS = (SCAN_OP, SSD_OP, torch.ops.longctx.ssd_fwd)
+
+
+def is_scan(n: fx.Node) -> bool:
+    """Whether ``n`` calls one of :data:`SCAN_OPS`."""
+    return n.op == "call_function" and n.target in SCAN_OPS
+
+
+def is_ssd(n: fx.Node) -> bool:
+    """Whether ``n`` calls the SSD scan."""
+    return n.op == "call_function" and n.target in (SSD_OP, torch.ops.longctx.ssd_fwd)
 
 
 def _scan_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     # The scan's outputs are saved (its backward reads y's inputs and the boundary states
     # anyway, and recomputing the scan would double its cost); everything else is recomputed.
-    if op is SCAN_OP:
+    if op in SCAN_OPS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -60,8 +75,8 @@ def _scan_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPoli
 def find_scan_blocks(gm: fx.GraphModule) -> Iterable[Match]:
     """Each scan's block: the outermost module holding it and no other scan (a block that a
     sequence-block op already replaced still holds one). ``data``: ``path``, ``scan``."""
-    scans = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SCAN_OP]
-    counted = lambda n: n.op == "call_function" and n.target in (SCAN_OP, BLOCK_OP)  # noqa: E731
+    scans = [n for n in gm.graph.nodes if is_scan(n)]
+    counted = lambda n: is_scan(n) or (n.op == "call_function" and n.target is BLOCK_OP)  # noqa: E731
     for m in find_blocks(gm, scans, counted):
         m.data["scan"] = m.data["anchor_node"]
         yield m
@@ -88,7 +103,7 @@ class RecomputeSSMBlocksPass(Pass):
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
         if match.data["path"] is None:
             raise CantApply("the scan is not inside a module of its own (no enclosing block to recompute)")
-        check_region(gm, match, lambda n: n.op == "call_function" and n.target is SCAN_OP)
+        check_region(gm, match, is_scan)
 
     # -- apply ------------------------------------------------------------------------------
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:

@@ -4,9 +4,11 @@ A block body runs on one window of the sequence at a time (``chunked.py``). What
 its chunk to the chunks before it goes through a :class:`Carry`, which the body's carry ops
 read and write by *slot* (one slot per scan or attention node of the block):
 
-* **state** (a selective scan, :func:`scan_in_window`): fixed size ``[B, D, N]``. The chunk
-  starts from the state its predecessor left and leaves its own final state; its adjoint
-  ``λ`` flows back from chunk to chunk.
+* **state** (a selective scan, :func:`scan_in_window`, or a Mamba-2 SSD scan,
+  :func:`ssd_in_window`): fixed size, ``[B, D, N]`` or ``[B, H, P, N]``, carried as
+  ``[B, D, N]`` / ``[B, H, P·N]`` (every state is three-dimensional to the runtime). The
+  chunk starts from the state its predecessor left and leaves its own final state; its
+  adjoint ``λ`` flows back from chunk to chunk.
 * **K/V history** (causal attention, :func:`attention_in_window`): grows with T. The chunk's
   queries attend to every earlier chunk's keys/values (kept in the host pool by a
   :class:`KVHistory`, read back one piece at a time) and, causally, to its own. Its adjoint is
@@ -33,11 +35,14 @@ from longctx_compiler.kernels.attention.reference import accumulation_dtype
 from longctx_compiler.kernels.selective_scan import op as _scan_op  # noqa: F401
 from longctx_compiler.kernels.selective_scan.schema import SEQUENCE_DIMS as SCAN_DIMS
 from longctx_compiler.kernels.selective_scan.schema import ScanArgs
+from longctx_compiler.kernels.ssd import op as _ssd_op  # noqa: F401 - registers longctx::ssd_fwd
+from longctx_compiler.kernels.ssd.schema import SEQUENCE_DIMS as SSD_DIMS
+from longctx_compiler.kernels.ssd.schema import SSDArgs
 from longctx_compiler.runtime.autocast import AUTOCAST_DEVICE_TYPES, autocast_cast
 from longctx_compiler.runtime.host_pool import HostHandle, HostPool
 from longctx_compiler.runtime.sequence_parallel import SequenceParallelError, get_group
 
-__all__ = ["Carry", "KVHistory", "scan_in_window", "attention_in_window"]
+__all__ = ["Carry", "KVHistory", "scan_in_window", "ssd_in_window", "attention_in_window"]
 
 
 class Carry:
@@ -105,6 +110,38 @@ def scan_in_window(*rest):
     y, final, _ = torch.ops.longctx.selective_scan_fwd(*own)
     carry.states_out[slot] = final
     return (F.pad(y, (hc, 0)) if hc else y), final
+
+
+def ssd_in_window(*rest):
+    """The block's SSD scan (Mamba-2) inside a window: scan tokens ``hc..`` from the carried
+    state (the node's own ``initial_states`` for the first chunk); returns ``(out [B, L, H, P]
+    padded with hc leading zeros, final states)``. The state ``[B, H, P, N]`` is carried as
+    ``[B, H, P·N]``, the SSD op's own boundary layout.
+
+    With documents (``seq_idx``), one that starts at the chunk's first token resets the state
+    there, as it does in the whole sequence: the carried state is dropped for each batch row
+    whose document index changes from the token before the chunk (the window's last halo
+    token: the block's halo is at least 1, ``CarrySite.reach``). Resets inside the chunk are
+    the op's own.
+
+    Arguments: those of ``longctx::ssd_fwd`` (:class:`SSDArgs`), then ``slot, carry``.
+    """
+    *args, slot, carry = rest
+    args = SSDArgs(*args)
+    hc = carry.hc
+    h_in = carry.states_in[slot]
+    own = args._replace(**_own_tokens(args, SSDArgs._fields, SSD_DIMS, hc))
+    if h_in is not None:
+        h = h_in.unflatten(-1, (args.x.shape[-1], args.B.shape[-1]))
+        if args.seq_idx is not None:
+            if not hc:
+                raise RuntimeError("sequence_block: an SSD scan with documents needs the token before each chunk (a halo of at least 1)")
+            same = args.seq_idx[:, hc] == args.seq_idx[:, hc - 1]
+            h = torch.where(same[:, None, None, None], h, h.new_zeros(()))
+        own = own._replace(initial_states=h)
+    out, final, _ = torch.ops.longctx.ssd_fwd(*own)
+    carry.states_out[slot] = final.flatten(2)
+    return (F.pad(out, (0, 0, 0, 0, hc, 0)) if hc else out), final
 
 
 def attention_in_window(q, k, v, causal: bool, scale: float, chunk_size: int, *rest):

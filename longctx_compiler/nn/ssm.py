@@ -156,15 +156,19 @@ class TinyMambaLM(nn.Module):
 
     ``forward(input_ids [batch, T], labels=None)`` returns :class:`TinyLMOutput`; with labels
     the loss is the mean next-token cross entropy (labels shifted inside, ``-100`` ignored,
-    as in Hugging Face causal LMs).
+    as in Hugging Face causal LMs). ``mixer`` keywords go to each mixer (``mixer_class``:
+    a subclass swaps the layer, e.g. :class:`~longctx_compiler.nn.TinyMamba2LM`).
     """
 
-    def __init__(self, vocab_size: int = 64, d_model: int = 16, n_layers: int = 2, d_state: int = 4, d_conv: int = 4, expand: int = 2, *, device=None, dtype=None):
+    mixer_class: type[nn.Module] = SelectiveSSM
+
+    def __init__(self, vocab_size: int = 64, d_model: int = 16, n_layers: int = 2, d_state: int = 4, d_conv: int = 4, expand: int = 2, *,
+                 device=None, dtype=None, **mixer):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.embedding = nn.Embedding(vocab_size, d_model, **kw)
         self.norms = nn.ModuleList(RMSNorm(d_model, **kw) for _ in range(n_layers))
-        self.mixers = nn.ModuleList(SelectiveSSM(d_model, d_state, d_conv, expand, **kw) for _ in range(n_layers))
+        self.mixers = nn.ModuleList(self.mixer_class(d_model, d_state, d_conv, expand, **mixer, **kw) for _ in range(n_layers))
         self.norm_f = RMSNorm(d_model, **kw)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False, **kw)
 

@@ -54,11 +54,15 @@ from longctx_compiler.passes.base import CantApply
 from longctx_compiler.passes.analysis.fx_utils import arg as _arg
 from longctx_compiler.passes.analysis.fx_utils import example_value
 
-__all__ = ["SeqValue", "WindowAnalysis", "CarrySite", "analyse_window", "INPUT", "SCAN", "ATTENTION"]
+__all__ = ["SeqValue", "WindowAnalysis", "CarrySite", "analyse_window", "INPUT", "SCAN", "SSD", "ATTENTION", "STATE_CARRIES"]
 
 INPUT = "input"
+#: Carry kinds: a selective scan's state, an SSD (Mamba-2) scan's state, an attention's K/V history.
 SCAN = "scan"
+SSD = "ssd"
 ATTENTION = "attention"
+#: The kinds whose carry is a fixed-size state (the runtime numbers their slots together).
+STATE_CARRIES = (SCAN, SSD)
 
 @dataclass(frozen=True)
 class SeqValue:
@@ -160,6 +164,10 @@ _SPLIT = {"split": 2, "chunk": 2, "unbind": 1, "tensor_split": 2, "split_with_si
 _CONCAT = {"cat", "concat", "concatenate", "stack"}
 _MATMUL = {"matmul", "mm", "bmm", "__matmul__"}
 _SIZE_ARITH = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg, operator.mod}
+#: Comparisons of sizes (an op's argument checks, ``tuple(x.shape) != want``, leave them in the
+#: graph): a boolean that depends on the length is a size like any other, refused where a
+#: tensor reads it.
+_SIZE_TESTS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_, operator.not_}
 _QUIET = {torch._C._log_api_usage_once}
 
 
@@ -262,6 +270,9 @@ class _Analysis:
             raise CantApply(f"{node.name} ({node.target}) has no sequence-window rule")
         if name == "getitem":
             self.info[node] = self.getitem(node, out)
+            return
+        if node.op == "call_function" and node.target in _SIZE_TESTS and isinstance(out, (torch.SymBool, bool)) and not seq:
+            self.info[node] = _SIZE if isinstance(out, torch.SymBool) and self.T in out.node.expr.free_symbols else None
             return
         size_arith = node.op == "call_function" and node.target in _SIZE_ARITH and not isinstance(out, torch.Tensor)
         if name == "arange" and self.global_positions and not seq:
@@ -479,7 +490,11 @@ class CarrySite:
         seq_args: the arguments that run along the sequence, by position, with the dim they
             run along (as the op reads them).
         output: which result of the node runs along the sequence (the others must be unused).
-        what: the node's kind, for messages (``"scan"``, ``"attention"``).
+        what: the node's kind (``"scan"``, ``"ssd"``, ``"attention"``): which windowed form
+            runs it, and for messages.
+        reach: tokens before a chunk that the windowed form itself reads (an SSD with
+            documents compares the chunk's first document index with the one before it); the
+            halo is at least this.
     """
 
     node: fx.Node
@@ -487,6 +502,7 @@ class CarrySite:
     seq_args: dict[int, int]
     output: int = 0
     what: str = SCAN
+    reach: int = 0
 
 
 def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node], carries: list[CarrySite],
@@ -556,7 +572,7 @@ def analyse_window(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx
             an.info[n] = SeqValue(an.seq_dim(out, n.name), ((sources[src[1]], 0),)) if n.args[1] == site.output else None
             continue
         an.node(n)
-    halo = 0
+    halo = max((c.reach for c in carries), default=0)
     for site, v in carry_inputs:
         if v.right > 0:
             raise CantApply(f"the {site.what}'s inputs look up to {v.right} tokens ahead")
