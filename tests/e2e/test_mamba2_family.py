@@ -19,6 +19,7 @@ import contextlib
 import copy
 import math
 import sys
+import types
 
 import pytest
 import torch
@@ -246,3 +247,37 @@ def test_a_chunk_size_that_is_not_a_positive_int_gets_the_op_default():
     (rewrite,) = [r for r in opt.report.rewrites if r.pass_name == "ssd_scan"]
     assert rewrite.details["chunk_size"] == DEFAULT_CHUNK
     assert rewrite.details["chunk_size_from"] == "op default (the model's chunk_size: None, not a positive int)"
+
+
+def test_mamba_ssm_combined_scan_is_captured_with_its_semantics(monkeypatch):
+    # mamba_ssm needs CUDA: a stand-in module with its function's name, signature and dtypes
+    # (output in x's dtype, float32 final state, z applied) exercises the recognition.
+    name = "mamba_ssm.ops.triton.ssd_combined"
+    module = types.ModuleType(name)
+
+    def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+                                  cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, math.inf), return_final_states=False,
+                                  return_varlen_states=False):
+        out, final = ssd_reference(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                                   initial_states=initial_states, seq_idx=seq_idx, return_final_states=True)
+        return (out, final.float()) if return_final_states else out
+
+    mamba_chunk_scan_combined.__module__ = name
+    module.mamba_chunk_scan_combined = mamba_chunk_scan_combined
+    monkeypatch.setitem(sys.modules, name, module)
+
+    def scan(x, dt, A, B, C, D, dt_bias, h0, z):
+        return module.mamba_chunk_scan_combined(x, dt, A, B, C, CHUNK, D=D, z=z, dt_bias=dt_bias, initial_states=h0,
+                                                dt_softplus=True, return_final_states=True)
+
+    inputs = scan_inputs(torch.bfloat16)
+    z = torch.randn(2, 13, 4, 8).bfloat16()
+    opt = lc.optimize(scan, backend="aot_eager", strict=True)
+    out, final = opt(*inputs, z)
+    lib_out, lib_final = scan(*inputs, z)
+    assert (out.dtype, final.dtype) == (lib_out.dtype, lib_final.dtype) == (torch.bfloat16, torch.float32)
+    ref_out, ref_final = scan(*(v.double() for v in inputs), z.double())
+    for ours, lib, ref in ((out, lib_out, ref_out), (final, lib_final, ref_final)):
+        assert relative_error(ours, ref) <= 2 * relative_error(lib, ref) + 4 * torch.finfo(ours.dtype).eps
+    (rewrite,) = [r for r in opt.report.rewrites if r.pass_name == "ssd_scan"]
+    assert rewrite.kind == "mamba_ssm chunk scan -> ssd(adjoint-sharded)" and "precision" not in rewrite.details
