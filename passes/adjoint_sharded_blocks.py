@@ -57,10 +57,13 @@ def scan_site(scan: fx.Node) -> CarrySite:
     """A scan (selective or SSD) as a carry of the sequence-window analysis: its arguments,
     those that run along the sequence (by position, with their dim), its per-token result
     and, for an SSD with documents, the one token before each chunk that a reset reads."""
-    what, schema, args = (SSD, ssd_schema, ssd_schema.SSDArgs.of(scan)) if is_ssd(scan) else (SCAN, scan_schema, scan_schema.ScanArgs.of(scan))
+    if is_ssd(scan):
+        what, schema, args, output = SSD, ssd_schema, ssd_schema.SSDArgs.of(scan), ssd_schema.OUT
+    else:
+        what, schema, args, output = SCAN, scan_schema, scan_schema.ScanArgs.of(scan), scan_schema.Y
     seq = {args._fields.index(name): d for name, d in schema.SEQUENCE_DIMS.items() if getattr(args, name) is not None}
     reach = 1 if what == SSD and args.seq_idx is not None else 0
-    return CarrySite(scan, tuple(args), seq, 0, what, reach)
+    return CarrySite(scan, tuple(args), seq, output, what, reach)
 
 
 def sequence_block_plan(gm: fx.GraphModule, match: Match, window: WindowAnalysis, carries: list[CarrySite],

@@ -69,7 +69,7 @@ class BlockPlan:
         min_length: the shortest window the body is exact on (a window reaches further back
             to be at least this long; see ``sequence_window``).
         chunk: Q, tokens per chunk, at least ``min_length`` (so the first window is long enough).
-        scans: number of scan slots (state carries).
+        scans: number of scan slots (state carries: selective and SSD scans).
         attentions: number of attention slots (K/V history carries).
         host_inputs: per tensor input, its rank if it waits for the backward in the host
             pool (sequence inputs only), 0 if it is saved on the device; empty: all on the device.
@@ -213,7 +213,8 @@ def _window(plan: BlockPlan, tensors: Sequence[Tensor], a: int, n: int, group: H
 def block_forward(
     plan: BlockPlan, tensors: Sequence[Tensor], sizes: Sequence[int], pool: HostPool | None = None
 ) -> tuple[list[Tensor], list[Tensor], HostGroup]:
-    """``(outputs, boundary states per scan [B, D, M·N], host group)``.
+    """``(outputs, boundary states per scan [B, D, M·S], host group)``, ``S`` the flattened
+    size of the scan's carried state (``N`` for a selective scan, ``P·N`` for an SSD scan).
 
     The state entering chunk 0 is left zero in the boundary states (the backward uses the
     node's own ``h0`` there). Sequence inputs marked ``host_inputs`` and every attention's K/V

@@ -3,7 +3,8 @@
 Schemas::
 
     longctx::sequence_block_fwd(Tensor[] tensors, SymInt[] sizes, str plan) -> Tensor[]
-        # the block's outputs, then one [B, D, M·N] boundary-state tensor per scan, then a
+        # the block's outputs, then one boundary-state tensor per scan ([B, D, M·N] for a
+        # selective scan, [B, H, M·P·N] for an SSD scan), then a
         # handle (int64 scalar, CPU) naming what the forward left in the host pool
     longctx::sequence_block_bwd(Tensor[] tensors, SymInt[] sizes, Tensor[] boundary_states,
         Tensor handle, Tensor[] grad_outputs, bool[] needs_grad, SymInt[] host_shapes, str plan)
