@@ -28,8 +28,10 @@ the model themselves (:mod:`longctx_compiler.integrations`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import sys
 import warnings
 from typing import Any, Callable, Iterator, Mapping
 
@@ -120,7 +122,7 @@ class _Compiled:
         before = self._lc_backend.compile_count
         pending = self._lc_backend.start_report()
         try:
-            with capture_context(self._lc_config), active_group(sequence.group if sequence else None):
+            with capture_context(self._lc_config), active_group(sequence.group if sequence else None), _once_only_logging_ignored():
                 out = self._lc_compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             # Dynamo wraps errors raised by a backend; with strict=True the user asked for our
@@ -148,6 +150,19 @@ class _Compiled:
                     stacklevel=4,
                 )
         return out
+
+
+def _once_only_logging_ignored():
+    """Dynamo breaks the graph at a logger call; transformers' once-only warnings
+    (``logger.warning_once``, e.g. GPT-2's "loss_type=None ... Using the default loss" inside
+    ``forward``) would split every training step into two graphs, the attention rewrite lost
+    in the second. They are advice printed once; inside the compiled call they are skipped
+    (the eager model still prints them)."""
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    once = {getattr(hf_logging, n) for n in ("warning_once", "info_once", "warning_advice") if hasattr(hf_logging, n)}
+    if not once:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(ignore_logging_functions=torch._dynamo.config.ignore_logging_functions | once)
 
 
 def _module_of(target: Callable[..., Any]) -> torch.nn.Module | None:
@@ -482,9 +497,9 @@ def explain(target: Callable[..., Any] | torch.nn.Module, *args: Any, config: Co
     if cfg.distributed.active:
         # The plan of rank 0 of a simulated group: no process group needed, no data moves.
         group = simulated_group(cfg.distributed.sequence_parallel)
-        args, kwargs = shard_inputs(group, _forward_of(target), args, kwargs, cfg.sequence_dim)
+        args, kwargs = shard_inputs(group, _forward_of(target), args, kwargs, cfg.sequence_dim, layout_chunk(cfg))
     _mark_sequence_dynamic(cfg, args, kwargs)
     compiled = torch.compile(target, backend=backend, fullgraph=cfg.distributed.active)
-    with torch.no_grad(), capture_context(cfg), quiet_checkpoint_policy_warning(), active_group(group):
+    with torch.no_grad(), capture_context(cfg), quiet_checkpoint_policy_warning(), active_group(group), _once_only_logging_ignored():
         compiled(*args, **kwargs)
     return report

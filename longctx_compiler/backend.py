@@ -32,6 +32,7 @@ import warnings
 from collections import Counter
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.fx as fx
 
 from longctx_compiler.config import Config
@@ -114,7 +115,16 @@ class LongctxBackend:
         record.after = snapshot(work)
         if self.compile:
             self._warn_refusals(record)
-        compiled = self._delegate(work, example_inputs)
+        try:
+            compiled = self._delegate(work, example_inputs)
+        except torch._dynamo.exc.RestartAnalysis:
+            # Dynamo traces the frame again (e.g. a float read with .item() — Gemma's
+            # embed_scale — is specialised, which AOT finds only now): this attempt is no
+            # graph, and its rewrites will be reported by the one that follows.
+            self.compile_count -= 1
+            self.report.graphs.remove(record)
+            log.info("graph %d: Dynamo restarts its analysis; compiling again", self.compile_count + 1)
+            raise
         log.info("compiled graph %d in %.1f s: %s", self.compile_count, time.perf_counter() - started, _summary(record))
         return compiled
 

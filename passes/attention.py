@@ -103,8 +103,11 @@ class ChunkedAttentionPass(Pass):
     def kind_of(self, match: Match) -> str:
         spelling = match.data["spelling"]
         target = "chunked_attention+offload" if match.data.get("offload") else "chunked_attention"
-        window = match.data.get("window")
-        return f"{spelling} -> {target}" + (f" (sliding window {window})" if window else "")
+        variants = [f"sliding window {match.data['window']}" if match.data.get("window") else None,
+                    f"soft-cap {match.data['softcap']:g}" if match.data.get("softcap") else None,
+                    "sinks" if match.data.get("sinks") is not None else None]
+        shown = ", ".join(v for v in variants if v)
+        return f"{spelling} -> {target}" + (f" ({shown})" if shown else "")
 
     def describe(self, match: Match, ctx: PassContext) -> dict[str, Any]:
         d = match.data
@@ -115,6 +118,8 @@ class ChunkedAttentionPass(Pass):
             "host_pool_bytes": cfg.host_pool_bytes if cfg.offload else None,
             "causal": d.get("causal"),
             "window": d.get("window"),
+            "softcap": d.get("softcap"),
+            "sinks": d.get("sinks") is not None,
             "gqa_groups": d.get("groups"),
             "repeat_kv_removed": d.get("repeat_kv_removed", False),
             "autocast": d.get("autocast"),
@@ -148,18 +153,25 @@ class ChunkedAttentionPass(Pass):
         return Match(anchor=node, nodes=[node], data=data)
 
     def _match_eager(self, out: fx.Node) -> Match | None:
-        """Walk back from ``matmul(probs, v)`` through dropout/cast/softmax/mask/scale to ``q @ kᵀ``."""
+        """Walk back from ``matmul(probs, v)`` through dropout/cast/softmax/mask/soft-cap/scale
+        to ``q @ kᵀ``. None when ``probs`` is not a softmax (not attention); a softmax that
+        leads elsewhere is a refusal with the reason (an attention we could not read)."""
         probs, v = out.args[0], out.args[1]
         nodes = [out]
         dropout = 0.0
         training = True
         cur = probs
-        if is_call(cur, F.dropout, torch.dropout, "dropout"):
-            dropout = arg(cur, 1, "p", 0.5)
-            training = arg(cur, 2, "training", True)
-            nodes.append(cur)
-            cur = cur.args[0]
-        if is_call(cur, "to", "type_as", "float", "double", "half", "bfloat16"):
+        for _ in range(2):  # dropout and a cast, in either order
+            if is_call(cur, F.dropout, torch.dropout, "dropout"):
+                dropout = arg(cur, 1, "p", 0.5)
+                training = arg(cur, 2, "training", True)
+                nodes.append(cur)
+                cur = cur.args[0]
+            if is_call(cur, "to", "type", "type_as", "float", "double", "half", "bfloat16"):
+                nodes.append(cur)
+                cur = cur.args[0]
+        with_sinks = is_call(cur, operator.getitem) and is_call(cur.args[0], *_SOFTMAX) and _drops_last_column(cur.args[1])
+        if with_sinks:  # gpt-oss: softmax over [scores, sink logit], the sink's column dropped
             nodes.append(cur)
             cur = cur.args[0]
         if not is_call(cur, *_SOFTMAX):
@@ -168,34 +180,42 @@ class ChunkedAttentionPass(Pass):
         dim = arg(softmax, 1, "dim")
         nodes.append(softmax)
         cur = softmax.args[0]
+        sinks = None
+        if with_sinks:
+            cur = _without_row_max(cur, nodes)
+            if not (is_call(cur, torch.cat) and len(cur.args[0]) == 2 and arg(cur, 1, "dim", 0) in (-1, 3)):
+                return self._unread(out, softmax, f"a column is dropped after the softmax, whose input is {_name(cur)}, not [scores, sinks]")
+            nodes.append(cur)
+            scores_part, sink_part = cur.args[0]
+            sinks = _sink_vector(sink_part, nodes)
+            if sinks is None:
+                return self._unread(out, softmax, f"the softmax's extra column {_name(sink_part)} is not one logit per head")
+            cur = scores_part
         mask = None
         if is_call(cur, operator.add, torch.add, "add"):
             mask = cur.args[1]
             nodes.append(cur)
             cur = cur.args[0]
+        softcap, cur = _soft_cap(cur, nodes)
         scale: Any = 1.0
         scale_problem = None
-        if is_call(cur, operator.mul, torch.mul, "mul") and isinstance(cur.args[1], (int, float)):
-            scale = float(cur.args[1])
-            nodes.append(cur)
-            cur = cur.args[0]
-        elif is_call(cur, operator.truediv, torch.div, "div") and isinstance(cur.args[1], (int, float)):
-            divisor = float(cur.args[1])
-            if cur.kwargs.get("rounding_mode") is not None:
-                scale_problem = f"the scores are divided with rounding_mode={cur.kwargs['rounding_mode']!r}"
-            elif divisor == 0:
-                scale_problem = "the scores are divided by zero"
-            else:
-                scale = 1.0 / divisor
-            nodes.append(cur)
+        while True:  # a chain of constant factors (GPT-2: 1/sqrt(d), then 1/(layer + 1))
+            factor = _constant_factor(cur)
+            if factor is None:
+                break
+            value, problem = factor
+            scale_problem = scale_problem or problem
+            if problem is None:
+                scale *= value
+            nodes.extend(n for n in (cur, cur.args[1]) if isinstance(n, fx.Node) and n not in nodes and len(n.users) == 1)
             cur = cur.args[0]
         if not is_call(cur, *_MATMUL):
-            return None
+            return self._unread(out, softmax, f"the softmax's input is {_name(cur)}, not scaled q·kᵀ scores")
         scores = cur
         nodes.append(scores)
         q, kt = scores.args[0], scores.args[1]
         if not (is_call(kt, "transpose", torch.transpose) and sorted(_norm_dims(kt.args[1:3], kt)) == [2, 3]):
-            return None
+            return self._unread(out, softmax, f"the scores' second operand is {_name(kt)}, not kᵀ (a transpose of the last two dims)")
         nodes.append(kt)
         k = kt.args[0]
         data = {
@@ -211,12 +231,21 @@ class ChunkedAttentionPass(Pass):
             "enable_gqa": False,
             "mask_additive": True,
             "softmax_dim": dim,
+            "softcap": softcap,
+            "sinks": sinks,
         }
         return Match(anchor=out, nodes=nodes, data=data)
+
+    @staticmethod
+    def _unread(out: fx.Node, softmax: fx.Node, why: str) -> Match:
+        """A softmax feeding a matmul that the pass could not read as attention: reported."""
+        return Match(anchor=out, nodes=[out], data={"spelling": "matmul-softmax-matmul", "unread": f"{why} ({softmax.name})"})
 
     # -- check -------------------------------------------------------------------------------
     def check(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> None:
         d = match.data
+        if "unread" in d:
+            raise CantApply(f"a softmax between two matmuls that is not read as attention: {d['unread']}")
         if not isinstance(d["dropout"], (int, float)) or d["dropout"] != 0:
             raise CantApply(f"attention dropout p={d['dropout']} in training: chunking would change the random mask (use p=0 or eval mode)")
         if d["spelling"] == "matmul-softmax-matmul":
@@ -382,7 +411,10 @@ class ChunkedAttentionPass(Pass):
             # The op's fake value under the autocast state of the site (its Autocast kernel
             # casts there as it will when the graph runs).
             with torch.autocast(device_type, dtype=ac_dtype, enabled=enabled):
-                variants = (d["window"],) if d.get("window") else ()
+                sinks = None
+                if d.get("sinks") is not None:
+                    sinks = insert_call(graph, torch.reshape, (d["sinks"], (-1,)))
+                variants = _variant_args(d.get("window") or 0, d.get("softcap") or 0.0, sinks)
                 res = insert_call(graph, op, (q, k, v, bool(d["causal"]), d["scale_value"], chunk, budget, *variants))
                 out = getitem(graph, res, 0)
         _carry_dtype(match.anchor, out)
@@ -391,6 +423,117 @@ class ChunkedAttentionPass(Pass):
             if not n.users:
                 graph.erase_node(n)
         return [res, out]
+
+
+def _variant_args(window: int, softcap: float, sinks: fx.Node | None) -> tuple:
+    """The op's trailing ``window, softcap, sinks`` arguments, as few as say something (a
+    plain causal call keeps the original argument list)."""
+    if sinks is not None:
+        return (window, softcap, sinks)
+    if softcap:
+        return (window, softcap)
+    return (window,) if window else ()
+
+
+def _drops_last_column(index: Any) -> bool:
+    """``[..., :-1]``."""
+    return (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice)
+            and index[1].start in (None, 0) and index[1].stop == -1 and index[1].step in (None, 1))
+
+
+def _without_row_max(n: Any, nodes: list[fx.Node]) -> Any:
+    """``x`` from ``x − x.max(dim=-1, keepdim=True).values`` (a shift the softmax does not
+    see: gpt-oss's guard against overflow), else ``n``."""
+    if not is_call(n, operator.sub, torch.sub, "sub"):
+        return n
+    x, m = n.args[0], n.args[1]
+    picked = is_call(m, operator.getitem) and m.args[1] == 0 or (is_call(m, getattr) and m.args[1] == "values")
+    mx = m.args[0] if picked else None
+    if not (is_call(mx, torch.max, "max") and mx.args[0] is x and arg(mx, 1, "dim") in (-1, 3) and arg(mx, 2, "keepdim", False)):
+        return n
+    nodes.extend([n, m, mx])
+    return x
+
+
+def _sink_vector(n: Any, nodes: list[fx.Node]) -> fx.Node | None:
+    """The ``[H]`` tensor behind ``sinks.reshape(1, -1, 1, 1).expand(B, -1, T, -1)``: walked
+    back through reshapes and expands that keep head ``h`` at ``h`` (None otherwise)."""
+    chain = []
+    while isinstance(n, fx.Node):
+        v = example_value(n)
+        if isinstance(v, torch.Tensor) and v.dim() == 1:
+            nodes.extend(c for c in chain if len(c.users) == 1)
+            return n
+        if not is_call(n, "reshape", "view", "expand", torch.reshape):
+            return None
+        if is_call(n, "expand"):
+            src = example_value(n.args[0])
+            # expand only broadcasts size-1 dims; the head dim (1) must stay as it is
+            if not isinstance(src, torch.Tensor) or src.dim() != 4 or not _same_dim(src.shape[1], v.shape[1]):
+                return None
+        else:
+            if not (isinstance(v, torch.Tensor) and v.dim() == 4 and all(_same_dim(v.shape[i], 1) for i in (0, 2, 3))):
+                return None
+        chain.append(n)
+        n = n.args[0]
+    return None
+
+
+def _same_dim(a: Any, b: Any) -> bool:
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def _name(n: Any) -> str:
+    """``name = op`` of a node, for messages."""
+    if not isinstance(n, fx.Node):
+        return repr(n)
+    op = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return f"{n.name} = {op}"
+
+
+def _number(n: Any) -> float | None:
+    """A Python number, or a 0-d ``torch.full``/``torch.tensor`` of one (GPT-2's divisor)."""
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
+        return float(n)
+    if is_call(n, torch.full) and tuple(arg(n, 0, "size", None) or ()) == () and isinstance(arg(n, 1, "fill_value"), (int, float)):
+        return float(arg(n, 1, "fill_value"))
+    if is_call(n, torch.tensor) and isinstance(n.args[0], (int, float)):
+        return float(n.args[0])
+    return None
+
+
+def _constant_factor(n: Any) -> tuple[float, str | None] | None:
+    """``(factor, problem)`` when ``n`` multiplies or divides the scores by a constant."""
+    if is_call(n, operator.mul, torch.mul, "mul") and _number(n.args[1]) is not None:
+        return _number(n.args[1]), None
+    if is_call(n, operator.truediv, torch.div, "div") and _number(n.args[1]) is not None:
+        divisor = _number(n.args[1])
+        if n.kwargs.get("rounding_mode") is not None:
+            return 0.0, f"the scores are divided with rounding_mode={n.kwargs['rounding_mode']!r}"
+        if divisor == 0:
+            return 0.0, "the scores are divided by zero"
+        return 1.0 / divisor, None
+    return None
+
+
+def _soft_cap(n: Any, nodes: list[fx.Node]) -> tuple[float, Any]:
+    """``cap · tanh(x / cap)`` (Gemma 2's logit soft-capping): ``(cap, x)``; ``(0.0, n)`` when
+    ``n`` is not that."""
+    if not is_call(n, operator.mul, torch.mul, "mul") or _number(n.args[1]) is None:
+        return 0.0, n
+    t = n.args[0]
+    if not is_call(t, torch.tanh, "tanh"):
+        return 0.0, n
+    inner = t.args[0]
+    cap = _number(n.args[1])
+    divided = _constant_factor(inner)
+    if divided is None or not is_call(inner, operator.truediv, torch.div, "div") or _number(inner.args[1]) != cap or cap <= 0:
+        return 0.0, n
+    nodes.extend([n, t, inner])
+    return cap, inner.args[0]
 
 
 def _fit(graph: fx.Graph, node: fx.Node, batch: int, heads: int) -> fx.Node:

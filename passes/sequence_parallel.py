@@ -88,6 +88,8 @@ GATHER = torch.ops.longctx.seq_all_gather.default
 HALO = torch.ops.longctx.seq_halo.default
 # Arguments of the loss op: h, weight, bias, labels, logits, ignore_index, reduction.
 _LOSS_LOGITS, _LOSS_REDUCTION = 4, 6
+# The attention ops' sinks argument (after q, k, v, causal, scale, chunk, pool budget, window, softcap).
+_SINKS = 9
 # What may stand between the loss op and the graph's output: linear in the loss.
 _LINEAR_AFTER_LOSS = {operator.getitem, operator.truediv, operator.mul, torch.div, torch.mul}
 
@@ -406,7 +408,14 @@ class SequenceParallelPass(Pass):
             if layout is not None:
                 # interleaved shards gathered in rank order: put them in sequence order
                 exchanged += [self._call(graph, interleaved_to_sequence, (t, 2, layout, P)) for t in exchanged]
-        node.args = (*exchanged[-3:], *node.args[3:])
+        args = [*exchanged[-3:], *node.args[3:]]
+        if len(args) > _SINKS and args[_SINKS] is not None:
+            # one sink logit per query head: this rank's heads are the r-th P-th of them
+            hq = example_value(q).shape[1]
+            with graph.inserting_before(node):
+                args[_SINKS] = self._call(graph, torch.narrow, (args[_SINKS], 0, group.rank * (hq // P), hq // P))
+            exchanged.append(args[_SINKS])
+        node.args = tuple(args)
         propagate_example_value(node)
         created = list(exchanged)
         for user in list(node.users):

@@ -116,6 +116,16 @@ def test_attention_outside_a_pipelined_layer_is_put_in_sequence_order(tmp_path):
     assert kinds.count("attention -> Ulysses all-to-all (heads <-> sequence)") == 2 and not any("decoder layer" in k for k in kinds), kinds
 
 
+@pytest.mark.slow
+def test_attention_sinks_are_split_with_the_heads(tmp_path):
+    # gpt-oss's eager spelling (a sink logit per query head): each rank's attention gets the
+    # sinks of the heads the all-to-all gave it.
+    results = launch(tmp_path, 2, "--P", 2, "--model", "inline-sinks", "--lengths", 13)
+    assert_exact(results, [13])
+    kinds = [k for _, k, _ in results[1]["rewrites"]]
+    assert kinds.count("matmul-softmax-matmul -> chunked_attention+offload (sinks)") == 2, kinds
+
+
 @pytest.mark.parametrize("P,T,Q", [(2, 13, 4), (4, 29, 4), (4, 10, 4), (3, 40, 5), (2, 4, 8)])
 def test_interleaved_layout_is_a_permutation_put_back_in_order(P, T, Q):
     from longctx_compiler.runtime.sequence_parallel import SequenceGroup, interleaved_to_sequence, sequence_to_interleaved, shard_positions

@@ -62,3 +62,69 @@ def test_a_windowed_layer_is_not_pipelined_and_says_why():
     assert opt.report.count("chunked_attention") == 2
     reasons = [r.reason for r in opt.report.refusals if r.pass_name == "pipelined_layers"]
     assert len(reasons) == 2 and all("sliding window of 5" in r for r in reasons), opt.report
+
+
+def _families():
+    common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=64, head_dim=8, max_position_embeddings=512)
+    return {
+        # eager attention with logit soft-capping (50.0 by default) on every layer, a sliding
+        # window on every other one; transformers' softmax in float32
+        "gemma2": (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **common, sliding_window=6, attn_logit_softcapping=5.0, attn_implementation="eager")), 1e-5),
+        "gemma3": (lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **common, sliding_window=6, attn_implementation="eager")), 1e-5),
+        # learned attention sinks and sliding layers; experts (MoE) between them, batched
+        # (grouped_mm, the default, has no float64 kernel on CPU; the "eager" experts loop over
+        # the experts a batch hits in Python, which Dynamo specialises: a graph per routing)
+        "gpt-oss": (lambda: transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            **common, sliding_window=6, num_local_experts=4, num_experts_per_tok=2, attn_implementation="eager",
+            experts_implementation="batched_mm")), EXACT_RTOL),
+        "gpt2-eager": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=64, attn_implementation="eager", attn_pdrop=0.0, resid_pdrop=0.0,
+            embd_pdrop=0.0, scale_attn_by_inverse_layer_idx=True)), EXACT_RTOL),
+        "gpt2-sdpa": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=64, attn_implementation="sdpa", attn_pdrop=0.0, resid_pdrop=0.0,
+            embd_pdrop=0.0)), EXACT_RTOL),
+    }
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "gpt-oss", "gpt2-eager", "gpt2-sdpa"])
+def test_family_is_rewritten_on_every_layer_and_exact(name):
+    build, rtol = _families()[name]
+    torch.manual_seed(0)
+    eager = build().double()
+    torch.manual_seed(0)
+    opt = optimized(build().double(), 4)
+
+    @settings(max_examples=3, deadline=None)
+    @given(t=st.sampled_from([5, 6, 7, 19]), seed=st.integers(0, 2**16))
+    def prop(t, seed):
+        ids = ids_for(t, seed)
+        report = assert_gradients_match(eager, opt, [ids], loss_fn=loss_of, call=train_call, rtol=rtol)
+        assert report.errors["loss"][0] <= rtol
+
+    prop()
+    assert opt.compile_count == 1 and len(opt.report.graphs) == 1  # no graph break (GPT-2's once-only warning)
+    sites = [r for r in opt.report.rewrites if r.pass_name == "chunked_attention"]
+    assert len(sites) == 2, opt.report
+    if name == "gemma2":
+        assert [r.details["softcap"] for r in sites] == [5.0, 5.0]
+    if name == "gpt-oss":
+        assert all(r.details["sinks"] for r in sites)
+    if name.startswith("gemma") or name == "gpt-oss":  # each layer's window as its config says
+        want = [6 if kind == "sliding_attention" else None for kind in eager.config.layer_types]
+        assert [r.details["window"] for r in sites] == want, want
+
+
+def test_an_unread_softmax_attention_is_reported_not_silent():
+    class Odd(torch.nn.Module):
+        def forward(self, q, k, v):
+            s = torch.matmul(q, k.transpose(2, 3)).exp()  # not scaled scores: we cannot read it
+            return torch.matmul(torch.softmax(s, dim=-1), v)
+
+    q = torch.randn(1, 2, 6, 4, dtype=torch.float64)
+    opt = lc.optimize(Odd(), backend="aot_eager")
+    opt(q, q, q)
+    reasons = [r.reason for r in opt.report.refusals if r.pass_name == "chunked_attention"]
+    assert len(reasons) == 1 and "not read as attention" in reasons[0] and "exp" in reasons[0], opt.report
