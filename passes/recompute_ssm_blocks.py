@@ -39,16 +39,15 @@ import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from longctx_compiler.kernels.sequence_block import BLOCK_OP
-from longctx_compiler.kernels.ssd import op as _ssd_op  # noqa: F401 - registers longctx::ssd_fwd
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.block_region import check_region, find_blocks, replace_region
 from longctx_compiler.passes.analysis.fx_utils import example_value
+from longctx_compiler.passes.ssd_scan import SSD_OP
 
-__all__ = ["RecomputeSSMBlocksPass", "CHECKPOINT_HOP", "find_scan_blocks", "SSD_OP", "SCAN_OPS", "is_scan", "is_ssd"]
+__all__ = ["RecomputeSSMBlocksPass", "CHECKPOINT_HOP", "find_scan_blocks", "SCAN_OPS", "is_scan", "is_ssd"]
 
 CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
-SSD_OP = torch.ops.longctx.ssd_fwd.default
 #: The scans a block is built around: the selective scan (Mamba) and the SSD scan (Mamba-2),
 #: the latter also as its overload packet (what ``ssd_scan`` calls, and Dynamo records).
 SCAN_OPS = (SCAN_OP, SSD_OP, torch.ops.longctx.ssd_fwd)
