@@ -105,7 +105,9 @@ from longctx_compiler.config import Config
 # Importing the op modules registers torch.ops.longctx.selective_scan_fwd/_bwd and ssd_fwd/_bwd.
 from longctx_compiler.kernels.selective_scan import op as _op  # noqa: F401
 from longctx_compiler.kernels.ssd import op as _ssd_op  # noqa: F401
+from longctx_compiler.kernels.selective_scan.schema import ScanArgs
 from longctx_compiler.kernels.ssd._args import validate as _validate_ssd
+from longctx_compiler.kernels.ssd.schema import SSDArgs
 
 __all__ = [
     "capture_context", "captured_functions", "source_of", "precision_of", "model_chunk_of", "refusal_of",
@@ -481,10 +483,10 @@ def _selective_scan(call: _Call) -> Any:
         state_dtype = _promote(u.dtype, A.dtype, delta.dtype, torch.float32)
     note = _selective_scan_precision(u, delta, A, B, z, delta_bias, cdt, call)
     with _annotate({SOURCE_KEY: call.source, PRECISION_KEY: note}):
-        y, final, _ = torch.ops.longctx.selective_scan_fwd.default(
+        y, final, _ = torch.ops.longctx.selective_scan_fwd.default(*ScanArgs(
             u.to(cdt), delta.to(cdt), A, B.to(cdt), C.to(cdt), D,
-            None if z is None else z.to(cdt), delta_bias, bool(delta_softplus), None, 0, "exact", 0,
-        )
+            None if z is None else z.to(cdt), delta_bias, bool(delta_softplus),
+        ))
     y = y.to(out_dtype)
     if return_last_state:
         return y, final.to(state_dtype)
@@ -570,9 +572,9 @@ def _ssd(call: _Call) -> Any:
     _validate_ssd(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx)
     model_chunk = chunk if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1 else repr(chunk)
     with _annotate({SOURCE_KEY: call.source, PRECISION_KEY: note, CHUNK_KEY: model_chunk}):
-        out, final, _ = torch.ops.longctx.ssd_fwd.default(
-            x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), limits[0], limits[1], h0, seq_idx, 0,
-        )
+        out, final, _ = torch.ops.longctx.ssd_fwd.default(*SSDArgs(
+            x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), limits[0], limits[1], h0, seq_idx,
+        ))
     out = out.to(out_dtype)
     if call.get("return_final_states"):
         # transformers: the state passing runs in float32; mamba_ssm: its final states are float32.

@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from longctx_compiler.capture import WRAPPER_NAME, model_chunk_of, precision_of, refusal_of, source_of
 from longctx_compiler.kernels.ssd import DEFAULT_CHUNK
+from longctx_compiler.kernels.ssd.schema import SSDArgs
 from longctx_compiler.passes.adjoint_sharded_scan import _drop_wrapper_frames, _refresh_getitems
 from longctx_compiler.passes.analysis.fx_utils import example_value, propagate_example_value
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
@@ -42,8 +43,6 @@ __all__ = ["SSDScanPass", "SSD_OP"]
 
 SSD_OP = torch.ops.longctx.ssd_fwd.default
 
-# Argument positions in the op's schema.
-_X, _B, _CHUNK = 0, 3, 13
 
 
 class SSDScanPass(Pass):
@@ -102,7 +101,8 @@ class SSDScanPass(Pass):
         if "refused" in d:
             raise CantApply(f"{d['source']} left to the library: {d['refused']}")
         node = match.anchor
-        chunk = _arg(node, _CHUNK, "chunk_size")
+        args = SSDArgs.of(node)
+        chunk = args.chunk_size
         if not isinstance(chunk, int) or chunk != 0:
             raise CantApply(f"already planned (chunk_size={chunk!r}); a hand-planned node keeps its plan")
         model_chunk = model_chunk_of(node)
@@ -111,7 +111,7 @@ class SSDScanPass(Pass):
         else:
             why = "not recorded" if model_chunk is None else f"{model_chunk}, not a positive int"
             d["chunk"], d["chunk_from"] = DEFAULT_CHUNK, f"op default (the model's chunk_size: {why})"
-        x, b = (example_value(_arg(node, i, name)) for i, name in ((_X, "x"), (_B, "B")))
+        x, b = example_value(args.x), example_value(args.B)
         if isinstance(x, torch.Tensor) and isinstance(b, torch.Tensor):
             bsz, seqlen, heads, headdim = x.shape
             groups, dstate = b.shape[2:]
@@ -122,8 +122,7 @@ class SSDScanPass(Pass):
     # -- apply ------------------------------------------------------------------------------
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
         node = match.anchor
-        args = [_arg(node, i, a.name) for i, a in enumerate(SSD_OP._schema.arguments)]
-        args[_CHUNK] = match.data["chunk"]
+        args = SSDArgs.of(node)._replace(chunk_size=match.data["chunk"])
         graph = gm.graph
         with graph.inserting_before(node):
             new = graph.call_function(SSD_OP, tuple(args), {})
@@ -135,7 +134,3 @@ class SSDScanPass(Pass):
         graph.erase_node(node)
         return [new]
 
-
-def _arg(node: fx.Node, index: int, name: str) -> Any:
-    """The op's argument by position or keyword (the schema has no defaults)."""
-    return node.args[index] if index < len(node.args) else node.kwargs.get(name)

@@ -3,6 +3,7 @@
 import torch
 
 from longctx_compiler.kernels.selective_scan import selective_scan_reference
+from longctx_compiler.kernels.selective_scan.schema import ScanArgs
 from longctx_compiler.nn import CANONICAL_CHUNK, SelectiveSSM, TinyMambaLM, selective_scan_fn
 from longctx_compiler.testing import assert_exact, make_tensor
 
@@ -38,9 +39,9 @@ def test_dynamo_graph_has_one_canonical_node_per_layer():
     nodes = [n for n in graphs[0].graph.nodes if n.op == "call_function" and n.target is SCAN]
     assert len(nodes) == 2
     for n in nodes:
-        # (u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode, window)
-        assert n.args[8] is True and n.args[9] is None
-        assert tuple(n.args[10:]) == (CANONICAL_CHUNK, "exact", 0)
+        args = ScanArgs.of(n)
+        assert args.delta_softplus is True and args.h0 is None
+        assert (args.chunk_size, args.mode, args.window) == (CANONICAL_CHUNK, "exact", 0)
 
 
 def test_compiled_model_matches_eager_float64():
