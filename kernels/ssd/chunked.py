@@ -15,10 +15,18 @@ Chunks are linked by the length-M recurrence ``H_out = P · H_in + H_local`` wit
 carries the state adjoint ``ν = ∂L/∂H_out`` across chunks right to left (the reverse of the
 same recurrence), which makes it exact.
 
+**Sub-chunks.** The matmul form is computed on sub-chunks of at most :data:`SUB_CHUNK` steps:
+a chunk of Q steps is ``S = ⌈Q / SUB_CHUNK⌉`` sub-chunks of ``q = ⌈Q / S⌉`` (its last one
+padded with ``S·q − Q < S`` identity steps, so a prime Q costs a few padded steps, not
+1-step sub-chunks). The equations above hold for any cut of time, so the sub-chunks are the
+chunks of the matmul form and only the ``[q, q]`` matrices are made; what is saved stays one
+state per chunk of Q. The backward recomputes the entering states of a chunk's sub-chunks
+from its saved entering state (their local states and one scan of S steps per chunk).
+
 **Groups.** Chunks are processed ``K`` at a time (a contiguous token range, ``K·Q ≈``
 :data:`GROUP_TOKENS`): left to right in the forward, right to left in the backward, each group
 handed the state (forward) or adjoint (backward) at its edge by its neighbour. A group's
-``[B, H, K, Q, Q]`` decay and score matrices are the largest temporaries: working memory is
+``[B, H, K·S, q, q]`` decay and score matrices are the largest temporaries: working memory is
 bounded by the group, independent of T.
 """
 
@@ -34,12 +42,38 @@ from ._args import (
     reduce_skip_grad, resets, skip_weight, validate,
 )
 
-__all__ = ["ssd_chunked_fwd", "ssd_chunked_bwd", "GROUP_TOKENS"]
+__all__ = ["ssd_chunked_fwd", "ssd_chunked_bwd", "GROUP_TOKENS", "SUB_CHUNK"]
 
 #: Default group size in tokens: a group holds ``K = max(1, GROUP_TOKENS // Q)`` chunks, so
-#: its ``[B, H, K, Q, Q]`` matrices hold ``B·H·GROUP_TOKENS·Q`` numbers (one chunk when
-#: ``Q ≥ GROUP_TOKENS``), while small chunks are still batched into calls of useful size.
+#: its ``[B, H, K·S, q, q]`` matrices hold about ``B·H·max(GROUP_TOKENS, Q)·q`` numbers, while
+#: small chunks are still batched into calls of useful size.
 GROUP_TOKENS = 256
+
+#: Most steps of a sub-chunk, the unit of the ``[q, q]`` matrices (the Triton path's kernel
+#: chunk): a chunk's ``Q²`` matrix entries become ``Q·q``.
+SUB_CHUNK = 64
+
+
+def _sub_chunks(chunk: int) -> tuple[int, int]:
+    """``(S, q)``: a chunk of Q steps is computed as S sub-chunks of ``q ≤ SUB_CHUNK`` steps,
+    ``S·q − Q < S`` identity steps padding the last."""
+    S = -(-chunk // SUB_CHUNK)
+    return S, -(-chunk // S)
+
+
+def _pad(s: torch.Tensor, dim: int, pad: int, fill_last: bool) -> torch.Tensor:
+    """``s`` extended by ``pad`` entries along ``dim``: zeros, or copies of its last entry."""
+    if not pad:
+        return s
+    shape = (*s.shape[:dim], pad, *s.shape[dim + 1:])
+    tail = s.narrow(dim, -1, 1).expand(shape) if fill_last else s.new_zeros(shape)
+    return torch.cat([s, tail], dim)
+
+
+def _shift_in(first: torch.Tensor, ends: torch.Tensor, dim: int) -> torch.Tensor:
+    """Entering states from end states along ``dim``: ``first`` (no ``dim``), then ``ends``
+    without its last entry."""
+    return torch.cat([first.unsqueeze(dim), ends.narrow(dim, 0, ends.shape[dim] - 1)], dim)
 
 
 def _groups(seqlen: int, chunk: int, per_group: int) -> list[tuple[int, int, int, int]]:
@@ -58,35 +92,37 @@ def _per_group(chunk: int, group_chunks: int | None) -> int:
 
 
 class _Group:
-    """One group of chunks: its tokens in chunk layout and its decay structure.
+    """One group of chunks: its tokens in sub-chunk layout and its decay structure.
 
-    Layouts (``K`` chunks of ``Q`` steps, heads split as ``H = G·R`` so that the per-group
-    ``C·B`` scores are computed once for the ``R`` heads sharing them):
-    head tensors ``[B, G, R, K, Q, P]``, step scalars ``[B, G, R, K, Q]``,
-    group tensors ``[B, G, K, Q, N]``, states ``[B, G, R, K, P, N]``.
+    Layouts (``K`` chunks of ``Q`` steps, each ``S`` sub-chunks of ``q`` steps; heads split as
+    ``H = G·R`` so that the per-group ``C·B`` scores are computed once for the ``R`` heads
+    sharing them): head tensors ``[B, G, R, K·S, q, P]``, step scalars ``[B, G, R, K·S, q]``,
+    group tensors ``[B, G, K·S, q, N]``, states ``[B, G, R, K·S, P, N]``, the ``[q, q]``
+    matrices ``[B, G, R, K·S, q, q]``.
     """
 
     def __init__(self, dims: SSDDims, Q: int, t0: int, t1: int, *, dt, A, B, C, dt_bias, softplus, lo, hi, seg, cdt):
         self.dims, self.Q, self.t0, self.t1 = dims, Q, t0, t1
         self.n = t1 - t0
         self.K = math.ceil(self.n / Q)
+        self.S, self.q = _sub_chunks(Q)
         self.cdt = cdt
         G, R = dims.groups, dims.rep
         # Δ and dΔ/d dt, padded with Δ = 0 (identity steps) past the end.
         delta, self.ddelta_ddt = effective_dt(dt[:, t0:t1].to(cdt), dt_bias, softplus, lo, hi)
         self.delta = self.heads(delta)
         self.A = A.to(cdt).view(1, G, R, 1, 1)
-        c = (self.delta * self.A).cumsum(-1)  # chunk-local cumulative log-decay c_i
+        c = (self.delta * self.A).cumsum(-1)  # sub-chunk-local cumulative log-decay c_i
         self.Bc, self.Cc = self.grouped(B[:, t0:t1]), self.grouped(C[:, t0:t1])
-        tri = torch.ones(Q, Q, dtype=torch.bool, device=dt.device).tril()
+        tri = torch.ones(self.q, self.q, dtype=torch.bool, device=dt.device).tril()
         if seg is None:
             same, m_in, m_end = tri, None, None
         else:
-            s = self.chunks(seg[:, t0:t1], fill_last=True)  # [B, K, Q]
-            starts = torch.arange(t0, t0 + self.K * Q, Q, device=dt.device)
-            # Segment of the token before each chunk (token 0's segment, 0, for the first).
-            before = seg[:, (starts - 1).clamp_min(0)]  # [B, K]
-            same = (tri & (s[..., :, None] == s[..., None, :]))[:, None, None]  # [B, 1, 1, K, Q, Q]
+            s = self.chunks(seg[:, t0:t1], fill_last=True)  # [B, K·S, q]
+            # Segment of the step before each sub-chunk: the previous one's last (padding
+            # repeats its chunk's last token), token t0 − 1's for the first (token 0's, 0, at t0 = 0).
+            before = torch.cat([seg[:, max(t0 - 1, 0), None], s[:, :-1, -1]], dim=1)  # [B, K·S]
+            same = (tri & (s[..., :, None] == s[..., None, :]))[:, None, None]  # [B, 1, 1, K·S, q, q]
             m_in = (s == before[..., None])[:, None, None]  # H_in reaches position i
             m_end = (s == s[..., -1:])[:, None, None]  # position j reaches H_out
         # L_ij = exp(c_i − c_j) where j ≤ i in one segment: masked before the exp, never inf.
@@ -97,57 +133,73 @@ class _Group:
         if m_in is not None:
             self.decay_in = self.decay_in * m_in
             self.decay_out = self.decay_out * m_end
-        self.P = self.decay_in[..., -1]  # chunk decay e^{c_e} m_e, [B, G, R, K]
-        self.CB = torch.einsum("bgkin,bgkjn->bgkij", self.Cc, self.Bc)  # [B, G, K, Q, Q]
+        self.P = self.decay_in[..., -1]  # sub-chunk decay e^{c_e} m_e, [B, G, R, K·S]
+        self.CB = torch.einsum("bgkin,bgkjn->bgkij", self.Cc, self.Bc)  # [B, G, K·S, q, q]
         self.Kmat = self.L * self.CB[:, :, None]  # L ∘ (C Bᵀ), per head
 
     def chunks(self, s: torch.Tensor, dtype=None, fill_last: bool = False) -> torch.Tensor:
-        """The group's tokens ``[B, n, ...]`` → ``[B, K, Q, ...]``, padded with zeros (or the last value)."""
+        """The group's tokens ``[B, n, ...]`` → ``[B, K·S, q, ...]``: padded to K chunks of Q
+        steps, each chunk to S·q, with zeros (identity steps) or the last value."""
         if dtype is not None:
             s = s.to(dtype)
-        pad = self.K * self.Q - self.n
-        if pad:
-            tail = s[:, -1:].expand(-1, pad, *s.shape[2:]) if fill_last else s.new_zeros((s.shape[0], pad, *s.shape[2:]))
-            s = torch.cat([s, tail], dim=1)
-        return s.unflatten(1, (self.K, self.Q))
+        s = _pad(s, 1, self.K * self.Q - self.n, fill_last).unflatten(1, (self.K, self.Q))
+        s = _pad(s, 2, self.S * self.q - self.Q, fill_last)
+        return s.reshape(s.shape[0], self.K * self.S, self.q, *s.shape[3:])
+
+    def unchunk(self, v: torch.Tensor) -> torch.Tensor:
+        """``[B, X, K·S, q, ...]`` → the group's tokens ``[B, n, X, ...]`` (padding dropped)."""
+        v = v.flatten(2, 3).unflatten(2, (self.K, self.S * self.q))[:, :, :, : self.Q]
+        return v.movedim(1, 3).flatten(1, 2)[:, : self.n]
 
     def heads(self, s: torch.Tensor) -> torch.Tensor:
-        """The group's tokens ``[B, n, H(, P)]`` → ``[B, G, R, K, Q(, P)]`` in the compute dtype."""
+        """The group's tokens ``[B, n, H(, P)]`` → ``[B, G, R, K·S, q(, P)]`` in the compute dtype."""
         return self.chunks(s, self.cdt).movedim(3, 1).unflatten(1, (self.dims.groups, self.dims.rep))
 
     def grouped(self, s: torch.Tensor) -> torch.Tensor:
-        """The group's tokens ``[B, n, G, N]`` → ``[B, G, K, Q, N]`` in the compute dtype."""
+        """The group's tokens ``[B, n, G, N]`` → ``[B, G, K·S, q, N]`` in the compute dtype."""
         return self.chunks(s, self.cdt).movedim(3, 1)
 
     def seq(self, v: torch.Tensor) -> torch.Tensor:
-        """Head layout ``[B, G, R, K, Q(, P)]`` → the group's tokens ``[B, n, H(, P)]`` (a view)."""
-        return v.flatten(1, 2).movedim(1, 3).flatten(1, 2)[:, : self.n]
+        """Head layout ``[B, G, R, K·S, q(, P)]`` → the group's tokens ``[B, n, H(, P)]``."""
+        return self.unchunk(v.flatten(1, 2))
 
     def seq_grouped(self, v: torch.Tensor) -> torch.Tensor:
-        """Group layout ``[B, G, K, Q, N]`` → the group's tokens ``[B, n, G, N]`` (a view)."""
-        return v.movedim(1, 3).flatten(1, 2)[:, : self.n]
+        """Group layout ``[B, G, K·S, q, N]`` → the group's tokens ``[B, n, G, N]``."""
+        return self.unchunk(v)
 
     def local_states(self, xd: torch.Tensor) -> torch.Tensor:
-        """Chunk end states from a zero start, ``Σ_j e^{c_e − c_j} s_ej (Δ_j x_j) ⊗ B_j``: ``[B, G, R, K, P, N]``."""
+        """Sub-chunk end states from a zero start, ``Σ_j e^{c_e − c_j} s_ej (Δ_j x_j) ⊗ B_j``: ``[B, G, R, K·S, P, N]``."""
         return torch.einsum("bgrkq,bgrkqp,bgkqn->bgrkpn", self.decay_out, xd, self.Bc)
 
+    def entering_states(self, xd: torch.Tensor, chunk_in: torch.Tensor) -> torch.Tensor:
+        """Every sub-chunk's entering state ``[B, G, R, K·S, P, N]`` from its chunk's saved
+        entering state ``chunk_in [B, G, R, K, P, N]``: the S sub-chunks of each chunk
+        re-scanned from it (the chunks are independent, so one batched scan of S steps)."""
+        if self.S == 1:
+            return chunk_in
+        def split(v: torch.Tensor) -> torch.Tensor:  # sub-chunk axis K·S → (K, S)
+            return v.unflatten(3, (self.K, self.S))
+
+        ends = _link(split(self.P), split(self.local_states(xd)), chunk_in)
+        return _shift_in(chunk_in, ends, 4).flatten(3, 4)
+
     def outputs(self, xd: torch.Tensor, H_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, Cᵀ H_in)``: the SSM output ``[B, G, R, K, Q, P]`` (before D and the gate) and
+        """``(y, Cᵀ H_in)``: the SSM output ``[B, G, R, K·S, q, P]`` (before D and the gate) and
         the entering state read by every position (``y``'s state term before its decay)."""
         read = torch.einsum("bgkqn,bgrkpn->bgrkqp", self.Cc, H_in)
         y = torch.einsum("bgrkij,bgrkjp->bgrkip", self.Kmat, xd) + self.decay_in[..., None] * read
         return y, read
 
 
-def _link(grp: _Group, local: torch.Tensor, init: torch.Tensor, *, reverse: bool = False) -> torch.Tensor:
-    """The length-K recurrence over the group's chunks, ``[B, G, R, K, P, N]`` in and out:
-    forward ``S_k = P_k S_{k-1} + local_k`` from ``S_{-1} = init``; reverse
-    ``S_k = local_k + P_k S_{k+1}`` from ``S_K = init`` (``init: [B, G, R, P, N]``)."""
-    b, g, r, k, p, n = local.shape
-    flat = local.reshape(b, g * r, k, p * n)
-    decay = grp.P.reshape(b, g * r, k, 1).expand_as(flat)
-    out = chunk_scan(decay, flat, init.reshape(b, g * r, p * n), reverse=reverse)
-    return out.view(b, g, r, k, p, n)
+def _link(decay: torch.Tensor, local: torch.Tensor, init: torch.Tensor, *, reverse: bool = False) -> torch.Tensor:
+    """The length-L recurrence over (sub-)chunks, ``local [..., L, P, N]`` in, the same shape
+    out, with scalar decays ``[..., L]``: forward ``H_k = decay_k H_{k-1} + local_k`` from
+    ``H_{-1} = init``; reverse ``H_k = local_k + decay_k H_{k+1}`` from ``H_L = init``
+    (``init: [..., P, N]``)."""
+    *_, length, p, n = local.shape
+    flat = local.reshape(1, -1, length, p * n)
+    out = chunk_scan(decay.reshape(1, -1, length, 1).expand_as(flat), flat, init.reshape(1, -1, p * n), reverse=reverse)
+    return out.view(local.shape)
 
 
 def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, chunk_size, group_chunks):
@@ -187,12 +239,11 @@ def ssd_chunked_fwd(
     for c0, c1, t0, t1 in _groups(dims.seqlen, Q, K):
         grp = group(t0, t1)
         xd = grp.delta[..., None] * grp.heads(x[:, t0:t1])  # Δ_j x_j
-        H_end = _link(grp, grp.local_states(xd), state)
-        H_in = torch.cat([state[:, :, :, None], H_end[:, :, :, :-1]], dim=3)
-        y, _ = grp.outputs(xd, H_in)
-        del xd, H_in
+        H_end = _link(grp.P, grp.local_states(xd), state)  # every sub-chunk's end state
+        y, _ = grp.outputs(xd, _shift_in(state, H_end, 3))
+        del xd
         out[:, t0:t1] = epilogue(grp.seq(y), x[:, t0:t1].to(cdt), Dc, None if z is None else z[:, t0:t1].to(cdt))
-        boundary[:, :, :, c0:c1] = H_end
+        boundary[:, :, :, c0:c1] = H_end[:, :, :, grp.S - 1 :: grp.S]  # the chunks' last sub-chunks
         state = H_end[:, :, :, -1]
     boundary = boundary.flatten(1, 2)
     return out, boundary[:, :, -1].clone(), boundary
@@ -233,7 +284,8 @@ def ssd_chunked_bwd(
     # ν entering the last chunk's end state from the right: the final-state cotangent (the
     # padded tail is identity steps, so the last chunk's end state *is* the final state).
     nu_right = x.new_zeros((bsz, G, R, P, N), dtype=cdt) if dfinal is None else dfinal.to(cdt).view(bsz, G, R, P, N)
-    strict = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril(-1)  # j < k
+    q = _sub_chunks(Q)[1]
+    strict = torch.ones(q, q, dtype=torch.bool, device=x.device).tril(-1)  # j < k
 
     for c0, c1, t0, t1 in reversed(_groups(T, Q, K)):
         grp = group(t0, t1)
@@ -243,12 +295,14 @@ def ssd_chunked_bwd(
         g_seq = gate_cotangent(dos, zs)
         g, xh = grp.heads(g_seq), grp.heads(xs)
         xd = grp.delta[..., None] * xh
-        H_in = torch.cat([(init if c0 == 0 else saved[:, :, :, c0 - 1])[:, :, :, None], saved[:, :, :, c0 : c1 - 1]], dim=3)
+        chunk_in = _shift_in(init if c0 == 0 else saved[:, :, :, c0 - 1], saved[:, :, :, c0:c1], 3)
+        H_in = grp.entering_states(xd, chunk_in)
+        del chunk_in
 
-        # State adjoint: ∂L/∂H_in of chunk k is the part its outputs read (Σ_i e^{c_i} m_i g_i ⊗ C_i)
-        # plus P_k ν_k, ν_k = ∂L/∂H_out of chunk k — the reverse recurrence over the chunks.
+        # State adjoint: ∂L/∂H_in of sub-chunk k is the part its outputs read (Σ_i e^{c_i} m_i g_i ⊗ C_i)
+        # plus P_k ν_k, ν_k = ∂L/∂H_out of sub-chunk k — the reverse recurrence over the sub-chunks.
         read_adj = torch.einsum("bgrkq,bgrkqp,bgkqn->bgrkpn", grp.decay_in, g, grp.Cc)
-        dH_in = _link(grp, read_adj, nu_right, reverse=True)
+        dH_in = _link(grp.P, read_adj, nu_right, reverse=True)
         nu = torch.cat([dH_in[:, :, :, 1:], nu_right[:, :, :, None]], dim=3)
         nu_right = dH_in[:, :, :, 0]
         del read_adj, dH_in
