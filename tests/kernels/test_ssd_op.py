@@ -120,6 +120,21 @@ def test_documents(seqlen, chunk, starts, dtype):
     assert_matches_reference(inputs, 7, chunk, dt_softplus=True, seq_idx=seq_idx)
 
 
+@pytest.mark.parametrize("seqlen,chunk,starts", [
+    (300, 256, []),  # the default chunk: four sub-chunks of 64
+    (300, 131, [64, 130, 200]),  # a prime chunk: ragged sub-chunks, resets on and inside their edges
+])
+def test_chunks_longer_than_a_sub_chunk(seqlen, chunk, starts):
+    # The CPU path computes a chunk longer than SUB_CHUNK steps as sub-chunks (the saved states
+    # stay one per chunk); the small chunks of the other tests never split.
+    from longctx_compiler.kernels.ssd.chunked import SUB_CHUNK
+
+    assert chunk > SUB_CHUNK
+    inputs = make_inputs(11, 1, seqlen, 2, 2, 1, 3, D="channel", z=True, bias=True, init=True)
+    seq_idx = seq_idx_from(1, seqlen, starts) if starts else None
+    assert_matches_reference(inputs, 12, chunk, dt_softplus=True, seq_idx=seq_idx)
+
+
 def test_documents_are_independent():
     # With seq_idx, a document's outputs do not depend on the ones before it, and the initial
     # state reaches the first document only.
