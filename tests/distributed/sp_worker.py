@@ -27,14 +27,15 @@ from longctx_compiler.testing import relative_error  # noqa: E402
 class InlineLayersLM(torch.nn.Module):
     """A causal LM whose layers are written inline in its forward (no module per layer): the
     pipelined-layers pass finds no layer to pipeline, so each attention stays chunked over the
-    rank's whole shard. Its loss is transformers' convention under sequence parallelism:
-    summed over ``shift_labels``, divided by ``num_items_in_batch``."""
+    rank's whole shard. Its attention is gpt-oss's eager spelling, with learned sinks. Its loss
+    is transformers' convention under sequence parallelism: summed over ``shift_labels``,
+    divided by ``num_items_in_batch``."""
 
-    def __init__(self, vocab=64, hidden=32, heads=4, layers=2, sinks=False):
+    def __init__(self, vocab=64, hidden=32, heads=4, layers=2):
         super().__init__()
         self.heads = heads
         # gpt-oss's learned attention sinks: one logit per query head in each softmax
-        self.sinks = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(heads)) for _ in range(layers)) if sinks else None
+        self.sinks = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(heads)) for _ in range(layers))
         self.embed = torch.nn.Embedding(vocab, hidden)
         self.qkv = torch.nn.ModuleList(torch.nn.Linear(hidden, 3 * hidden) for _ in range(layers))
         self.out = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(layers))
@@ -45,16 +46,14 @@ class InlineLayersLM(torch.nn.Module):
         B, T, C = h.shape
         for layer, (qkv, out) in enumerate(zip(self.qkv, self.out)):
             q, k, v = qkv(h).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-            if self.sinks is None:
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:  # gpt-oss's eager spelling
-                i = torch.arange(T)
-                mask = torch.where(i[None, :] <= i[:, None], 0.0, float("-inf")).to(q.dtype)
-                w = torch.matmul(q, k.transpose(2, 3)) * (C // self.heads) ** -0.5 + mask
-                sinks = self.sinks[layer].reshape(1, -1, 1, 1).expand(B, -1, T, -1)
-                logits = torch.cat([w, sinks], dim=-1)
-                logits = logits - logits.max(dim=-1, keepdim=True).values
-                a = torch.matmul(F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1], v)
+            # gpt-oss's eager spelling
+            i = torch.arange(T)
+            mask = torch.where(i[None, :] <= i[:, None], 0.0, float("-inf")).to(q.dtype)
+            w = torch.matmul(q, k.transpose(2, 3)) * (C // self.heads) ** -0.5 + mask
+            sinks = self.sinks[layer].reshape(1, -1, 1, 1).expand(B, -1, T, -1)
+            logits = torch.cat([w, sinks], dim=-1)
+            logits = logits - logits.max(dim=-1, keepdim=True).values
+            a = torch.matmul(F.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1], v)
             a = a.transpose(1, 2).reshape(B, T, C)
             h = h + out(a)
         logits = self.head(h)
@@ -70,9 +69,9 @@ class InlineLayersLM(torch.nn.Module):
 def build(name):
     import transformers
 
-    if name in ("inline", "inline-sinks"):
+    if name == "inline":
         torch.manual_seed(0)
-        return InlineLayersLM(sinks=name == "inline-sinks")
+        return InlineLayersLM()
 
     torch.manual_seed(0)
     common = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, vocab_size=64, max_position_embeddings=256)
@@ -152,6 +151,9 @@ def main():
         result["traceback"] = traceback.format_exc()
     with open(a.out, "w") as f:
         json.dump(result, f)
+    # every rank done with every collective before the group goes (gloo aborts the process
+    # when it is torn down under a peer still sending)
+    dist.barrier()
     dist.destroy_process_group()
 
 
