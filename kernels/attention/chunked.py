@@ -29,6 +29,13 @@ Variants (README, "Variants"): ``softcap`` caps every score to ``softcap·tanh(s
 softmax denominator (:func:`fold_sinks`), the returned ``lse`` includes them, and their
 gradient is a row reduction (:func:`sink_grad`).
 
+Documents (packed sequences, README "Documents"): ``segment_ids`` ``[B, T]`` (``T == S``)
+keeps key ``j`` for query ``i`` only inside one document. :class:`Documents` holds each
+chunk's id range per batch row (one ``.tolist()`` per call), and the one schedule classifies
+every pair with it: skipped when no row's ranges meet (:meth:`Documents.meet`), unmasked by
+documents when every row's ids in both chunks are one value (:meth:`Documents.one_document`;
+on CPU such pairs still reach ATen's kernel), masked with ``seg_i == seg_j`` otherwise.
+
 Non-finite values (see README, "Non-finite values"): a nan or infinity reaches exactly the
 outputs whose softmax row reads it, through the max and the sum, as softmax does; rows whose
 every visible score is ``-inf`` are nan like softmax's (``softmax_nan=True``, what the op
@@ -42,13 +49,14 @@ import math
 import torch
 from torch import Tensor
 
-from .reference import accumulation_dtype, validate_qkv, validate_variants
+from .reference import accumulation_dtype, same_document, validate_qkv, validate_segment_ids, validate_variants
 
 __all__ = [
     "chunked_attention_forward",
     "chunked_attention_backward",
     "chunk_schedule",
     "pair_needs_mask",
+    "Documents",
     "merge_partial",
     "fold_sinks",
     "sink_grad",
@@ -68,12 +76,13 @@ MIN_AUTO_CHUNK = 64
 
 def check_arguments(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int | None, name: str,
-    *, window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
+    *, window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None, segment_ids: Tensor | None = None,
 ) -> float:
     """Validate the arguments shared by every chunked-attention entry point; return the scale.
 
     ``chunk_size`` is a positive int, or None: chosen at run time (:func:`auto_chunk_size`).
-    ``window``, ``softcap``, ``sinks``: see :func:`.reference.validate_variants`.
+    ``window``, ``softcap``, ``sinks``: see :func:`.reference.validate_variants`;
+    ``segment_ids``: see :func:`.reference.validate_segment_ids`.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
@@ -84,6 +93,7 @@ def check_arguments(
             raise ValueError(f"{name}: chunk_size must be >= 1 (or None: chosen from the shapes), got {chunk_size}")
     validate_qkv(q, k, v, scale=scale, name=name)
     validate_variants(q, causal, window, softcap, sinks, name=name)
+    validate_segment_ids(q, k, segment_ids, name=name)
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
@@ -102,6 +112,9 @@ def auto_chunk_size(q: Tensor, k: Tensor, *, fast: bool, triton: bool = False, w
       window ``w`` also at most ``max(MIN_AUTO_CHUNK, w // 2)``: a query chunk of ``C`` rows
       computes whole key chunks covering ``w + C - 1`` keys, at most ``w + 3C`` columns, so
       the work stays within ``2.5x`` of the band's.
+
+    With documents the callers pass ``fast=False`` on CPU: a pair holding several documents
+    runs the torch path, so one pair over the whole problem would be a ``[T, S]`` block.
     """
     T, S, D = q.shape[2], k.shape[2], q.shape[3]
     n = max(T, S, 1)
@@ -137,14 +150,68 @@ def visible_queries(ks: int, ke: int, T: int, causal: bool, window: int = 0) -> 
     return lo, max(lo, min(T, ke - 1 + window) if window else T)
 
 
-def pair_needs_mask(qs: int, qe: int, ks: int, ke: int, causal: bool, window: int = 0) -> bool:
-    """Whether a computed chunk pair has masked entries: some key right of a query
-    (``ke - 1 > qs``), or with a window some key ``window`` or more left of one
-    (``ks <= qe - 1 - window``). A pair inside the band runs without a mask."""
+class Documents:
+    """Document ids and their per-chunk ranges: what classifies chunk pairs of packed sequences.
+
+    ``segment_ids`` ``[B, T]`` (int), one chunking for queries and keys (``T == S``). Built
+    once per call, ``O(T)``: the min and max id of every chunk of every batch row, read to the
+    host with one ``.tolist()`` (``2·B·⌈T/chunk⌉`` numbers). A pair of chunks then costs
+    ``O(B)`` comparisons to classify, no tensor work.
+    """
+
+    def __init__(self, segment_ids: Tensor, chunk_size: int):
+        B, T = segment_ids.shape
+        n = -(-T // chunk_size)
+        ids = segment_ids
+        if n * chunk_size > T:
+            # Pad the last chunk with its own last id: its min and max stay its own.
+            ids = torch.cat([ids, ids[:, -1:].expand(B, n * chunk_size - T)], dim=1)
+        lo, hi = ids.reshape(B, n, chunk_size).aminmax(dim=-1)
+        lo, hi = torch.stack([lo, hi]).tolist()
+        self.segment_ids = segment_ids
+        self.chunk_size = chunk_size
+        #: Per chunk, one (lo, hi) range per batch row.
+        self._ranges = [tuple(zip(*rows)) for rows in zip(zip(*lo), zip(*hi))]
+        #: Per chunk, the rows' single ids when every row's chunk is one document, else None.
+        self._single = [tuple(a for a, _ in r) if all(a == b for a, b in r) else None for r in self._ranges]
+
+    @classmethod
+    def of(cls, segment_ids: Tensor | None, chunk_size: int) -> "Documents | None":
+        """``Documents`` for the ids, or None without them."""
+        return None if segment_ids is None else cls(segment_ids, chunk_size)
+
+    def meet(self, qs: int, ks: int) -> bool:
+        """Whether some query of the chunk at ``qs`` and key of the chunk at ``ks`` can share a
+        document: their id ranges intersect in some batch row. False: the pair is skipped."""
+        a, b = self._ranges[qs // self.chunk_size], self._ranges[ks // self.chunk_size]
+        return any(lq <= hk and lk <= hq for (lq, hq), (lk, hk) in zip(a, b))
+
+    def one_document(self, qs: int, ks: int) -> bool:
+        """Whether every row's ids in both chunks are one value: documents mask nothing."""
+        a = self._single[qs // self.chunk_size]
+        return a is not None and a == self._single[ks // self.chunk_size]
+
+    def keep(self, qs: int, qe: int, ks: int, ke: int, groups: int) -> Tensor:
+        """``[B, 1, G·Cq, Ck]`` boolean: query and key in one document (rows as :func:`_group_rows`)."""
+        return same_document(self.segment_ids, qs, qe, ks, ke).repeat(1, groups, 1).unsqueeze(1)
+
+
+def _band_needs_mask(qs: int, qe: int, ks: int, ke: int, causal: bool, window: int) -> bool:
+    # Some key right of a query, or with a window some key ``window`` or more left of one.
     return causal and (ke - 1 > qs or (window > 0 and ks <= qe - 1 - window))
 
 
-def chunk_schedule(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: bool = False, window: int = 0):
+def pair_needs_mask(qs: int, qe: int, ks: int, ke: int, causal: bool, window: int = 0,
+                    documents: Documents | None = None) -> bool:
+    """Whether a computed chunk pair has masked entries: some key right of a query
+    (``ke - 1 > qs``), or with a window some key ``window`` or more left of one
+    (``ks <= qe - 1 - window``), or with documents some query and key in different
+    documents (not :meth:`Documents.one_document`). A pair without any runs unmasked."""
+    return _band_needs_mask(qs, qe, ks, ke, causal, window) or (documents is not None and not documents.one_document(qs, ks))
+
+
+def chunk_schedule(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: bool = False, window: int = 0,
+                   documents: Documents | None = None):
     """The chunk pairs that carry work, grouped by the outer chunk.
 
     Yields ``((os, oe), [(is, ie), ...])``: an outer chunk and the inner chunks paired with it,
@@ -155,21 +222,25 @@ def chunk_schedule(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: b
     left of its first query (``ke - 1 <= qs - window``). The inner chunks are the ones that
     meet :func:`visible_keys` (:func:`visible_queries`), found by index arithmetic: with a
     window the loop runs ``O(outer chunks · (window / chunk + 2))`` times, not over every pair.
+    With ``documents`` (built for this ``chunk_size``) a pair inside the band is also skipped
+    when no batch row's id ranges of its two chunks meet (:meth:`Documents.meet`), so no
+    query can share a document with any key of it.
     """
-    def chunks(lo: int, hi: int, n: int) -> list[tuple[int, int]]:
-        # The chunks of [0, n) that meet positions [lo, hi).
+    def chunks(outer: int, lo: int, hi: int, n: int) -> list[tuple[int, int]]:
+        # The chunks of [0, n) that meet positions [lo, hi) (and the outer chunk's documents).
         if lo >= hi:
             return []
-        return [(s, min(s + chunk_size, n)) for s in range((lo // chunk_size) * chunk_size, hi, chunk_size)]
+        found = [(s, min(s + chunk_size, n)) for s in range((lo // chunk_size) * chunk_size, hi, chunk_size)]
+        return found if documents is None else [c for c in found if documents.meet(outer, c[0])]
 
     if kv_outer:
         for ks in range(0, S, chunk_size):
             ke = min(ks + chunk_size, S)
-            yield (ks, ke), chunks(*visible_queries(ks, ke, T, causal, window), T)
+            yield (ks, ke), chunks(ks, *visible_queries(ks, ke, T, causal, window), T)
     else:
         for qs in range(0, T, chunk_size):
             qe = min(qs + chunk_size, T)
-            yield (qs, qe), chunks(*visible_keys(qs, qe, S, causal, window), S)
+            yield (qs, qe), chunks(qs, *visible_keys(qs, qe, S, causal, window), S)
 
 
 def _group_rows(x: Tensor, qs: int, qe: int, hkv: int, dtype: torch.dtype) -> Tensor:
@@ -187,15 +258,24 @@ def _ungroup_rows(x: Tensor, hq: int, cq: int) -> Tensor:
     return x.reshape(x.shape[0], hq, cq, *x.shape[3:])
 
 
-def _band_keep(qs: int, qe: int, ks: int, ke: int, groups: int, device, causal: bool, window: int) -> Tensor | None:
-    """Boolean keep-mask ``[G·Cq, Ck]`` for a chunk pair (``i - window < j <= i``), or None
-    when nothing is masked (:func:`pair_needs_mask`)."""
-    if not pair_needs_mask(qs, qe, ks, ke, causal, window):
-        return None
-    qpos = torch.arange(qs, qe, device=device).repeat(groups).unsqueeze(1)
-    kpos = torch.arange(ks, ke, device=device).unsqueeze(0)
-    keep = kpos <= qpos
-    return keep & (kpos > qpos - window) if window else keep
+def _pair_keep(qs: int, qe: int, ks: int, ke: int, groups: int, device, causal: bool, window: int,
+               documents: Documents | None = None) -> Tensor | None:
+    """Boolean keep-mask for a chunk pair, or None when nothing is masked (:func:`pair_needs_mask`).
+
+    The band (``i - window < j <= i``) is ``[G·Cq, Ck]``; with documents the same-document
+    mask ``[B, 1, G·Cq, Ck]`` is ANDed in (both broadcast against ``[B, Hkv, G·Cq, Ck]``).
+    """
+    keep = None
+    if _band_needs_mask(qs, qe, ks, ke, causal, window):
+        qpos = torch.arange(qs, qe, device=device).repeat(groups).unsqueeze(1)
+        kpos = torch.arange(ks, ke, device=device).unsqueeze(0)
+        keep = kpos <= qpos
+        if window:
+            keep &= kpos > qpos - window
+    if documents is not None and not documents.one_document(qs, ks):
+        same = documents.keep(qs, qe, ks, ke, groups)
+        keep = same if keep is None else same & keep
+    return keep
 
 
 def merge_partial(out: Tensor, lse: Tensor, out_part: Tensor, lse_part: Tensor) -> tuple[Tensor, Tensor]:
@@ -327,6 +407,7 @@ def chunked_attention_forward(
     window: int = 0,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention, one (query chunk, key chunk) pair at a time.
 
@@ -349,6 +430,10 @@ def chunked_attention_forward(
             masking and softmax (0: no cap).
         sinks: optional ``[Hq]`` logits, one per head, added to every row's softmax
             denominator (a key with value 0): ``P_ij = exp(s_ij) / (exp(sinks[h]) + Σ_j exp(s_ij))``.
+        segment_ids: optional int32/int64 ``[B, T]`` document ids (needs ``T == S``): query
+            ``i`` sees key ``j`` only if ``segment_ids[b, i] == segment_ids[b, j]`` (ANDed
+            with causal and the window). Chunk pairs no query and key of which share a
+            document are skipped (:class:`Documents`).
     Returns:
         ``out`` ``[B, Hq, T, D]`` in the input dtype and ``lse`` ``[B, Hq, T]`` in the
         accumulation dtype (float32 for 16/32-bit inputs, float64 for float64). With
@@ -360,29 +445,31 @@ def chunked_attention_forward(
         (``lse = sinks[h]`` with sinks).
     """
     scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_forward",
-                            window=window, softcap=softcap, sinks=sinks)
+                            window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if B * Hq * T == 0 or S == 0:
         out, lse = _empty_forward(q, k, v)
         return (out, lse) if sinks is None else fold_sinks(out, lse, sinks)
-    # ATen's kernel knows neither a band nor a cap; a sink is folded in after it.
+    # ATen's kernel knows neither a band nor a cap; a sink is folded in after it, and with
+    # documents it serves the pairs inside one document (the others are masked torch pairs).
     fast = not window and not softcap and cpu_kernel_applies(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
-    chunk = auto_chunk_size(q, k, fast=fast, window=window) if chunk_size is None else chunk_size
+    chunk = auto_chunk_size(q, k, fast=fast and segment_ids is None, window=window) if chunk_size is None else chunk_size
+    documents = Documents.of(segment_ids, chunk)
     if fast:
-        out, lse = _forward_cpu_kernel(q, k, v, causal, scale, chunk)
+        out, lse = _forward_cpu_kernel(q, k, v, causal, scale, chunk, documents)
         # ATen's kernel is only used on finite inputs whose scores cannot overflow: no row
-        # can be -inf there, so softmax_nan has nothing to do.
+        # can be -inf there (every row sees its own key), so softmax_nan has nothing to do.
         return (out, lse) if sinks is None else fold_sinks(out, lse, sinks)
     G = Hq // Hkv
     acc = accumulation_dtype(q.dtype)
     out = out_like(q)
     lse = torch.empty((B, Hq, T), dtype=acc, device=q.device)
-    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk, causal, window=window):
+    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk, causal, window=window, documents=documents):
         qc = _group_rows(q, qs, qe, Hkv, acc)
         o_acc = lse_acc = None
         for ks, ke in key_chunks:
-            keep = _band_keep(qs, qe, ks, ke, G, q.device, causal, window)
+            keep = _pair_keep(qs, qe, ks, ke, G, q.device, causal, window, documents)
             o_part, l_part = _partial_attention(qc, k[:, :, ks:ke].to(acc), v[:, :, ks:ke].to(acc), scale, keep, softcap)
             if o_acc is None:
                 o_acc, lse_acc = o_part, l_part
@@ -400,7 +487,8 @@ def chunked_attention_forward(
         lse[:, :, qs:qe] = lse_acc
     if softmax_nan:
         # lse = -inf in a row that sees some key means every visible score was -inf (and no
-        # sink): softmax divides 0 by 0 there. Without a window every row sees key 0.
+        # sink): softmax divides 0 by 0 there. Without a window every row sees key 0 (with
+        # documents: its own key).
         empty = lse == float("-inf")
         if window:
             empty[:, :, S - 1 + window:] = False
@@ -435,12 +523,13 @@ def chunked_attention_backward(
     window: int = 0,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Gradients of :func:`chunked_attention_forward`, recomputing probabilities from ``lse``.
 
     Loop order as in FPDT: outer over key/value chunks (their ``dk``/``dv`` are final at the
-    end of the outer step), inner over query chunks; pairs outside the causal band are
-    skipped. With ``s_ij`` the (capped) score, ``P_ij = exp(s_ij − lse_i)`` and
+    end of the outer step), inner over query chunks; pairs outside the causal band, or
+    whose chunks share no document, are skipped. With ``s_ij`` the (capped) score, ``P_ij = exp(s_ij − lse_i)`` and
     ``delta_i = Σ_d dout_i·out_i − dlse_i``: ``dv_j = Σ_i P_ij dout_i``,
     ``dS_ij = P_ij (dout_i·v_j − delta_i) · c'_ij`` (``c' = 1 − tanh²`` of the soft-cap,
     1 without), ``dq_i = scale Σ_j dS_ij k_j``, ``dk_j = scale Σ_i dS_ij q_i`` (GQA: sums run
@@ -453,14 +542,14 @@ def chunked_attention_backward(
             includes the sink when ``sinks`` is given).
         chunk_size: as there (None: chosen from the shapes; need not match the forward's).
         dlse: optional ``[B, Hq, T]`` gradient of ``lse`` (``None`` = zero).
-        window, softcap, sinks: as given to the forward.
+        window, softcap, sinks, segment_ids: as given to the forward.
     Returns:
         ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v`` — and ``dsinks`` ``[Hq]``
         (``sinks``' dtype) as a fourth element when ``sinks`` is given; ``dq`` is accumulated
         in the accumulation dtype and cast once at the end.
     """
     scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_backward",
-                            window=window, softcap=softcap, sinks=sinks)
+                            window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"chunked_attention_backward: dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if lse.shape != q.shape[:3]:
@@ -486,9 +575,10 @@ def chunked_attention_backward(
     # Given the sink-inclusive lse and out, ATen's kernel computes dq, dk, dv exactly.
     fast = dlse is None and not window and not softcap and cpu_kernel_applies(
         q, k, v, causal=causal, scale=scale, dout=dout, chunk_size=chunk_size)
-    chunk = auto_chunk_size(q, k, fast=fast, window=window) if chunk_size is None else chunk_size
+    chunk = auto_chunk_size(q, k, fast=fast and segment_ids is None, window=window) if chunk_size is None else chunk_size
+    documents = Documents.of(segment_ids, chunk)
     if fast:
-        return with_sink_grad(_backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk), None)
+        return with_sink_grad(_backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk, documents), None)
     G = Hq // Hkv
     delta = _delta(dout, out, dlse, chunk, acc)
     # A window's rows past the last key have lse = -inf and only masked scores in the pairs
@@ -497,31 +587,44 @@ def chunked_attention_backward(
     dq_acc = torch.zeros((B, Hq, T, D), dtype=acc, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk, causal, kv_outer=True, window=window):
+    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk, causal, kv_outer=True, window=window, documents=documents):
         kc = k[:, :, ks:ke].to(acc)
         vc = v[:, :, ks:ke].to(acc)
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=acc, device=q.device)
         dv_acc = torch.zeros_like(dk_acc)
         for qs, qe in query_chunks:
-            qc = _group_rows(q, qs, qe, Hkv, acc)
-            doc = _group_rows(dout, qs, qe, Hkv, acc)
-            lsec = _group_rows(lse_rows, qs, qe, Hkv, acc).unsqueeze(-1)
-            deltac = _group_rows(delta, qs, qe, Hkv, acc).unsqueeze(-1)
-            keep = _band_keep(qs, qe, ks, ke, G, q.device, causal, window)
-            s, dcap = _pair_scores(qc, kc, scale, softcap, keep, cap_grad=True)
-            p = torch.exp_(s.sub_(lsec))
-            dv_acc += torch.matmul(p.transpose(-1, -2), doc)
-            ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(deltac).mul_(p)
-            if dcap is not None:
-                ds.mul_(dcap)
-            dk_acc += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
-            dq_acc[:, :, qs:qe] += _ungroup_rows(torch.matmul(ds, kc).mul_(scale), Hq, qe - qs)
-            # Two score blocks live (three with a soft-cap), not more: the next pair's scores
-            # are not allocated while this pair's still are.
-            del s, p, ds, dcap
+            keep = _pair_keep(qs, qe, ks, ke, G, q.device, causal, window, documents)
+            _pair_backward(q, dout, lse_rows, delta, kc, vc, qs, qe, keep, scale, softcap, dq_acc, dk_acc, dv_acc)
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc
     return with_sink_grad((dq_acc.to(q.dtype), dk, dv), delta)
+
+
+def _pair_backward(q: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, kc: Tensor, vc: Tensor, qs: int, qe: int,
+                   keep: Tensor | None, scale: float, softcap: float, dq_acc: Tensor, dk_acc: Tensor, dv_acc: Tensor) -> None:
+    """Add one chunk pair's gradient terms to the accumulators, in the torch path.
+
+    ``q``/``dout`` ``[B, Hq, T, D]``, ``lse``/``delta`` ``[B, Hq, T]`` (whole sequences; the
+    query chunk ``[qs, qe)`` is read from them), ``kc``/``vc`` ``[B, Hkv, Ck, D]`` in the
+    accumulation dtype, ``keep`` as :func:`_pair_keep` gives it. Adds into ``dq_acc``
+    ``[B, Hq, T, D]`` and the key chunk's ``dk_acc``/``dv_acc`` ``[B, Hkv, Ck, D]``.
+    """
+    Hq, Hkv, acc = q.shape[1], kc.shape[1], kc.dtype
+    qc = _group_rows(q, qs, qe, Hkv, acc)
+    doc = _group_rows(dout, qs, qe, Hkv, acc)
+    lsec = _group_rows(lse, qs, qe, Hkv, acc).unsqueeze(-1)
+    deltac = _group_rows(delta, qs, qe, Hkv, acc).unsqueeze(-1)
+    s, dcap = _pair_scores(qc, kc, scale, softcap, keep, cap_grad=True)
+    p = torch.exp_(s.sub_(lsec))
+    dv_acc += torch.matmul(p.transpose(-1, -2), doc)
+    ds = torch.matmul(doc, vc.transpose(-1, -2)).sub_(deltac).mul_(p)
+    # Two score blocks live (three with a soft-cap), not more: p is dropped before the
+    # products of ds are allocated.
+    del s, p
+    if dcap is not None:
+        ds.mul_(dcap)
+    dk_acc += torch.matmul(ds.transpose(-1, -2), qc).mul_(scale)
+    dq_acc[:, :, qs:qe] += _ungroup_rows(torch.matmul(ds, kc).mul_(scale), Hq, qe - qs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -609,12 +712,13 @@ def _pair_is_diagonal(qs: int, qe: int, ks: int, ke: int, causal: bool) -> bool:
     return True
 
 
-def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int) -> tuple[Tensor, Tensor]:
+def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int,
+                        documents: Documents | None = None) -> tuple[Tensor, Tensor]:
     B, Hq, T, D = q.shape
-    S = k.shape[2]
+    Hkv, S = k.shape[1], k.shape[2]
     acc = accumulation_dtype(q.dtype)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-    if T <= chunk_size and S <= chunk_size:
+    if T <= chunk_size and S <= chunk_size and (documents is None or documents.one_document(0, 0)):
         # One chunk pair: the kernel's own result, as eager SDPA's call returns it (no copy
         # when q is laid out densely: the kernel's out then has q's layout too).
         o, l = flash(q, k, v, 0.0, causal, scale=scale)
@@ -622,21 +726,23 @@ def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
         return out, l.to(acc).contiguous()
     out = out_like(q)
     lse = torch.empty((B, Hq, T), dtype=acc, device=q.device)
-    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal):
-        if len(key_chunks) == 1:
-            # One key chunk: nothing to merge, so the kernel runs in the input dtype (fp32
-            # accumulation inside, as eager SDPA's own call) without fp32 copies of q/k/v.
-            (ks, ke), = key_chunks
-            o, l = flash(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], 0.0, _pair_is_diagonal(qs, qe, ks, ke, causal), scale=scale)
-            out[:, :, qs:qe] = o
-            lse[:, :, qs:qe] = l
-            continue
-        # 16-bit inputs are merged in float32: the kernel would round each partial to 16 bits.
-        qc = q[:, :, qs:qe].to(acc)
+    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal, documents=documents):
+        # One key chunk: nothing to merge, so the kernel runs in the input dtype (fp32
+        # accumulation inside, as eager SDPA's own call) without fp32 copies of q/k/v. With
+        # several, 16-bit inputs are merged in float32: the kernel would round each partial.
+        dtype = q.dtype if len(key_chunks) == 1 else acc
+        qc = q[:, :, qs:qe].to(dtype)
         o_acc = lse_acc = None
         for ks, ke in key_chunks:
-            diagonal = _pair_is_diagonal(qs, qe, ks, ke, causal)
-            o_part, l_part = flash(qc, k[:, :, ks:ke].to(acc), v[:, :, ks:ke].to(acc), 0.0, diagonal, scale=scale)
+            if documents is None or documents.one_document(qs, ks):
+                diagonal = _pair_is_diagonal(qs, qe, ks, ke, causal)
+                o_part, l_part = flash(qc, k[:, :, ks:ke].to(dtype), v[:, :, ks:ke].to(dtype), 0.0, diagonal, scale=scale)
+            else:
+                # Several documents in the pair: the masked torch pair, in the accumulation dtype.
+                keep = _pair_keep(qs, qe, ks, ke, Hq // Hkv, q.device, causal, 0, documents)
+                o_part, l_part = _partial_attention(_group_rows(qc, 0, qe - qs, Hkv, acc), k[:, :, ks:ke].to(acc),
+                                                    v[:, :, ks:ke].to(acc), scale, keep)
+                o_part, l_part = _ungroup_rows(o_part, Hq, qe - qs), _ungroup_rows(l_part, Hq, qe - qs)
             if o_acc is None:
                 o_acc, lse_acc = o_part, l_part.to(acc)
             else:
@@ -646,23 +752,31 @@ def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
     return out, lse
 
 
-def _backward_cpu_kernel(dout, q, k, v, out, lse, causal: bool, scale: float, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_cpu_kernel(dout, q, k, v, out, lse, causal: bool, scale: float, chunk_size: int,
+                         documents: Documents | None = None) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     acc = accumulation_dtype(q.dtype)
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-    if T <= chunk_size and S <= chunk_size:
+    if T <= chunk_size and S <= chunk_size and (documents is None or documents.one_document(0, 0)):
         # One chunk pair: the kernel's own gradients, in the input dtype (fp32 inside).
         grads = flash_bwd(dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale)
         return tuple(g.contiguous() for g in grads)
     dq_acc = torch.zeros((B, Hq, T, D), dtype=acc, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True):
+    # Pairs holding several documents run the torch pair, which reads delta (the kernel
+    # computes its own from out).
+    delta = None if documents is None else _delta(dout, out, None, chunk_size, acc)
+    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True, documents=documents):
         kc, vc = k[:, :, ks:ke].to(acc), v[:, :, ks:ke].to(acc)
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=acc, device=q.device)
         dv_acc = torch.zeros_like(dk_acc)
         for qs, qe in query_chunks:
+            if documents is not None and not documents.one_document(qs, ks):
+                keep = _pair_keep(qs, qe, ks, ke, Hq // Hkv, q.device, causal, 0, documents)
+                _pair_backward(q, dout, lse, delta, kc, vc, qs, qe, keep, scale, 0.0, dq_acc, dk_acc, dv_acc)
+                continue
             diagonal = _pair_is_diagonal(qs, qe, ks, ke, causal)
             dq_p, dk_p, dv_p = flash_bwd(
                 dout[:, :, qs:qe].to(acc), q[:, :, qs:qe].to(acc), kc, vc,

@@ -3,22 +3,26 @@
 Ops (all ``mutates_args=()``; shapes in SDPA layout, ``G = Hq // Hkv``):
 
 * ``longctx::chunked_attention_fwd(q, k, v, causal, scale, chunk_size, host_pool_bytes=None,
-  window=0, softcap=0.0, sinks=None) -> (out, lse)``
+  window=0, softcap=0.0, sinks=None, segment_ids=None) -> (out, lse)``
 * ``longctx::chunked_attention_bwd(dout, q, k, v, out, lse, dlse?, causal, scale, chunk_size,
-  window=0, softcap=0.0, sinks=None) -> (dq, dk, dv, dsinks)``
+  window=0, softcap=0.0, sinks=None, segment_ids=None) -> (dq, dk, dv, dsinks)``
 * ``longctx::chunked_attention_fwd_offload(q, k, v, causal, scale, chunk_size,
-  host_pool_bytes=None, window=0, softcap=0.0, sinks=None) -> (out, lse, handle)``: also
-  copies q, k, v, out, lse into the host pool, within the budget ``host_pool_bytes`` (None:
-  unbounded); ``handle`` is an int64 scalar CPU tensor naming that group of host copies.
+  host_pool_bytes=None, window=0, softcap=0.0, sinks=None, segment_ids=None) -> (out, lse,
+  handle)``: also copies q, k, v, out, lse into the host pool, within the budget
+  ``host_pool_bytes`` (None: unbounded); ``handle`` is an int64 scalar CPU tensor naming that
+  group of host copies.
 * ``longctx::chunked_attention_bwd_offload(dout, handle, dlse?, kv_heads, kv_len, causal,
-  scale, chunk_size, window=0, softcap=0.0, sinks=None) -> (dq, dk, dv, dsinks)``: streams the
-  host copies back chunk by chunk.
+  scale, chunk_size, window=0, softcap=0.0, sinks=None, segment_ids=None) -> (dq, dk, dv,
+  dsinks)``: streams the host copies back chunk by chunk.
 
 The variants (README, "Variants"): ``window > 0`` (with causal) keeps keys
 ``i - window < j <= i`` and skips chunk pairs outside that band; ``softcap > 0`` caps scores
 to ``softcap·tanh(s / softcap)``; ``sinks`` ``[Hq]`` adds one logit per head to the softmax
 denominator, and ``lse`` includes it. ``dsinks`` is ``[Hq]`` with sinks and an empty ``[0]``
-tensor without (a backward op has one schema for both).
+tensor without (a backward op has one schema for both). ``segment_ids`` ``[B, T]`` (int,
+``T == S``) restricts attention to one document (packed sequences) and skips chunk pairs
+whose chunks share none; like ``sinks`` it is small and saved by autograd (never offloaded),
+and it gets no gradient.
 
 ``chunk_size = 0`` means "choose from the shapes at run time" (``chunked.auto_chunk_size``):
 the graph then holds no chunk and serves every sequence length with a chunk fitted to it.
@@ -34,7 +38,7 @@ when the op runs (``torch.get_autocast_dtype``), so bf16 and fp16 regions both w
 
 ``register_autograd`` makes AOTAutograd save exactly what each backward reads: ``q, k, v,
 out, lse`` for the plain op, and only the ``handle`` (plus the symbolic ints ``Hkv`` and
-``S``) for the offload op. Fake (meta) implementations use shape arithmetic only, so one
+``S``) for the offload op; ``sinks`` and ``segment_ids`` when given, for both. Fake (meta) implementations use shape arithmetic only, so one
 compiled graph serves every sequence length.
 
 Device dispatch happens inside the op bodies: CPU tensors run the chunked torch
@@ -65,6 +69,7 @@ from longctx_compiler.runtime.host_pool import get_default_pool
 
 from .chunked import (
     CUDA_AUTO_CHUNK,
+    Documents,
     auto_chunk_size,
     check_arguments,
     chunk_schedule,
@@ -90,9 +95,10 @@ def _chunk(chunk_size: int) -> int | None:
 
 
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int,
-                  window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
+                  segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     chunk = _chunk(chunk_size)
-    variants = dict(window=window, softcap=softcap, sinks=sinks)
+    variants = dict(window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids)
     # Empty problems (no query or no key) take the torch path's early return on any device.
     if _use_triton(q) and q.numel() > 0 and k.numel() > 0:
         from .triton import triton_attention_forward
@@ -113,9 +119,10 @@ def _with_dsinks(grads: tuple[Tensor, ...], sinks: Tensor | None, like: Tensor) 
     return grads if sinks is not None else (*grads, _empty_dsinks(like))
 
 
-def _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None):
+def _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None,
+                   segment_ids=None):
     chunk = _chunk(chunk_size)
-    variants = dict(window=window, softcap=softcap, sinks=sinks)
+    variants = dict(window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids)
     if _use_triton(q) and q.numel() > 0 and k.numel() > 0:
         from .triton import triton_attention_backward
 
@@ -139,19 +146,20 @@ def _fake_fwd(q: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("longctx::chunked_attention_fwd", mutates_args=())
 def chunked_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int, host_pool_bytes: Optional[int] = None,
-    window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
+    window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out [B, Hq, T, D], lse [B, Hq, T])`` of exact attention, chunk by chunk.
 
     ``chunk_size = 0``: chosen from the shapes. ``host_pool_bytes`` is unused here (it keeps
-    the argument list equal to the offload op's). ``window``/``softcap``/``sinks ([Hq])``: the
-    variants (0 / 0.0 / None: off); with sinks, ``lse`` includes the sink term.
+    the argument list equal to the offload op's). ``window``/``softcap``/``sinks ([Hq])``/
+    ``segment_ids ([B, T] int)``: the variants (0 / 0.0 / None / None: off); with sinks,
+    ``lse`` includes the sink term.
     """
-    return _forward_impl(q, k, v, causal, scale, chunk_size, window, softcap, sinks)
+    return _forward_impl(q, k, v, causal, scale, chunk_size, window, softcap, sinks, segment_ids)
 
 
 @chunked_attention_fwd.register_fake
-def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softcap=0.0, sinks=None):
+def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softcap=0.0, sinks=None, segment_ids=None):
     return _fake_fwd(q)
 
 
@@ -159,10 +167,11 @@ def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softca
 def chunked_attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     causal: bool, scale: float, chunk_size: int, window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
+    segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dsinks)``: the first three shaped like ``q, k, v``; ``dsinks`` ``[Hq]``
     with sinks, an empty ``[0]`` tensor without. ``dlse`` (``[B, Hq, T]``) may be None."""
-    return _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window, softcap, sinks)
+    return _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window, softcap, sinks, segment_ids)
 
 
 def _fake_dsinks(sinks: Tensor | None, like: Tensor) -> Tensor:
@@ -170,22 +179,22 @@ def _fake_dsinks(sinks: Tensor | None, like: Tensor) -> Tensor:
 
 
 @chunked_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None):
+def _(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None, segment_ids=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), _fake_dsinks(sinks, q)
 
 
 #: Positions of the forward ops' arguments (the two forward ops share one argument list).
-_WINDOW, _SOFTCAP, _SINKS = 7, 8, 9
+_WINDOW, _SOFTCAP, _SINKS, _SEGMENT_IDS = 7, 8, 9, 10
 
 
-def _variants(inputs) -> tuple[int, float, Tensor | None]:
-    """``(window, softcap, sinks)`` from a forward op's inputs (``setup_context`` receives every
-    argument, defaults included)."""
-    return inputs[_WINDOW], inputs[_SOFTCAP], inputs[_SINKS]
+def _variants(inputs) -> tuple[int, float, Tensor | None, Tensor | None]:
+    """``(window, softcap, sinks, segment_ids)`` from a forward op's inputs (``setup_context``
+    receives every argument, defaults included)."""
+    return inputs[_WINDOW], inputs[_SOFTCAP], inputs[_SINKS], inputs[_SEGMENT_IDS]
 
 
 def _input_grads(ctx, dq, dk, dv, dsinks) -> tuple:
-    """One gradient per forward input: q, k, v, and sinks when given."""
+    """One gradient per forward input: q, k, v, and sinks when given (segment_ids: None)."""
     grads = [dq, dk, dv] + [None] * (ctx.n_args - 3)
     if ctx.has_sinks:
         grads[_SINKS] = dsinks
@@ -194,20 +203,20 @@ def _input_grads(ctx, dq, dk, dv, dsinks) -> tuple:
 
 def _setup_fwd(ctx, inputs, output):
     q, k, v, causal, scale, chunk_size = inputs[:6]
-    window, softcap, sinks = _variants(inputs)
+    window, softcap, sinks, segment_ids = _variants(inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, sinks)
+    ctx.save_for_backward(q, k, v, out, lse, sinks, segment_ids)
     ctx.args = (causal, scale, chunk_size, window, softcap)
     ctx.n_args = len(inputs)
     ctx.has_sinks = sinks is not None
 
 
 def _backward_fwd(ctx, dout, dlse):
-    q, k, v, out, lse, sinks = ctx.saved_tensors
+    q, k, v, out, lse, sinks, segment_ids = ctx.saved_tensors
     causal, scale, chunk_size, window, softcap = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
-    grads = chunked_attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window, softcap, sinks)
+    grads = chunked_attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window, softcap, sinks, segment_ids)
     return _input_grads(ctx, *grads)
 
 
@@ -232,16 +241,17 @@ def _release(pool_ref, gid: int) -> None:
 @torch.library.custom_op("longctx::chunked_attention_fwd_offload", mutates_args=())
 def chunked_attention_fwd_offload(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int, host_pool_bytes: Optional[int] = None,
-    window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
+    window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Like ``chunked_attention_fwd``, and keeps q, k, v, out, lse in the default host pool.
 
     ``host_pool_bytes``: the budget these copies count against (one account per budget
     value in the pool; None: unbounded). Past it the call raises ``HostMemoryError``.
     Returns ``(out, lse, handle)``; ``handle`` is an int64 scalar (CPU) naming the host copies.
-    ``sinks`` (``[Hq]``, a few bytes) stays where it is: autograd saves it for the backward.
+    ``sinks`` (``[Hq]``, a few bytes) and ``segment_ids`` (``[B, T]`` ints, ``1/(H·D)`` of
+    ``q``'s numbers) stay where they are: autograd saves them for the backward.
     """
-    out, lse = _forward_impl(q, k, v, causal, scale, chunk_size, window, softcap, sinks)
+    out, lse = _forward_impl(q, k, v, causal, scale, chunk_size, window, softcap, sinks, segment_ids)
     pool = get_default_pool()
     handles = {}
     try:
@@ -255,17 +265,18 @@ def chunked_attention_fwd_offload(
 
 
 @chunked_attention_fwd_offload.register_fake
-def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softcap=0.0, sinks=None):
+def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softcap=0.0, sinks=None, segment_ids=None):
     out, lse = _fake_fwd(q)
     return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
 
 
-def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None):
+def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None,
+                           segment_ids=None):
     """Streamed Triton backward: k/v chunks (outer) and q/lse chunks (inner) come from the
     host, each prefetched one step ahead on the copy stream (double buffering). Pairs outside
-    a window's band are neither fetched nor launched. Returns ``(dq, dk, dv)``, and
-    ``dsinks`` fourth with ``sinks``."""
-    from .triton import attention_delta, launch_bwd_pair
+    a window's band, or whose chunks share no document, are neither fetched nor launched.
+    Returns ``(dq, dk, dv)``, and ``dsinks`` fourth with ``sinks``."""
+    from .triton import attention_delta, launch_bwd_pair, pair_segment_ids
 
     B, Hq, T, D = dout.shape
     _, Hkv, S, _ = hs["k"].shape
@@ -282,7 +293,8 @@ def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, wind
     dq_acc = torch.zeros((B, Hq, T, D), dtype=torch.float32, device=dev)
     dk = torch.empty((B, Hkv, S, D), dtype=hs["k"].dtype, device=dev)
     dv = torch.empty_like(dk)
-    schedule = list(chunk_schedule(T, S, chunk_size, causal, kv_outer=True, window=window))
+    documents = Documents.of(segment_ids, chunk_size)
+    schedule = list(chunk_schedule(T, S, chunk_size, causal, kv_outer=True, window=window, documents=documents))
 
     def fetch_kv(ks, ke):
         return pool.prefetch_async(hs["k"], ks, ke), pool.prefetch_async(hs["v"], ks, ke)
@@ -297,6 +309,7 @@ def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, wind
             next_kv = fetch_kv(*schedule[idx + 1][0])
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=torch.float32, device=dev)
         dv_acc = torch.zeros_like(dk_acc)
+        # A key chunk no query chunk meets (documents) is fetched but launches nothing.
         next_q = fetch_q(*query_chunks[0]) if query_chunks else None
         for jdx, (qs, qe) in enumerate(query_chunks):
             qc, lsec = (p.wait() for p in next_q)
@@ -305,7 +318,7 @@ def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, wind
             # The lse/delta kernels read both with one set of strides: give both the dense layout.
             launch_bwd_pair(qc, kc, vc, dout[:, :, qs:qe], lsec.contiguous(), delta[:, :, qs:qe].contiguous(),
                             dq_acc[:, :, qs:qe], dk_acc, dv_acc, q_pos0=qs, k_pos0=ks, causal=causal, scale=scale,
-                            window=window, softcap=softcap)
+                            window=window, softcap=softcap, segment_ids=pair_segment_ids(documents, qs, ks))
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc
     grads = (dq_acc.to(dout.dtype), dk, dv)
@@ -316,6 +329,7 @@ def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, wind
 def chunked_attention_bwd_offload(
     dout: Tensor, handle: Tensor, dlse: Optional[Tensor], kv_heads: int, kv_len: int,
     causal: bool, scale: float, chunk_size: int, window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
+    segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dsinks)`` from ``dout`` and the host copies named by ``handle``
     (``dsinks`` as in ``chunked_attention_bwd``).
@@ -332,7 +346,7 @@ def chunked_attention_bwd_offload(
     if _use_triton(dout) and dout.numel() > 0 and hs["k"].numel > 0:
         if chunk_size == 0:
             chunk_size = min(max(T, kv_len), CUDA_AUTO_CHUNK)
-        grads = _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, window, softcap, sinks)
+        grads = _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, window, softcap, sinks, segment_ids)
         return _with_dsinks(grads, sinks, dout)
     # CPU: the host copies are CPU tensors already; prefetch hands back views (no copy) and the
     # chunked loop reads them chunk by chunk in the same order as on CUDA.
@@ -340,12 +354,12 @@ def chunked_attention_bwd_offload(
     if q.device != dout.device:
         q, k, v, out, lse = (t.to(dout.device) for t in (q, k, v, out, lse))
     grads = chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=_chunk(chunk_size),
-                                       dlse=dlse, window=window, softcap=softcap, sinks=sinks)
+                                       dlse=dlse, window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids)
     return _with_dsinks(grads, sinks, dout)
 
 
 @chunked_attention_bwd_offload.register_fake
-def _(dout, handle, dlse, kv_heads, kv_len, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None):
+def _(dout, handle, dlse, kv_heads, kv_len, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None, segment_ids=None):
     B, Hq, T, D = dout.shape
     kv = dout.new_empty((B, kv_heads, kv_len, D)), dout.new_empty((B, kv_heads, kv_len, D))
     return dout.new_empty((B, Hq, T, D)), *kv, _fake_dsinks(sinks, dout)
@@ -353,9 +367,9 @@ def _(dout, handle, dlse, kv_heads, kv_len, causal, scale, chunk_size, window=0,
 
 def _setup_fwd_offload(ctx, inputs, output):
     q, k, v, causal, scale, chunk_size = inputs[:6]
-    window, softcap, sinks = _variants(inputs)
+    window, softcap, sinks, segment_ids = _variants(inputs)
     _, _, handle = output
-    ctx.save_for_backward(handle, sinks)
+    ctx.save_for_backward(handle, sinks, segment_ids)
     ctx.kv = (k.shape[1], k.shape[2])
     ctx.args = (causal, scale, chunk_size, window, softcap)
     ctx.n_args = len(inputs)
@@ -363,9 +377,10 @@ def _setup_fwd_offload(ctx, inputs, output):
 
 
 def _backward_fwd_offload(ctx, dout, dlse, _dhandle):
-    handle, sinks = ctx.saved_tensors
+    handle, sinks, segment_ids = ctx.saved_tensors
     causal, scale, chunk_size, window, softcap = ctx.args
-    grads = chunked_attention_bwd_offload(dout, handle, dlse, ctx.kv[0], ctx.kv[1], causal, scale, chunk_size, window, softcap, sinks)
+    grads = chunked_attention_bwd_offload(dout, handle, dlse, ctx.kv[0], ctx.kv[1], causal, scale, chunk_size, window, softcap,
+                                          sinks, segment_ids)
     return _input_grads(ctx, *grads)
 
 
@@ -393,6 +408,7 @@ def chunked_attention(
     window: int = 0,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Exact softmax attention with memory bounded by the chunk size (FPDT-style).
 
@@ -417,6 +433,12 @@ def chunked_attention(
         sinks: learned attention sinks (gpt-oss), ``[Hq]``: one logit per head added to the
             softmax denominator, with no value:
             ``P_ij = exp(s_ij) / (exp(sinks[h]) + Σ_j exp(s_ij))``. Not soft-capped.
+        segment_ids: packed documents, int32/int64 ``[B, T]`` (self-attention, ``T == S``):
+            query ``i`` sees key ``j`` only if ``segment_ids[b, i] == segment_ids[b, j]``,
+            ANDed with ``causal`` and ``window``. Chunk pairs whose chunks share no document
+            in any batch row are skipped, so packed documents of length ``L`` cost about
+            ``L / T`` of causal attention over ``T`` (plus whole-chunk rounding). Ids need
+            not be sorted; no gradient.
     Returns:
         ``[B, Hq, T, D]`` in the input dtype. Differentiable in ``q``, ``k``, ``v`` (and
         ``sinks``).
@@ -427,13 +449,14 @@ def chunked_attention(
         # What the op's Autocast kernel does, done first so the arguments are checked as the
         # op will see them (q/k/v of different dtypes are fine under autocast, as for SDPA).
         q, k, v, sinks = autocast_cast((q, k, v, sinks), q.device.type)
-    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention", window=window, softcap=softcap, sinks=sinks)
+    scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention", window=window, softcap=softcap, sinks=sinks,
+                            segment_ids=segment_ids)
     if host_pool_bytes is not None and (isinstance(host_pool_bytes, bool) or not isinstance(host_pool_bytes, int) or host_pool_bytes < 0):
         raise ValueError(f"chunked_attention: host_pool_bytes must be a non-negative int or None, got {host_pool_bytes!r}")
     if q.is_cuda and q.shape[-1] > 256 and q.dtype != torch.float64:
         raise ValueError(f"chunked_attention: head dim {q.shape[-1]} > 256 is not supported on CUDA")
     chunk = 0 if chunk_size is None else chunk_size
-    variants = (window, float(softcap), sinks)
+    variants = (window, float(softcap), sinks, segment_ids)
     if offload:
         return chunked_attention_fwd_offload(q, k, v, causal, scale, chunk, host_pool_bytes, *variants)[0]
     return chunked_attention_fwd(q, k, v, causal, scale, chunk, None, *variants)[0]

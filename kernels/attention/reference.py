@@ -16,6 +16,10 @@ Causal masking uses SDPA's ``is_causal`` convention, aligned at the top-left cor
 * attention sinks ``sinks`` ``[Hq]``: one extra logit per head in the softmax denominator,
   with no value; the returned ``lse`` includes it.
 
+And documents (packed sequences): ``segment_ids`` ``[B, T]`` (integers, self-attention
+``T == S``) keeps key ``j`` for query ``i`` only where ``segment_ids[b, i] == segment_ids[b, j]``,
+ANDed with causal and the window.
+
 This module materialises the ``[B, Hq, T, S]`` score matrix on purpose: it is the ground
 truth the memory-bounded implementations are tested against, not something to run at scale.
 """
@@ -32,6 +36,7 @@ __all__ = [
     "attention_reference_with_lse",
     "validate_qkv",
     "validate_variants",
+    "validate_segment_ids",
     "accumulation_dtype",
 ]
 
@@ -115,6 +120,34 @@ def validate_variants(q: Tensor, causal: bool, window: int, softcap: float, sink
             raise ValueError(f"{name}: sinks must be on q's device {q.device}, got {sinks.device}")
 
 
+def validate_segment_ids(q: Tensor, k: Tensor, segment_ids: Tensor | None, *, name: str) -> None:
+    """Raise ``TypeError``/``ValueError`` for bad document ids (None is always fine).
+
+    ``segment_ids``: an int32/int64 tensor ``[B, T]`` on ``q``'s device, for self-attention
+    (``T == S``: a query's document is compared with its keys' at the same positions).
+    """
+    if segment_ids is None:
+        return
+    if not isinstance(segment_ids, Tensor):
+        raise TypeError(f"{name}: segment_ids must be a Tensor [B, T] of document ids or None, got {type(segment_ids).__name__}")
+    if segment_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: segment_ids must be int32 or int64 document ids, got dtype {segment_ids.dtype}")
+    B, _, T, _ = q.shape
+    if k.shape[2] != T:
+        raise ValueError(
+            f"{name}: segment_ids need self-attention (as many keys as queries), got T = {T} queries and S = {k.shape[2]} keys"
+        )
+    if tuple(segment_ids.shape) != (B, T):
+        raise ValueError(f"{name}: segment_ids must have shape [B, T] = [{B}, {T}], got {tuple(segment_ids.shape)}")
+    if segment_ids.device != q.device:
+        raise ValueError(f"{name}: segment_ids must be on q's device {q.device}, got {segment_ids.device}")
+
+
+def same_document(segment_ids: Tensor, qs: int, qe: int, ks: int, ke: int) -> Tensor:
+    """``[B, qe - qs, ke - ks]`` boolean: query ``i`` and key ``j`` lie in one document."""
+    return segment_ids[:, qs:qe, None] == segment_ids[:, None, ks:ke]
+
+
 def _expand_kv(x: Tensor, groups: int) -> Tensor:
     # The reference favours clarity over memory: materialise one copy of K/V per query head.
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
@@ -131,6 +164,7 @@ def attention_reference_with_lse(
     window: int = 0,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention and its row-wise log-sum-exp, in plain torch.
 
@@ -147,6 +181,9 @@ def attention_reference_with_lse(
             (0: no cap).
         sinks: optional ``[Hq]``: logit ``sinks[h]`` joins every row's softmax denominator of
             head ``h`` (a key with value 0; not soft-capped, never masked).
+        segment_ids: optional int ``[B, T]`` document ids (needs ``T == S``): query ``i``
+            sees key ``j`` only if ``segment_ids[b, i] == segment_ids[b, j]`` (ANDed with
+            ``causal``, ``window`` and ``mask``).
     Returns:
         ``(out, lse)``: ``out`` ``[B, Hq, T, D]`` in the input dtype; ``lse`` ``[B, Hq, T]``,
         ``lse[b,h,i] = log(exp(sinks[h]) + Σ_j exp(s_ij + mask_ij))`` (no sink term without
@@ -163,6 +200,7 @@ def attention_reference_with_lse(
         raise TypeError(f"attention_reference: causal must be a bool, got {type(causal).__name__}")
     validate_qkv(q, k, v, scale=scale, name="attention_reference")
     validate_variants(q, causal, window, softcap, sinks, name="attention_reference")
+    validate_segment_ids(q, k, segment_ids, name="attention_reference")
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -199,6 +237,10 @@ def attention_reference_with_lse(
         hidden = (j > i) | (j <= i - window) if window else j > i
         scores = scores.masked_fill(hidden, float("-inf"))
         visible = visible & ~hidden
+    if segment_ids is not None:
+        same = same_document(segment_ids, 0, T, 0, S).unsqueeze(1)
+        scores = scores.masked_fill(~same, float("-inf"))
+        visible = visible & same
     if sinks is None:
         lse = torch.logsumexp(scores, dim=-1)
     else:
@@ -226,10 +268,12 @@ def attention_reference(
     window: int = 0,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention ``softmax(scale · q k^T + mask) v`` in plain torch.
 
     Shapes: ``q`` ``[B, Hq, T, D]``, ``k``/``v`` ``[B, Hkv, S, D]`` → ``[B, Hq, T, D]``.
     See :func:`attention_reference_with_lse` for the argument details.
     """
-    return attention_reference_with_lse(q, k, v, causal=causal, scale=scale, mask=mask, window=window, softcap=softcap, sinks=sinks)[0]
+    return attention_reference_with_lse(q, k, v, causal=causal, scale=scale, mask=mask, window=window, softcap=softcap,
+                                        sinks=sinks, segment_ids=segment_ids)[0]

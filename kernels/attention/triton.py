@@ -28,6 +28,12 @@ the three kernels. Attention sinks live in the launchers: the forward folds the 
 each query chunk's fp32 result (``chunked.fold_sinks``), the kernels then see the
 sink-inclusive ``lse`` only, and ``dsinks`` is a row reduction (``chunked.sink_grad``).
 
+Documents (packed sequences): the launchers classify chunk pairs with ``chunked.Documents``
+in the one schedule: pairs whose chunks share no document are never launched, pairs inside
+one document launch without ids (``DOCUMENTS`` off), the others get the ``[B, T]`` ids
+pointer and ``_tile_scores`` ANDs ``seg_i == seg_j`` into the tile's keep-mask (ids read at
+absolute positions ``q_pos``/``k_pos``, like the band).
+
 Testing on CPU: set ``TRITON_INTERPRET=1`` *before* triton is imported (``triton.jit``
 decides at decoration time whether to build an interpreted function); the launchers accept
 CPU tensors in that mode.
@@ -44,10 +50,10 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .chunked import chunk_schedule, fold_sinks, sink_grad
-from .reference import validate_qkv, validate_variants
+from .chunked import Documents, chunk_schedule, fold_sinks, sink_grad
+from .reference import validate_qkv, validate_segment_ids, validate_variants
 
-__all__ = ["triton_attention_forward", "triton_attention_backward", "interpreting"]
+__all__ = ["triton_attention_forward", "triton_attention_backward", "interpreting", "pair_segment_ids"]
 
 
 def interpreting() -> bool:
@@ -70,14 +76,26 @@ def _tanh(x):
 
 
 @triton.jit
-def _tile_scores(q, k, q_pos, k_pos, keep, scale, window, softcap,
-                 CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, PRECISION: tl.constexpr):
+def _load_ids(SEG, b, pos, ok, ssb, sst, DOCUMENTS: tl.constexpr):
+    """Document ids of batch row ``b`` at absolute positions ``pos`` (``DOCUMENTS``; without,
+    ``pos`` itself: a placeholder :func:`_tile_scores` never reads)."""
+    ids = pos
+    if DOCUMENTS:
+        ids = tl.load(SEG + b * ssb + pos * sst, mask=ok, other=0)
+    return ids
+
+
+@triton.jit
+def _tile_scores(q, k, q_pos, k_pos, q_ids, k_ids, keep, scale, window, softcap,
+                 CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, DOCUMENTS: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Scores of a ``[M, N]`` tile: ``(s, keep, t)``.
 
     ``s = scale·q·kᵀ``, capped to ``softcap·tanh(s / softcap)`` when ``CAPPED`` (``t`` is that
     tanh, for the backward's ``1 − t²``; ``s`` itself otherwise); ``keep`` (in: the bounds
-    mask) narrowed to ``k_pos <= q_pos`` (``CAUSAL``) and ``k_pos > q_pos − window``
-    (``BANDED``). Masked entries of ``s`` are left to the caller.
+    mask) narrowed to ``k_pos <= q_pos`` (``CAUSAL``), ``k_pos > q_pos − window``
+    (``BANDED``) and ``q_ids == k_ids`` (``DOCUMENTS``). Masked entries of ``s`` are left to
+    the caller.
     """
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     t = s
@@ -88,6 +106,8 @@ def _tile_scores(q, k, q_pos, k_pos, keep, scale, window, softcap,
         keep = keep & (k_pos[None, :] <= q_pos[:, None])
     if BANDED:
         keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
+    if DOCUMENTS:
+        keep = keep & (k_ids[None, :] == q_ids[:, None])
     return s, keep, t
 
 
@@ -110,15 +130,16 @@ def _key_range(q_first, q_last, k_pos0, Sc, window,
 
 @triton.jit
 def _fwd_pair_kernel(
-    Q, K, V, O, L,
+    Q, K, V, O, L, SEG,
     sqb, sqh, sqt, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     sob, soh, sot, sod,
     slb, slh, slt,
+    ssb, sst,
     Tc, Sc, D, H, G, q_pos0, k_pos0, scale, window, softcap,
-    CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, HAS_PREV: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, DOCUMENTS: tl.constexpr, HAS_PREV: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -132,6 +153,7 @@ def _fwd_pair_kernel(
     d_ok = offs_d < D
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q_ids = _load_ids(SEG, b, q_pos0 + offs_m, m_ok, ssb, sst, DOCUMENTS)
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
     l_ptrs = L + b * slb + h * slh + offs_m * slt
     if HAS_PREV:
@@ -152,8 +174,9 @@ def _fwd_pair_kernel(
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + hk * svh + n[:, None] * svs + offs_d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s, keep, _ = _tile_scores(q, k, q_pos0 + offs_m, k_pos0 + n, n_ok[None, :], scale, window, softcap,
-                                  CAUSAL, BANDED, CAPPED, PRECISION)
+        k_ids = _load_ids(SEG, b, k_pos0 + n, n_ok, ssb, sst, DOCUMENTS)
+        s, keep, _ = _tile_scores(q, k, q_pos0 + offs_m, k_pos0 + n, q_ids, k_ids, n_ok[None, :], scale, window, softcap,
+                                  CAUSAL, BANDED, CAPPED, DOCUMENTS, PRECISION)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing visible yet keep m = -inf; shifting by 0 keeps exp() at 0, not nan.
@@ -172,15 +195,16 @@ def _fwd_pair_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, L, DELTA, DK, DV,
+    Q, K, V, DO, L, DELTA, DK, DV, SEG,
     sqb, sqh, sqt, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     sdob, sdoh, sdot, sdod,
     slb, slh, slt,
     sdkb, sdkh, sdks, sdkd,
+    ssb, sst,
     Tc, Sc, D, HKV, G, q_pos0, k_pos0, scale, window, softcap,
-    CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, DOCUMENTS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # L and DELTA share strides (both [B, Hq, T] fp32); DK and DV too ([B, Hkv, Sc, D] fp32).
@@ -196,6 +220,7 @@ def _bwd_dkdv_kernel(
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+    k_ids = _load_ids(SEG, b, k_pos0 + offs_n, n_ok, ssb, sst, DOCUMENTS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -218,8 +243,9 @@ def _bwd_dkdv_kernel(
                          mask=m_ok[:, None] & d_ok[None, :], other=0.0)
             lse = tl.load(L + b * slb + h * slh + m * slt, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + b * slb + h * slh + m * slt, mask=m_ok, other=0.0)
-            s, keep, t = _tile_scores(q, k, q_pos0 + m, k_pos0 + offs_n, m_ok[:, None] & n_ok[None, :], scale, window,
-                                      softcap, CAUSAL, BANDED, CAPPED, PRECISION)
+            q_ids = _load_ids(SEG, b, q_pos0 + m, m_ok, ssb, sst, DOCUMENTS)
+            s, keep, t = _tile_scores(q, k, q_pos0 + m, k_pos0 + offs_n, q_ids, k_ids, m_ok[:, None] & n_ok[None, :], scale,
+                                      window, softcap, CAUSAL, BANDED, CAPPED, DOCUMENTS, PRECISION)
             p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -236,15 +262,16 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, L, DELTA, DQ,
+    Q, K, V, DO, L, DELTA, DQ, SEG,
     sqb, sqh, sqt, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     sdob, sdoh, sdot, sdod,
     slb, slh, slt,
     sdqb, sdqh, sdqt, sdqd,
+    ssb, sst,
     Tc, Sc, D, H, G, q_pos0, k_pos0, scale, window, softcap,
-    CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, DOCUMENTS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -262,6 +289,7 @@ def _bwd_dq_kernel(
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :] * sdod, mask=q_mask, other=0.0)
     lse = tl.load(L + b * slb + h * slh + offs_m * slt, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + b * slb + h * slh + offs_m * slt, mask=m_ok, other=0.0)
+    q_ids = _load_ids(SEG, b, q_pos0 + offs_m, m_ok, ssb, sst, DOCUMENTS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(q_pos0 + pid_m * BLOCK_M, q_pos0 + (pid_m + 1) * BLOCK_M - 1, k_pos0, Sc, window,
                         CAUSAL, BANDED, BLOCK_N)
@@ -272,8 +300,9 @@ def _bwd_dq_kernel(
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + hk * svh + n[:, None] * svs + offs_d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s, keep, t = _tile_scores(q, k, q_pos0 + offs_m, k_pos0 + n, m_ok[:, None] & n_ok[None, :], scale, window, softcap,
-                                  CAUSAL, BANDED, CAPPED, PRECISION)
+        k_ids = _load_ids(SEG, b, k_pos0 + n, n_ok, ssb, sst, DOCUMENTS)
+        s, keep, t = _tile_scores(q, k, q_pos0 + offs_m, k_pos0 + n, q_ids, k_ids, m_ok[:, None] & n_ok[None, :], scale,
+                                  window, softcap, CAUSAL, BANDED, CAPPED, DOCUMENTS, PRECISION)
         p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -304,7 +333,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int, name: str,
-           window: int, softcap: float, sinks: Tensor | None) -> float:
+           window: int, softcap: float, sinks: Tensor | None, segment_ids: Tensor | None) -> float:
     validate_qkv(q, k, v, scale=scale, name=name)
     if q.dtype == torch.float64:
         raise TypeError(f"{name}: float64 is not supported by the Triton kernels; use the chunked torch path")
@@ -315,32 +344,48 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, c
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
     validate_variants(q, causal, window, softcap, sinks, name=name)
+    validate_segment_ids(q, k, segment_ids, name=name)
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _variant_args(window: int, softcap: float) -> tuple[tuple, dict]:
-    """The kernels' runtime (``window, softcap``) and constexpr (``BANDED``, ``CAPPED``) variant arguments."""
+def _variant_args(window: int, softcap: float, segment_ids: Tensor | None) -> tuple[tuple, tuple, dict]:
+    """The kernels' variant arguments: the ids pointer and its strides (``SEG, ssb, sst``;
+    None and 0 without ids), the runtime ``(window, softcap)``, and the constexprs
+    ``BANDED``, ``CAPPED``, ``DOCUMENTS``."""
+    ids = (None, 0, 0) if segment_ids is None else (segment_ids, *segment_ids.stride())
     # softcap = 0 is never divided by: CAPPED is off then (1.0 keeps the argument a float).
-    return (window, float(softcap) or 1.0), dict(BANDED=window > 0, CAPPED=softcap > 0)
+    flags = dict(BANDED=window > 0, CAPPED=softcap > 0, DOCUMENTS=segment_ids is not None)
+    return ids, (window, float(softcap) or 1.0), flags
+
+
+def pair_segment_ids(documents: Documents | None, qs: int, ks: int) -> Tensor | None:
+    """The ids a chunk pair's launch needs: None when documents mask nothing in it (no
+    documents, or one document per row across both chunks), the ``[B, T]`` ids otherwise."""
+    if documents is None or documents.one_document(qs, ks):
+        return None
+    return documents.segment_ids
 
 
 def launch_fwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, o_acc: Tensor, lse_acc: Tensor, *, q_pos0: int, k_pos0: int,
-                    causal: bool, scale: float, has_prev: bool, window: int = 0, softcap: float = 0.0) -> None:
+                    causal: bool, scale: float, has_prev: bool, window: int = 0, softcap: float = 0.0,
+                    segment_ids: Tensor | None = None) -> None:
     """Merge attention of ``qc`` over ``kc``/``vc`` into the running fp32 ``o_acc``/``lse_acc``.
 
     ``qc`` ``[B, Hq, Tc, D]``, ``kc``/``vc`` ``[B, Hkv, Sc, D]`` (any strides),
     ``o_acc`` ``[B, Hq, Tc, D]`` fp32, ``lse_acc`` ``[B, Hq, Tc]`` fp32 (written; read too
     when ``has_prev``). ``q_pos0``/``k_pos0``: absolute positions of the chunks' first rows.
     ``window``/``softcap``: the band (with ``causal``) and the soft-cap, 0 for none.
+    ``segment_ids``: the whole ``[B, T]`` document ids (read at absolute positions), or None
+    when the pair needs no document mask.
     """
     B, H, Tc, D = qc.shape
     Hkv, Sc = kc.shape[1], kc.shape[2]
     bm, bn, bd = _blocks(D, qc.dtype)
     grid = (triton.cdiv(Tc, bm), B * H)
-    args, flags = _variant_args(window, softcap)
+    (ids, *id_strides), args, flags = _variant_args(window, softcap, segment_ids)
     _fwd_pair_kernel[grid](
-        qc, kc, vc, o_acc, lse_acc,
-        *qc.stride(), *kc.stride(), *vc.stride(), *o_acc.stride(), *lse_acc.stride(),
+        qc, kc, vc, o_acc, lse_acc, ids,
+        *qc.stride(), *kc.stride(), *vc.stride(), *o_acc.stride(), *lse_acc.stride(), *id_strides,
         Tc, Sc, D, H, H // Hkv, q_pos0, k_pos0, scale, *args,
         CAUSAL=causal, HAS_PREV=has_prev, PRECISION=_precision(qc.dtype), **flags,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
@@ -349,26 +394,28 @@ def launch_fwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, o_acc: Tensor, lse_acc: 
 
 def launch_bwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, doc: Tensor, lsec: Tensor, deltac: Tensor,
                     dq_acc: Tensor, dk_acc: Tensor, dv_acc: Tensor, *, q_pos0: int, k_pos0: int,
-                    causal: bool, scale: float, window: int = 0, softcap: float = 0.0) -> None:
+                    causal: bool, scale: float, window: int = 0, softcap: float = 0.0,
+                    segment_ids: Tensor | None = None) -> None:
     """Add one chunk pair's contributions to the fp32 accumulators ``dq_acc`` (``[B, Hq, Tc, D]``),
     ``dk_acc``/``dv_acc`` (``[B, Hkv, Sc, D]``, same strides). ``lsec``/``deltac``: ``[B, Hq, Tc]``
-    fp32 with equal strides (``lsec`` sink-inclusive when sinks are used)."""
+    fp32 with equal strides (``lsec`` sink-inclusive when sinks are used). ``segment_ids`` as
+    in :func:`launch_fwd_pair`."""
     B, H, Tc, D = qc.shape
     Hkv, Sc = kc.shape[1], kc.shape[2]
     if lsec.stride() != deltac.stride() or dk_acc.stride() != dv_acc.stride():
         raise ValueError("launch_bwd_pair: lse/delta and dk/dv accumulators must share strides")
     bm, bn, bd = _blocks(D, qc.dtype)
     prec = _precision(qc.dtype)
-    args, flags = _variant_args(window, softcap)
+    (ids, *id_strides), args, flags = _variant_args(window, softcap, segment_ids)
     _bwd_dkdv_kernel[(triton.cdiv(Sc, bn), B * Hkv)](
-        qc, kc, vc, doc, lsec, deltac, dk_acc, dv_acc,
-        *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *lsec.stride(), *dk_acc.stride(),
+        qc, kc, vc, doc, lsec, deltac, dk_acc, dv_acc, ids,
+        *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *lsec.stride(), *dk_acc.stride(), *id_strides,
         Tc, Sc, D, Hkv, H // Hkv, q_pos0, k_pos0, scale, *args,
         CAUSAL=causal, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags,
     )
     _bwd_dq_kernel[(triton.cdiv(Tc, bm), B * H)](
-        qc, kc, vc, doc, lsec, deltac, dq_acc,
-        *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *lsec.stride(), *dq_acc.stride(),
+        qc, kc, vc, doc, lsec, deltac, dq_acc, ids,
+        *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *lsec.stride(), *dq_acc.stride(), *id_strides,
         Tc, Sc, D, H, H // Hkv, q_pos0, k_pos0, scale, *args,
         CAUSAL=causal, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags,
     )
@@ -376,26 +423,29 @@ def launch_bwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, doc: Tensor, lsec: Tenso
 
 def triton_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None,
                              chunk_size: int, window: int = 0, softcap: float = 0.0,
-                             sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                             sinks: Tensor | None = None, segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`.chunked.chunked_attention_forward`, with Triton pair kernels.
 
     ``q`` ``[B, Hq, T, D]``, ``k``/``v`` ``[B, Hkv, S, D]`` (fp16/bf16/fp32, CUDA) →
     ``out`` ``[B, Hq, T, D]`` (input dtype), ``lse`` ``[B, Hq, T]`` (fp32, sink-inclusive
-    with ``sinks [Hq]``). Pairs outside a window's band are never launched.
+    with ``sinks [Hq]``). Pairs outside a window's band, or whose chunks share no document
+    (``segment_ids`` ``[B, T]``), are never launched.
     """
-    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_forward", window, softcap, sinks)
+    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_forward", window, softcap, sinks, segment_ids)
     B, Hq, T, D = q.shape
     S = k.shape[2]
     # q's layout, as the op's fake implementation promises (chunked.out_like).
     out = torch.empty_like(q, memory_format=torch.preserve_format)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
-    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal, window=window):
+    documents = Documents.of(segment_ids, chunk_size)
+    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal, window=window, documents=documents):
         # With no key chunk (a window's rows past the last key): out = 0, lse = -inf.
         o_acc = torch.zeros((B, Hq, qe - qs, D), dtype=torch.float32, device=q.device)
         lse_acc = lse[:, :, qs:qe].fill_(float("-inf"))
         for idx, (ks, ke) in enumerate(key_chunks):
             launch_fwd_pair(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], o_acc, lse_acc, q_pos0=qs, k_pos0=ks,
-                            causal=causal, scale=scale, has_prev=idx > 0, window=window, softcap=softcap)
+                            causal=causal, scale=scale, has_prev=idx > 0, window=window, softcap=softcap,
+                            segment_ids=pair_segment_ids(documents, qs, ks))
         if sinks is not None:
             # In fp32, before out's single rounding.
             o_acc, lse[:, :, qs:qe] = fold_sinks(o_acc, lse_acc, sinks)
@@ -418,15 +468,16 @@ def attention_delta(dout: Tensor, out: Tensor, dlse: Tensor | None, chunk_size: 
 def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
                               causal: bool, scale: float | None, chunk_size: int,
                               dlse: Tensor | None = None, window: int = 0, softcap: float = 0.0,
-                              sinks: Tensor | None = None) -> tuple[Tensor, ...]:
+                              sinks: Tensor | None = None, segment_ids: Tensor | None = None) -> tuple[Tensor, ...]:
     """Same contract as :func:`.chunked.chunked_attention_backward`, with Triton pair kernels.
 
     Outer loop over key chunks (their ``dk``/``dv`` are final after it), inner loop over the
-    query chunks that see them (pairs outside a window's band are never launched); ``dq``
+    query chunks that see them (pairs outside a window's band, or whose chunks share no
+    document, are never launched); ``dq``
     accumulates in fp32 over the whole sequence. Returns ``(dq, dk, dv)``, and ``dsinks``
     ``[Hq]`` fourth when ``sinks`` is given.
     """
-    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_backward", window, softcap, sinks)
+    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_backward", window, softcap, sinks, segment_ids)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     lse = lse.float()
@@ -436,13 +487,15 @@ def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     dq_acc = torch.zeros((B, Hq, T, D), dtype=torch.float32, device=q.device)
     dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=v.device)
-    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True, window=window):
+    documents = Documents.of(segment_ids, chunk_size)
+    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True, window=window, documents=documents):
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=torch.float32, device=q.device)
         dv_acc = torch.zeros_like(dk_acc)
         for qs, qe in query_chunks:
             launch_bwd_pair(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], dout[:, :, qs:qe],
                             lse[:, :, qs:qe], delta[:, :, qs:qe], dq_acc[:, :, qs:qe], dk_acc, dv_acc,
-                            q_pos0=qs, k_pos0=ks, causal=causal, scale=scale, window=window, softcap=softcap)
+                            q_pos0=qs, k_pos0=ks, causal=causal, scale=scale, window=window, softcap=softcap,
+                            segment_ids=pair_segment_ids(documents, qs, ks))
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc
     grads = (dq_acc.to(q.dtype), dk, dv)
