@@ -58,6 +58,7 @@ token ids, a module buffer.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Any, Callable, Iterable, Sequence
@@ -71,7 +72,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from longctx_compiler.dynamo_names import readable_input_name
 from longctx_compiler.passes.analysis.fx_utils import example_value, writes_in_place
 
-__all__ = ["NotProvable", "prove_causal", "prove_band", "mask_inputs", "MASKED_THRESHOLD"]
+__all__ = ["NotProvable", "MaskProof", "prove_causal", "prove_band", "prove_mask", "mask_inputs", "MASKED_THRESHOLD"]
 
 #: An additive mask value at or below this removes a score exactly: softmax's
 #: ``exp(score + m - rowmax)`` underflows to 0 in every float dtype for any score of
@@ -81,6 +82,34 @@ MASKED_THRESHOLD = -1e30
 
 class NotProvable(Exception):
     """The mask could not be proven causal; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskProof:
+    """What a proven mask keeps: ``j ≤ i`` (``window`` None) or ``i − window < j ≤ i``, and,
+    with ``documents``, only pairs of one document.
+
+    ``documents`` is the graph node computing the document ids ``[B' , T]`` (transformers'
+    packed-sequence numbering of the caller's positions); ``document_row`` is None when row
+    ``b`` of the batch reads row ``b`` of it, or the one row every batch row reads.
+    """
+
+    window: int | None = None
+    documents: fx.Node | None = None
+    document_row: int | None = None
+
+
+class _Position(sympy.Function):
+    """``positions[r, t]``: a position the caller passed (an integer, value unknown)."""
+
+    is_integer = True
+
+
+class _Document(sympy.Function):
+    """``documents[r, t]``: the number of position breaks (steps other than +1) in
+    ``positions[r, 1..t]``, transformers' packed-sequence id of token ``t`` in row ``r``."""
+
+    is_integer = True
 
 
 # -- values ------------------------------------------------------------------------------------
@@ -472,7 +501,7 @@ def _describe_inputs(inputs: Sequence[fx.Node]) -> str:
     if "attention_mask" in roles:
         parts.append("the mask depends on the attention_mask input (padding): chunked attention does not support padding masks yet")
     if "position_ids" in roles:
-        parts.append("the mask depends on position_ids passed by the caller (packed sequences / document masking are not supported yet)")
+        parts.append("the mask depends on position_ids passed by the caller, and is not proven to be a causal mask within the packed documents they number")
     if "input_ids" in roles:
         parts.append("the mask depends on the token ids (a padding mask computed from input_ids): chunked attention does not support padding masks yet")
     for role, what, why in (
@@ -573,7 +602,13 @@ def _key(n: fx.Node) -> Any:
 
 
 class _Interpreter:
-    def __init__(self, graph: fx.Graph) -> None:
+    """Symbolic values of the mask's nodes. ``positions``: graph inputs read as the caller's
+    positions (:class:`_Position`); every cumsum found to number their documents is
+    recorded in ``documents``."""
+
+    def __init__(self, graph: fx.Graph, positions: Iterable[fx.Node] = ()) -> None:
+        self.positions = set(positions)
+        self.documents: list[fx.Node] = []
         self.memo: dict[fx.Node, _Sym] = {}
         self.pos = {n: k for k, n in enumerate(graph.nodes)}
         self.writers: dict[fx.Node, list[fx.Node]] = {}
@@ -626,6 +661,8 @@ class _Interpreter:
 
     def node(self, n: fx.Node) -> _Sym:
         if n.op == "placeholder":
+            if n in self.positions:
+                return self.position_input(n)
             if isinstance(example_value(n), torch.Tensor):
                 raise NotProvable(_describe_inputs([n]))
             return self.symint(n)
@@ -693,6 +730,12 @@ class _Interpreter:
         return _Sym((), int, lambda idx: expr)
 
     # -- sources -------------------------------------------------------------------------------
+    def position_input(self, n: fx.Node) -> _Sym:
+        shape, dtype = self.out(n)
+        if len(shape) != 2 or dtype not in (torch.int64, torch.int32):
+            raise NotProvable(f"the input {_user_name(n)!r} is not an integer [batch, length] tensor of positions")
+        return _Sym(shape, dtype, lambda idx: _Position(*idx))
+
     def arange(self, n: fx.Node) -> _Sym:
         shape, dtype = self.out(n)
         args = list(n.args)
@@ -1139,6 +1182,8 @@ class _Interpreter:
         syms = _index_symbols(a.rank, "c")
         k = syms[dim]
         summand = _normalize(_cast(a.at(syms), a, dtype))
+        if isinstance(summand, sympy.Basic) and summand.has(_Position):
+            return self.document_ids(n, shape, dtype, dim, syms, summand)
         free = summand.free_symbols if isinstance(summand, sympy.Basic) else set()
         if free - {k}:
             raise NotProvable("cumsum of a summand that varies across other dims")
@@ -1158,6 +1203,41 @@ class _Interpreter:
         if dtype not in (torch.int64, torch.int32) or not c.is_Integer:
             raise NotProvable(f"cumsum of a nonzero constant in {_dtype_name(dtype)}")
         return _Sym(shape, dtype, lambda idx: sympy.expand((idx[dim] + 1) * c))
+
+    def document_ids(self, n: fx.Node, shape: tuple, dtype: torch.dtype, dim: int, syms: list, summand: Any) -> _Sym:
+        """A cumsum over the caller's positions is accepted only as transformers' document
+        numbering, ``(diff(pos, prepend=pos[:, :1] - 1) != 1).cumsum(-1)``: its summand must
+        be 0 at ``t = 0`` and, at ``t ≥ 1``, a function of the step ``pos[t] − pos[t−1]``
+        alone that is 0 exactly at step 1. Then the value at ``t`` counts the position
+        breaks in ``[1, t]``: two tokens share it iff no break lies between them, and inside
+        one document ``pos[t] − t`` is constant (what :func:`_within_documents` uses)."""
+        if len(shape) != 2 or dim != 1 or dtype not in (torch.int64, torch.int32):
+            raise NotProvable("a cumsum over the positions that is not a [batch, length] document numbering")
+        row, k = syms
+        if _normalize(summand.subs(k, 0)) not in (_ZERO, _FALSE):
+            raise NotProvable("the positions' document numbering counts a break at the first token")
+        kappa = sympy.Symbol("_kappa", integer=True, nonnegative=True)
+        base, step = sympy.Symbol("_base", integer=True), sympy.Symbol("_step", integer=True)
+        later = summand.subs(k, kappa + 1)
+        reads = later.atoms(_Position)
+        rows = {r.args[0] for r in reads}
+        if len(rows) != 1 or not {r.args[1] for r in reads} <= {kappa, kappa + 1}:
+            raise NotProvable("a cumsum of the positions that is not a function of one step pos[t] - pos[t-1]")
+        (pos_row,) = rows
+        later = _normalize(later.xreplace({_Position(pos_row, kappa + 1): base + step, _Position(pos_row, kappa): base}))
+        if later.free_symbols - {step}:
+            raise NotProvable("a cumsum of the positions that is not a function of one step pos[t] - pos[t-1]")
+        for lo, hi, value in _intervals(later, step, extra=(1,)):
+            value = _normalize(value)
+            if isinstance(value, sympy.Basic) and value.free_symbols:
+                raise NotProvable("a cumsum of the positions whose summand varies with the step")
+            if value not in ((_ZERO, _FALSE) if lo == hi == 1 else (sympy.Integer(1), _TRUE)):
+                raise NotProvable("a cumsum of the positions that does not count steps other than +1")
+        if pos_row not in (_ZERO, row):
+            raise NotProvable("a document numbering that reads another row of the positions")
+        self.documents.append(n)
+        by_row = pos_row == row
+        return _Sym(shape, dtype, lambda idx: _Document(idx[0] if by_row else _ZERO, idx[1]))
 
     # -- in-place writes -----------------------------------------------------------------------
     def apply_writes(self, x: fx.Node, sym: _Sym) -> _Sym:
@@ -1321,7 +1401,26 @@ def prove_band(mask: fx.Node, *, additive: bool) -> int | None:
     in a model's spelling gives the window that model really uses.
 
     Raises:
-        NotProvable: with the reason, when the mask is neither (provably).
+        NotProvable: with the reason, when the mask is neither (provably), or separates documents.
+    """
+    proof = prove_mask(mask, additive=additive)
+    if proof.documents is not None:
+        raise NotProvable("the mask separates packed documents (their ids come from the caller's positions)")
+    return proof.window
+
+
+def prove_mask(mask: fx.Node, *, additive: bool) -> MaskProof:
+    """Prove that ``mask`` is causal or a causal band, possibly within packed documents.
+
+    Documents: a mask that reads the caller's positions is accepted when it keeps a pair only
+    if both tokens lie in one document as transformers numbers them (a break wherever a
+    position is not its predecessor + 1, ``masking_utils.find_packed_sequence_indices``), and
+    inside every document it is causal or a band for every ``T`` whatever the positions are.
+    The pair is then kept iff the document ids at ``i`` and ``j`` agree and ``j − i`` is in
+    the band; :attr:`MaskProof.documents` is the node computing those ids.
+
+    Raises:
+        NotProvable: with the reason, when the mask is none of these (provably).
     """
     try:
         return _prove(mask, additive)
@@ -1333,23 +1432,92 @@ def prove_band(mask: fx.Node, *, additive: bool) -> int | None:
         raise NotProvable(f"internal: the prover failed ({type(e).__name__}: {e})") from e
 
 
-def _prove(mask: fx.Node, additive: bool) -> int | None:
+def _prove(mask: fx.Node, additive: bool) -> MaskProof:
     inputs = mask_inputs(mask)
-    if inputs:
+    positions = [n for n in inputs if _maybe_positions(n)]
+    if len(inputs) != len(positions) or len(positions) > 1:
         raise NotProvable(_describe_inputs(inputs))
-    interp = _Interpreter(mask.graph)
+    interp = _Interpreter(mask.graph, positions)
     interp.check_hidden_writes(mask)
-    sym = interp.value(mask)
-    if not sym.is_tensor or sym.rank < 2:
-        raise NotProvable("the mask has fewer than 2 dims")
-    if additive and not sym.dtype.is_floating_point:
-        raise NotProvable(f"a {_dtype_name(sym.dtype)} mask added to the scores (only 0 and -inf-like values are exact masking)")
-    if not additive and sym.dtype != torch.bool:
-        raise NotProvable(f"a {_dtype_name(sym.dtype)} mask used as a boolean keep-mask")
-    idx = _index_symbols(sym.rank, "x")
+    try:
+        sym = interp.value(mask)
+        if not sym.is_tensor or sym.rank < 2:
+            raise NotProvable("the mask has fewer than 2 dims")
+        if additive and not sym.dtype.is_floating_point:
+            raise NotProvable(f"a {_dtype_name(sym.dtype)} mask added to the scores (only 0 and -inf-like values are exact masking)")
+        if not additive and sym.dtype != torch.bool:
+            raise NotProvable(f"a {_dtype_name(sym.dtype)} mask used as a boolean keep-mask")
+        idx = _index_symbols(sym.rank, "x")
+        i, j = idx[-2], idx[-1]
+        expr = sym.at(idx)
+        row = None
+        if positions:
+            expr, row = _within_documents(expr, idx, additive)
+        window = _band(expr, i, j, additive)
+    except NotProvable as why:
+        if not positions:
+            raise
+        raise NotProvable(f"{_describe_inputs(positions)}: {why}") from None
+    if not positions:
+        return MaskProof(window)
+    if len(set(interp.documents)) != 1:
+        raise NotProvable("the mask numbers documents more than once")
+    return MaskProof(window, interp.documents[0], None if row == idx[0] else int(row))
+
+
+def _maybe_positions(n: fx.Node) -> bool:
+    """An input the prover may read as positions: integer ``[batch, length]``. (It only
+    proves a mask that uses it as transformers' packed positions; anything else refuses.)"""
+    v = example_value(n)
+    return isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype in (torch.int64, torch.int32) and not isinstance(v, torch.nn.Parameter)
+
+
+def _within_documents(expr: Any, idx: list, additive: bool) -> tuple[Any, Any]:
+    """``keep(i, j)`` over the caller's positions → ``(keep inside one document, row)``.
+
+    Every test of the document ids must be ``doc[r, i] == doc[r, j]`` (or ``!=``) for one row
+    ``r`` (the batch index, or one fixed row). With it false the mask must remove the pair
+    whatever the positions are; with it true, positions are read only at ``[r, i]`` and
+    ``[r, j]``, and inside a document ``pos[r, t] = β + t`` for one unknown ``β``, so the
+    rest of the proof sees index arithmetic only. Needs a ``[B, H, T, S]`` mask.
+    """
+    if len(idx) != 4:
+        raise NotProvable("a document mask that is not [batch, heads, T, S]")
     i, j = idx[-2], idx[-1]
+    tests = [r for r in expr.atoms(Relational) if r.has(_Document)] if isinstance(expr, sympy.Basic) else []
+    if not tests:
+        raise NotProvable("the mask reads the positions but does not keep documents apart")
+    rows, same = set(), {}
+    for r in tests:
+        diff = sympy.expand(r.lhs - r.rhs)
+        docs = diff.atoms(_Document)
+        rows |= {dd.args[0] for dd in docs}
+        if not isinstance(r, (sympy.Eq, sympy.Ne)) or len(rows) != 1:
+            raise NotProvable("the mask compares document ids other than by equality in one row")
+        (r_row,) = rows
+        if diff not in (_Document(r_row, i) - _Document(r_row, j), _Document(r_row, j) - _Document(r_row, i)):
+            raise NotProvable("the mask compares document ids other than doc[i] == doc[j]")
+        same[r] = isinstance(r, sympy.Eq)
+    (row,) = rows
+    if row not in (_ZERO, idx[0]):
+        raise NotProvable("the document ids are read in a row other than the batch row")
+    apart = _normalize(expr.xreplace({r: sympy.false if eq else sympy.true for r, eq in same.items()}))
+    removed = apart is _FALSE if not additive else (
+        isinstance(apart, sympy.Expr) and (apart is -sympy.oo or (apart.is_number and apart.is_finite and apart <= MASKED_THRESHOLD)))
+    if not removed:
+        raise NotProvable("the mask may keep pairs from two different documents")
+    inside = expr.xreplace({r: sympy.true if eq else sympy.false for r, eq in same.items()})
+    base = sympy.Symbol("_base", integer=True)
+    reads = inside.atoms(_Position) if isinstance(inside, sympy.Basic) else set()
+    allowed = {_Position(row, i): base + i, _Position(row, j): base + j}
+    if not reads <= set(allowed):
+        raise NotProvable("the mask reads positions other than the query's and the key's in the document row")
+    return _normalize(inside.xreplace(allowed)), row
+
+
+def _band(expr: Any, i: sympy.Symbol, j: sympy.Symbol, additive: bool) -> int | None:
+    """The window of ``keep(i, j)`` (None: causal) if it depends on ``j − i`` only."""
     d = sympy.Symbol("d", integer=True)
-    expr = sym.at(idx)
     expr = _normalize(expr.subs(j, i + d) if isinstance(expr, sympy.Basic) else expr)
     extra = (expr.free_symbols if isinstance(expr, sympy.Basic) else set()) - {d}
     if extra:

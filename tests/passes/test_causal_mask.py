@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longctx_compiler.passes.analysis.causal_mask import MASKED_THRESHOLD, NotProvable, mask_inputs, prove_causal
+from longctx_compiler.passes.analysis.causal_mask import MASKED_THRESHOLD, NotProvable, mask_inputs, prove_causal, prove_mask
 from longctx_compiler.passes.analysis.fx_utils import example_value
 
 F64 = torch.float64
@@ -410,17 +410,26 @@ def test_transformers_training_masks_are_proven(attn):
             prove_causal(mask, additive=example_value(mask).dtype != torch.bool)
 
 
-def test_transformers_padding_and_caller_positions_are_refused_by_name():
+def test_transformers_padding_is_refused_by_name():
     pad = torch.ones(2, 10, dtype=torch.long)
     pad[0, 7:] = 0
     (mask,) = transformers_masks("sdpa", False, attention_mask=pad)
     with pytest.raises(NotProvable, match=r"attention_mask input \(padding\)"):
         prove_causal(mask, additive=False)
-    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_transformers_caller_positions_are_proven_causal_within_documents(attn):
+    # Positions passed by the caller (packed documents): transformers numbers the documents
+    # where a position is not its predecessor + 1, and keeps pairs of one document only.
     positions = torch.cat([torch.arange(4), torch.arange(6)])[None].expand(2, -1).clone()
-    (mask,) = transformers_masks("eager", False, position_ids=positions)
-    with pytest.raises(NotProvable, match="position_ids passed by the caller"):
-        prove_causal(mask, additive=True)
+    (mask,) = transformers_masks(attn, False, position_ids=positions)
+    additive = example_value(mask).dtype != torch.bool
+    proof = prove_mask(mask, additive=additive)
+    assert proof.window is None and proof.documents is not None and "cumsum" in str(proof.documents.target)
+    # plain causal it is not: a pass that only knows causal masks must refuse it
+    with pytest.raises(NotProvable, match="packed documents"):
+        prove_causal(mask, additive=additive)
 
 
 # -- sliding windows -------------------------------------------------------------------------
@@ -496,3 +505,80 @@ def test_a_window_that_grows_with_the_length_is_refused():
 
     with pytest.raises(NotProvable, match="more than the query-key distance"):
         band(mask)
+
+
+# -- packed documents ---------------------------------------------------------------------------
+
+
+def packed_mask(x, p, le=operator.le, gap=1, docs_cmp=operator.eq, combine=operator.and_, q_row=None, additive=False, window=None):
+    """transformers' use_cache=False mask over caller positions ``p`` (packed documents),
+    with knobs that turn it into near misses."""
+    b, t = x.shape
+    docs = (torch.diff(p, prepend=p[:, :1] - gap, dim=-1) != 1).cumsum(-1)
+    bi = torch.arange(b)[:, None, None, None]
+    q = torch.arange(t)[None, None, :, None]
+    k = torch.arange(t)[None, None, None, :]
+    qb = bi if q_row is None else torch.zeros_like(bi) + q_row
+    keep = le(p[bi, k], p[qb, q])
+    if window is not None:
+        keep = keep & (p[bi, k] > p[bi, q] - window)
+    keep = combine(x.new_ones((), dtype=torch.bool) & keep, docs_cmp(docs[bi, q], docs[bi, k]))
+    keep = keep.expand(b, -1, t, t)
+    if additive:
+        return (torch.where(keep, torch.zeros((), dtype=torch.float64), NEG),)
+    return (keep,)
+
+
+def _packed_positions(lengths, batch=2):
+    return torch.cat([torch.arange(n) for n in lengths])[None].expand(batch, -1).clone()
+
+
+def _documents_reference(p, window=None):
+    """keep[b, i, j]: one document (no position break in (j, i]) and j ≤ i (within the window)."""
+    t = p.shape[1]
+    breaks = torch.cat([torch.zeros_like(p[:, :1]), (p[:, 1:] - p[:, :-1] != 1).long()], 1).cumsum(1)
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    keep = (breaks[:, :, None] == breaks[:, None, :]) & (j <= i)
+    return keep & (j > i - window) if window else keep
+
+
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("window", [None, 3])
+def test_packed_document_masks_are_proven_and_agree_with_their_values(additive, window):
+    x = torch.zeros(2, 10, dtype=F64)
+    fn = lambda x, p: packed_mask(x, p, additive=additive, window=window)  # noqa: E731
+    proof = prove_mask(capture(fn, x, _packed_positions([4, 6])), additive=additive)
+    assert proof.window == window and proof.documents is not None and proof.document_row is None
+    # The proof holds for positions it never saw: rows with different documents, 1-token
+    # documents, positions that jump forward or start above 0.
+    for p in (_packed_positions([1, 3, 1, 5]), torch.stack([torch.arange(10) + 7, torch.tensor([0, 1, 2, 9, 10, 11, 3, 4, 0, 1])])):
+        (m,) = fn(x, p)
+        kept = (m == 0) if additive else m
+        assert torch.equal(kept[:, 0], _documents_reference(p, window))
+
+
+@pytest.mark.parametrize("near_miss, words", [
+    (dict(le=operator.lt), "not causal"),
+    (dict(gap=2), "break at the first token"),
+    (dict(docs_cmp=operator.le), "other than by equality"),
+    (dict(combine=operator.or_), "different documents"),
+    (dict(q_row=0), "positions other than"),
+])
+def test_packed_document_near_misses_are_refused(near_miss, words):
+    torch._dynamo.reset()
+    mask = capture(lambda x, p: packed_mask(x, p, **near_miss), torch.zeros(2, 10, dtype=F64), _packed_positions([4, 6]))
+    with pytest.raises(NotProvable, match=words):
+        prove_mask(mask, additive=False)
+
+
+def test_a_document_count_that_is_not_position_breaks_is_refused():
+    def counts_other_steps(x, p):  # breaks where the step is not 2: not transformers' numbering
+        t = x.shape[1]
+        docs = (torch.diff(p, prepend=p[:, :1] - 2, dim=-1) != 2).cumsum(-1)
+        bi = torch.arange(2)[:, None, None, None]
+        q, k = torch.arange(t)[None, None, :, None], torch.arange(t)[None, None, None, :]
+        return ((k <= q) & (docs[bi, q] == docs[bi, k]),)
+
+    mask = capture(counts_other_steps, torch.zeros(2, 10, dtype=F64), _packed_positions([4, 6]))
+    with pytest.raises(NotProvable, match="does not count steps other than"):
+        prove_mask(mask, additive=False)
