@@ -41,7 +41,7 @@ demo: $(VENV)/.installed graphviz
 	$(PY) examples/train_long_context.py
 
 test: $(VENV)/.installed graphviz
-	LONGCTX_EXPECT_LOCK=$(LOCK) $(PY) -m pytest -n $(TEST_WORKERS)
+	LONGCTX_EXPECT_LOCK=$(LOCK) $(PY) -m pytest -n $(TEST_WORKERS) --durations=20
 
 test-latest: graphviz
 	$(PYTHON) -m venv $(LATEST)

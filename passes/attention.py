@@ -79,7 +79,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 # Importing the kernels registers the torch.library ops the rewrite inserts.
 import longctx_compiler.kernels.attention  # noqa: F401
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
-from longctx_compiler.passes.analysis.causal_mask import NotProvable, prove_band
+from longctx_compiler.passes.analysis.causal_mask import NotProvable, prove_mask
 from longctx_compiler.passes.analysis.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value, strip_repeat_kv
 
 __all__ = ["ChunkedAttentionPass", "autocast_state_at"]
@@ -105,7 +105,8 @@ class ChunkedAttentionPass(Pass):
         target = "chunked_attention+offload" if match.data.get("offload") else "chunked_attention"
         variants = [f"sliding window {match.data['window']}" if match.data.get("window") else None,
                     f"soft-cap {match.data['softcap']:g}" if match.data.get("softcap") else None,
-                    "sinks" if match.data.get("sinks") is not None else None]
+                    "sinks" if match.data.get("sinks") is not None else None,
+                    "packed documents" if match.data.get("documents") is not None else None]
         shown = ", ".join(v for v in variants if v)
         return f"{spelling} -> {target}" + (f" ({shown})" if shown else "")
 
@@ -120,6 +121,7 @@ class ChunkedAttentionPass(Pass):
             "window": d.get("window"),
             "softcap": d.get("softcap"),
             "sinks": d.get("sinks") is not None,
+            "documents": d.get("documents") is not None,
             "gqa_groups": d.get("groups"),
             "repeat_kv_removed": d.get("repeat_kv_removed", False),
             "autocast": d.get("autocast"),
@@ -279,9 +281,13 @@ class ChunkedAttentionPass(Pass):
             if additive and mval.dtype == torch.bool:
                 raise CantApply("a boolean tensor added to the scores")
             try:
-                d["window"] = prove_band(mask, additive=additive)
+                proof = prove_mask(mask, additive=additive)
             except NotProvable as why:
                 raise CantApply(f"mask not proven causal: {why}") from None
+            d["window"] = proof.window
+            if proof.documents is not None:
+                self._check_documents(proof.documents, q, k)
+                d["documents"], d["document_row"] = proof.documents, proof.document_row
             d["causal"] = True
             d["mask_proven_causal"] = True
         d["offload"] = ctx.config.attention.offload
@@ -379,6 +385,18 @@ class ChunkedAttentionPass(Pass):
         d["repeat_kv_removed"] = any(base is not d[n] for n, (base, _) in phys.items())
         d["broadcast"] = broadcast
 
+    @staticmethod
+    def _check_documents(documents: fx.Node, q, k) -> None:
+        """The document ids ``[B', T]`` must number the attention's own tokens (self-attention)."""
+        ids = example_value(documents)
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise CantApply("the packed documents' ids have no known [batch, length] shape")
+        T, S = q.shape[2], k.shape[2]
+        if not (statically_known_true(T == S) and statically_known_true(ids.shape[1] == T)):
+            raise CantApply("packed documents need self-attention over the numbered tokens (T = S = the positions' length)")
+        if not (ids.shape[0] == 1 or statically_known_true(ids.shape[0] == q.shape[0])):
+            raise CantApply(f"the packed documents' ids have {ids.shape[0]} rows for a batch of {q.shape[0]}")
+
     def _check_scale(self, d: dict[str, Any], q) -> None:
         if d.get("scale_problem"):
             raise CantApply(d["scale_problem"])
@@ -414,7 +432,8 @@ class ChunkedAttentionPass(Pass):
                 sinks = None
                 if d.get("sinks") is not None:
                     sinks = insert_call(graph, torch.reshape, (d["sinks"], (-1,)))
-                variants = _variant_args(d.get("window") or 0, d.get("softcap") or 0.0, sinks)
+                documents = _document_ids(graph, d, Bo) if d.get("documents") is not None else None
+                variants = _variant_args(d.get("window") or 0, d.get("softcap") or 0.0, sinks, documents)
                 res = insert_call(graph, op, (q, k, v, bool(d["causal"]), d["scale_value"], chunk, budget, *variants))
                 out = getitem(graph, res, 0)
         _carry_dtype(match.anchor, out)
@@ -425,9 +444,22 @@ class ChunkedAttentionPass(Pass):
         return [res, out]
 
 
-def _variant_args(window: int, softcap: float, sinks: fx.Node | None) -> tuple:
-    """The op's trailing ``window, softcap, sinks`` arguments, as few as say something (a
-    plain causal call keeps the original argument list)."""
+def _document_ids(graph: fx.Graph, d: dict[str, Any], batch: int) -> fx.Node:
+    """The op's ``segment_ids [batch, T]``: the proven document ids, their one row (when
+    every batch row reads that row) broadcast over the batch."""
+    ids, row = d["documents"], d["document_row"]
+    if row is not None:
+        ids = insert_call(graph, operator.getitem, (ids, (slice(row, row + 1), slice(None))))
+    if not statically_known_true(example_value(ids).shape[0] == batch):
+        ids = _method(graph, "expand", (ids, batch, -1), {})
+    return ids
+
+
+def _variant_args(window: int, softcap: float, sinks: fx.Node | None, documents: fx.Node | None = None) -> tuple:
+    """The op's trailing ``window, softcap, sinks, segment_ids`` arguments, as few as say
+    something (a plain causal call keeps the original argument list)."""
+    if documents is not None:
+        return (window, softcap, sinks, documents)
     if sinks is not None:
         return (window, softcap, sinks)
     if softcap:

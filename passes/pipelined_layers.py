@@ -43,6 +43,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from longctx_compiler.kernels.attention.op import forward_arg
 from longctx_compiler.kernels.sequence_block import BLOCK_OP, attention_in_window, scan_in_window
 from longctx_compiler.passes.adjoint_sharded_blocks import scan_site, sequence_block_plan
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
@@ -63,8 +64,6 @@ DEFAULT_CHUNK = 1024
 # q, k, v of the attention ops run along dim 2 ([B, H, T, D]).
 _QKV = {0: 2, 1: 2, 2: 2}
 _CAUSAL = 3
-# window, softcap, sinks follow q, k, v, causal, scale, chunk_size, host_pool_bytes.
-_VARIANTS = 7
 
 
 def configured_chunk(config: Any) -> int:
@@ -77,9 +76,9 @@ def configured_chunk(config: Any) -> int:
 def attention_variant(n: fx.Node) -> str | None:
     """What an attention op call adds to plain causal attention (a sliding window, soft-capped
     scores, sink logits — its arguments after the pool budget), in words; None if nothing."""
-    window, softcap, sinks = (list(n.args[_VARIANTS:]) + [0, 0.0, None])[:3]
+    window, softcap, sinks, documents = (forward_arg(n, a) for a in ("window", "softcap", "sinks", "segment_ids"))
     found = [f"a sliding window of {window}" if window else None, f"soft-capped scores ({softcap})" if softcap else None,
-             "attention sinks" if sinks is not None else None]
+             "attention sinks" if sinks is not None else None, "packed documents" if documents is not None else None]
     return ", ".join(f for f in found if f) or None
 
 

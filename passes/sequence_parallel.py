@@ -58,6 +58,7 @@ import torch
 import torch.fx as fx
 
 from longctx_compiler.passes.adjoint_sharded_blocks import scan_site
+from longctx_compiler.kernels.attention.op import FORWARD_ARGS, forward_arg
 from longctx_compiler.kernels.selective_scan.schema import FINAL_STATE, ScanArgs
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
 from longctx_compiler.passes.analysis.fx_utils import arg, example_value, is_view_like, propagate_example_value
@@ -88,8 +89,7 @@ GATHER = torch.ops.longctx.seq_all_gather.default
 HALO = torch.ops.longctx.seq_halo.default
 # Arguments of the loss op: h, weight, bias, labels, logits, ignore_index, reduction.
 _LOSS_LOGITS, _LOSS_REDUCTION = 4, 6
-# The attention ops' sinks argument (after q, k, v, causal, scale, chunk, pool budget, window, softcap).
-_SINKS = 9
+_SINKS = FORWARD_ARGS.index("sinks")
 # What may stand between the loss op and the graph's output: linear in the loss.
 _LINEAR_AFTER_LOSS = {operator.getitem, operator.truediv, operator.mul, torch.div, torch.mul}
 
@@ -260,6 +260,10 @@ class SequenceParallelPass(Pass):
             raise SequenceParallelError(f"{node.name}: {hq} query heads cannot be split over sequence_parallel={P} ranks (Ulysses gives each rank H/P heads)")
         if hkv % P and P % hkv:
             raise SequenceParallelError(f"{node.name}: {hkv} key/value heads are neither a multiple nor a divisor of sequence_parallel={P}")
+        if forward_arg(node, "segment_ids") is not None:
+            # The document ids are numbered from each rank's shard of the positions; the
+            # exchange would need them for the whole sequence.
+            raise SequenceParallelError(f"{node.name}: packed documents (position_ids that restart) are not supported with sequence_parallel yet")
         for user in node.users:
             if user.args[1] != 0 and user.users:
                 raise SequenceParallelError(f"{node.name}: the attention's log-sum-exp is used ({user.name}); only its output is exchanged back")

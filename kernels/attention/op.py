@@ -80,7 +80,20 @@ from .chunked import (
 )
 from .reference import accumulation_dtype
 
-__all__ = ["chunked_attention"]
+__all__ = ["chunked_attention", "FORWARD_ARGS", "forward_arg"]
+
+#: The two forward ops' arguments, in schema order (one list: the passes that build or read
+#: these calls index them by name through :func:`forward_arg`).
+FORWARD_ARGS = ("q", "k", "v", "causal", "scale", "chunk_size", "host_pool_bytes", "window", "softcap", "sinks", "segment_ids")
+_FORWARD_DEFAULTS = {"host_pool_bytes": None, "window": 0, "softcap": 0.0, "sinks": None, "segment_ids": None}
+
+
+def forward_arg(call, name: str):
+    """Argument ``name`` of a forward op call node (``call.args``, then its default)."""
+    index = FORWARD_ARGS.index(name)
+    if len(call.args) > index:
+        return call.args[index]
+    return call.kwargs.get(name, _FORWARD_DEFAULTS.get(name))
 
 _OFFLOADED = ("q", "k", "v", "out", "lse")
 

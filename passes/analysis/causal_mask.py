@@ -103,6 +103,7 @@ class _Position(sympy.Function):
     """``positions[r, t]``: a position the caller passed (an integer, value unknown)."""
 
     is_integer = True
+    is_number = False  # not a constant even at constant indices (sympy's default for numeric args)
 
 
 class _Document(sympy.Function):
@@ -110,6 +111,7 @@ class _Document(sympy.Function):
     ``positions[r, 1..t]``, transformers' packed-sequence id of token ``t`` in row ``r``."""
 
     is_integer = True
+    is_number = False
 
 
 # -- values ------------------------------------------------------------------------------------

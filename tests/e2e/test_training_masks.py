@@ -3,9 +3,9 @@
 HF ``Trainer``, TRL and gradient checkpointing call the model with ``use_cache=False``; then
 transformers 5.x builds its mask through packed-sequence detection (``diff``/``cumsum`` over
 the positions, index gathers, ``new_ones``). The chunked-attention rewrite must fire on every
-layer there and be exact (float64). A padded batch (``attention_mask`` with zeros) or
-positions passed by the caller (packed documents) cannot be proven causal: the report refuses
-with a reason that names them, and the model still trains exactly as eager.
+layer there and be exact (float64). A padded batch (``attention_mask`` with zeros) is
+refused with a reason that names it, and the model still trains exactly as eager. Positions
+passed by the caller (packed documents) give each document its own causal attention.
 
 (Sites in reports are not asserted on here: their spelling is being cleaned up elsewhere.)
 """
@@ -96,17 +96,46 @@ def test_padded_batch_is_refused_naming_padding_and_stays_exact(attn, zeros):
         assert rewritten == 0
 
 
+def _packed(lengths_per_row):
+    """position_ids restarting at every document (transformers' packed-sequence convention)."""
+    return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in lengths_per_row])
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_caller_positions_are_refused_naming_position_ids_and_stay_exact(attn):
-    # position_ids passed by the caller may restart (packed documents): not provable.
+def test_packed_documents_are_rewritten_on_every_layer_and_exact(attn):
+    # Caller positions that restart: transformers keeps each document to itself, and so must we.
     eager, opt = llama(attn), optimized(llama(attn))
-    ids = ids_for(13, 3)
-    positions = torch.cat([torch.arange(6), torch.arange(7)])[None].expand(2, -1).clone()  # two documents
-    call = training_call(position_ids=positions)
-    assert_gradients_match(eager, opt, [ids], loss_fn=loss_of, call=call, rtol=RTOL[attn])
-    refusals = [r for r in opt.report.refusals if r.pass_name == "chunked_attention"]
-    assert opt.report.count("chunked_attention") == 0
-    assert len(refusals) == LAYERS and all("position_ids" in r.reason for r in refusals)
+    for rows, seed in (([[6, 7], [13]], 3), ([[5, 1, 9, 6], [2, 8, 11]], 4)):
+        positions = _packed(rows)
+        ids = ids_for(positions.shape[1], seed)
+        assert_gradients_match(eager, opt, [ids], loss_fn=loss_of, call=training_call(position_ids=positions), rtol=RTOL[attn])
+    assert opt.report.count("chunked_attention") == LAYERS
+    assert all(r.details["documents"] for r in opt.report.rewrites if r.pass_name == "chunked_attention")
+    assert opt.compile_count == 1
+
+
+def test_packed_documents_equal_each_document_run_alone():
+    # The promise of packing: one row of documents trains exactly as the documents one by one.
+    torch.manual_seed(5)
+    opt, alone = optimized(llama("sdpa")), llama("sdpa")
+    alone.load_state_dict(opt.state_dict())
+    lengths = [5, 1, 11, 7]
+    positions = _packed([lengths])
+    ids = ids_for(sum(lengths), 6, batch=1)
+    weights = torch.randn(1, sum(lengths), 64, dtype=torch.float64)
+    packed_logits = opt(ids, position_ids=positions, use_cache=False).logits
+    (packed_logits * weights).sum().backward()
+    start, pieces = 0, []
+    for n in lengths:
+        logits = alone(ids[:, start : start + n], use_cache=False).logits
+        (logits * weights[:, start : start + n]).sum().backward()
+        pieces.append(logits)
+        start += n
+    torch.testing.assert_close(packed_logits, torch.cat(pieces, 1), rtol=EXACT_RTOL, atol=1e-12)
+    grads = dict(alone.named_parameters())
+    for name, p in opt.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=EXACT_RTOL, atol=1e-12, msg=name)
+    assert opt.report.count("chunked_attention") == LAYERS
 
 
 def test_use_cache_true_spelling_still_rewritten():
@@ -115,3 +144,17 @@ def test_use_cache_true_spelling_still_rewritten():
     ids = ids_for(11, 4)
     assert_gradients_match(eager, opt, [ids], loss_fn=loss_of, call=lambda m, x: m(x, labels=x, use_cache=True), rtol=RTOL["eager"])
     assert opt.report.count("chunked_attention") == LAYERS
+
+
+def test_packed_documents_keep_their_layers_whole_with_the_reason():
+    # A pipelined layer's K/V history does not keep documents apart yet: the layer is left
+    # whole (its attention still chunked, per document) and the report says why.
+    eager = llama("sdpa")
+    opt = lc.optimize(llama("sdpa"), backend="aot_eager", lm_loss={"enabled": False},
+                      attention={"chunk_size": 4, "offload": False}, layers={"enabled": True, "chunk_size": 8})
+    positions = _packed([[9, 7], [16]])
+    ids = ids_for(16, 7)
+    assert_gradients_match(eager, opt, [ids], loss_fn=loss_of, call=training_call(position_ids=positions), rtol=EXACT_RTOL)
+    assert opt.report.count("chunked_attention") == LAYERS
+    refused = [r for r in opt.report.refusals if r.pass_name == "pipelined_layers"]
+    assert len(refused) == LAYERS and all("packed documents" in r.reason for r in refused)
