@@ -57,6 +57,41 @@ def test_attention_benchmark_smallest_settings(tmp_path):
     assert {t["result"] for t in doc["targets"]} <= {"PASS", "FAIL", "NOT MEASURED"}
 
 
+def test_masks_benchmark_smallest_settings(tmp_path):
+    """Causal, window and packed documents on T = 256 (window 64, 4 documents, chunk 32)."""
+    out = tmp_path / "masks.json"
+    cmd = [
+        sys.executable, "-m", "benchmarks.run", "masks", "--tokens", "256", "--window", "64", "--documents", "4",
+        "--chunk-size", "32", "--repeats", "1", "--timeout", "120", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in results"))
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert doc["benchmark"] == "masks" and doc["baseline"] == "causal"
+    assert {"torch", "cpu_count", "device", "git_commit"} <= doc["environment"].keys()
+    assert doc["config"]["window"] == 64 and doc["config"]["documents"] == 4 and doc["config"]["chunk_size"] == 32
+    recs = {r["method"]: r for r in doc["records"]}
+    assert [(r["method"], r["tokens"]) for r in doc["records"]] == [("causal", 256), ("window", 256), ("documents", 256)]
+    for r in recs.values():
+        assert r["status"] == "ok", r
+        assert r["step_s"] > 0 and r["peak_bytes"] > 0 and r["saved_bytes"] > 0 and r["causal_pairs"] == 36
+    # 8 chunks: causal computes 8·9/2 pairs; a window of 2 chunks meets at most 3 key chunks
+    # per query chunk (1 + 2 + 6·3); 4 documents of 2 chunks 4·3.
+    assert [recs[m]["pairs"] for m in ("causal", "window", "documents")] == [36, 21, 12]
+    assert math.isclose(recs["documents"]["pair_fraction"], 12 / 36)
+    assert math.isclose(recs["causal"]["vs_causal"]["time"], 1.0)
+    # A window changes which pairs run, not what is saved; the ids add [1, T] int64.
+    assert recs["window"]["saved_bytes"] == recs["causal"]["saved_bytes"]
+    assert recs["documents"]["saved_bytes"] == recs["causal"]["saved_bytes"] + 256 * 8
+    targets = {t["name"].split(":")[0]: t for t in doc["targets"]}
+    assert set(targets) == {"window", "documents"}
+    for t in targets.values():
+        assert t["result"] in ("PASS", "FAIL") and t["tokens"] == 256 and t["at_stated_size"] is False
+        assert f"{t['result']}: {t['name']}" in proc.stdout and t["summary"] in proc.stdout
+    assert targets["window"]["saved_equal"] is True
+
 def test_isolated_runs_record_status_instead_of_failing():
     from benchmarks.common import OK, TIMEOUT, run_isolated
 
