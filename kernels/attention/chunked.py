@@ -451,13 +451,14 @@ def chunked_attention_forward(
     if B * Hq * T == 0 or S == 0:
         out, lse = _empty_forward(q, k, v)
         return (out, lse) if sinks is None else fold_sinks(out, lse, sinks)
-    # ATen's kernel knows neither a band nor a cap; a sink is folded in after it, and with
-    # documents it serves the pairs inside one document (the others are masked torch pairs).
-    fast = not window and not softcap and cpu_kernel_applies(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
+    # ATen's kernel knows no cap; a sink is folded in after it; with a band or documents it
+    # serves the pairs they do not cut (:func:`_kernel_serves`), the others are masked torch pairs.
+    # (A band with T != S may leave rows without keys: those need the generic path's rule.)
+    fast = not softcap and (not window or T == S) and cpu_kernel_applies(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
     chunk = auto_chunk_size(q, k, fast=fast and segment_ids is None, window=window) if chunk_size is None else chunk_size
     documents = Documents.of(segment_ids, chunk)
     if fast:
-        out, lse = _forward_cpu_kernel(q, k, v, causal, scale, chunk, documents)
+        out, lse = _forward_cpu_kernel(q, k, v, causal, scale, chunk, documents, window)
         # ATen's kernel is only used on finite inputs whose scores cannot overflow: no row
         # can be -inf there (every row sees its own key), so softmax_nan has nothing to do.
         return (out, lse) if sinks is None else fold_sinks(out, lse, sinks)
@@ -573,12 +574,12 @@ def chunked_attention_backward(
         # and dropping it keeps the fast path (which has no input for d(lse)) available.
         dlse = None
     # Given the sink-inclusive lse and out, ATen's kernel computes dq, dk, dv exactly.
-    fast = dlse is None and not window and not softcap and cpu_kernel_applies(
+    fast = dlse is None and not softcap and (not window or T == S) and cpu_kernel_applies(
         q, k, v, causal=causal, scale=scale, dout=dout, chunk_size=chunk_size)
     chunk = auto_chunk_size(q, k, fast=fast and segment_ids is None, window=window) if chunk_size is None else chunk_size
     documents = Documents.of(segment_ids, chunk)
     if fast:
-        return with_sink_grad(_backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk, documents), None)
+        return with_sink_grad(_backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk, documents, window), None)
     G = Hq // Hkv
     delta = _delta(dout, out, dlse, chunk, acc)
     # A window's rows past the last key have lse = -inf and only masked scores in the pairs
@@ -712,13 +713,19 @@ def _pair_is_diagonal(qs: int, qe: int, ks: int, ke: int, causal: bool) -> bool:
     return True
 
 
+def _kernel_serves(qs: int, qe: int, ks: int, ke: int, window: int, documents: Documents | None) -> bool:
+    """Whether ATen's kernel computes this chunk pair exactly: neither the documents nor the
+    band cut it (the causal diagonal the kernel masks itself)."""
+    return (documents is None or documents.one_document(qs, ks)) and not (window > 0 and ks <= qe - 1 - window)
+
+
 def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int,
-                        documents: Documents | None = None) -> tuple[Tensor, Tensor]:
+                        documents: Documents | None = None, window: int = 0) -> tuple[Tensor, Tensor]:
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     acc = accumulation_dtype(q.dtype)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-    if T <= chunk_size and S <= chunk_size and (documents is None or documents.one_document(0, 0)):
+    if T <= chunk_size and S <= chunk_size and _kernel_serves(0, T, 0, S, window, documents):
         # One chunk pair: the kernel's own result, as eager SDPA's call returns it (no copy
         # when q is laid out densely: the kernel's out then has q's layout too).
         o, l = flash(q, k, v, 0.0, causal, scale=scale)
@@ -726,7 +733,7 @@ def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
         return out, l.to(acc).contiguous()
     out = out_like(q)
     lse = torch.empty((B, Hq, T), dtype=acc, device=q.device)
-    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal, documents=documents):
+    for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal, window=window, documents=documents):
         # One key chunk: nothing to merge, so the kernel runs in the input dtype (fp32
         # accumulation inside, as eager SDPA's own call) without fp32 copies of q/k/v. With
         # several, 16-bit inputs are merged in float32: the kernel would round each partial.
@@ -734,12 +741,13 @@ def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
         qc = q[:, :, qs:qe].to(dtype)
         o_acc = lse_acc = None
         for ks, ke in key_chunks:
-            if documents is None or documents.one_document(qs, ks):
+            if _kernel_serves(qs, qe, ks, ke, window, documents):
                 diagonal = _pair_is_diagonal(qs, qe, ks, ke, causal)
                 o_part, l_part = flash(qc, k[:, :, ks:ke].to(dtype), v[:, :, ks:ke].to(dtype), 0.0, diagonal, scale=scale)
             else:
-                # Several documents in the pair: the masked torch pair, in the accumulation dtype.
-                keep = _pair_keep(qs, qe, ks, ke, Hq // Hkv, q.device, causal, 0, documents)
+                # Several documents or the band's edge in the pair: the masked torch pair, in
+                # the accumulation dtype.
+                keep = _pair_keep(qs, qe, ks, ke, Hq // Hkv, q.device, causal, window, documents)
                 o_part, l_part = _partial_attention(_group_rows(qc, 0, qe - qs, Hkv, acc), k[:, :, ks:ke].to(acc),
                                                     v[:, :, ks:ke].to(acc), scale, keep)
                 o_part, l_part = _ungroup_rows(o_part, Hq, qe - qs), _ungroup_rows(l_part, Hq, qe - qs)
@@ -753,28 +761,28 @@ def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
 
 
 def _backward_cpu_kernel(dout, q, k, v, out, lse, causal: bool, scale: float, chunk_size: int,
-                         documents: Documents | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                         documents: Documents | None = None, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     acc = accumulation_dtype(q.dtype)
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-    if T <= chunk_size and S <= chunk_size and (documents is None or documents.one_document(0, 0)):
+    if T <= chunk_size and S <= chunk_size and _kernel_serves(0, T, 0, S, window, documents):
         # One chunk pair: the kernel's own gradients, in the input dtype (fp32 inside).
         grads = flash_bwd(dout, q, k, v, out, lse.contiguous(), 0.0, causal, scale=scale)
         return tuple(g.contiguous() for g in grads)
     dq_acc = torch.zeros((B, Hq, T, D), dtype=acc, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    # Pairs holding several documents run the torch pair, which reads delta (the kernel
+    # Pairs the documents or the band cut run the torch pair, which reads delta (the kernel
     # computes its own from out).
-    delta = None if documents is None else _delta(dout, out, None, chunk_size, acc)
-    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True, documents=documents):
+    delta = None if documents is None and not window else _delta(dout, out, None, chunk_size, acc)
+    for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True, window=window, documents=documents):
         kc, vc = k[:, :, ks:ke].to(acc), v[:, :, ks:ke].to(acc)
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=acc, device=q.device)
         dv_acc = torch.zeros_like(dk_acc)
         for qs, qe in query_chunks:
-            if documents is not None and not documents.one_document(qs, ks):
-                keep = _pair_keep(qs, qe, ks, ke, Hq // Hkv, q.device, causal, 0, documents)
+            if not _kernel_serves(qs, qe, ks, ke, window, documents):
+                keep = _pair_keep(qs, qe, ks, ke, Hq // Hkv, q.device, causal, window, documents)
                 _pair_backward(q, dout, lse, delta, kc, vc, qs, qe, keep, scale, 0.0, dq_acc, dk_acc, dv_acc)
                 continue
             diagonal = _pair_is_diagonal(qs, qe, ks, ke, causal)

@@ -25,7 +25,6 @@ end (``pytest -s``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from collections import Counter
@@ -39,8 +38,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import longctx_compiler as lc
 from longctx_compiler.kernels.attention import attention_reference, chunked_attention
-from longctx_compiler.kernels.attention import chunked as attn_chunked
 from longctx_compiler.testing import EXACT_RTOL, make_tensor, relative_error
+from attention_helpers import cpu_path
 
 _ENV = os.environ.get("LONGCTX_FUZZ_EXAMPLES")
 # Each compiled site costs a Dynamo + AOT compile (~2 s on one core); an op call, milliseconds.
@@ -201,16 +200,6 @@ def op_calls(draw):
         layout=draw(st.sampled_from(["contiguous", "transposed", "expanded"])),
         kernel=draw(st.booleans()), offload=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
     )
-
-
-@contextlib.contextmanager
-def cpu_path(use_kernel):
-    saved = attn_chunked.USE_CPU_KERNEL
-    attn_chunked.USE_CPU_KERNEL = use_kernel
-    try:
-        yield
-    finally:
-        attn_chunked.USE_CPU_KERNEL = saved
 
 
 @settings(max_examples=OP_CALLS, **_SETTINGS)

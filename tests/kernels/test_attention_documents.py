@@ -10,7 +10,6 @@ pair classification itself: skipped pairs are really skipped.
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from longctx_compiler.kernels.attention import chunked_attention, chunked_attent
 from longctx_compiler.kernels.attention import chunked as attn_chunked
 from longctx_compiler.kernels.attention.reference import attention_reference, attention_reference_with_lse
 from longctx_compiler.testing import EXACT_RTOL, assert_exact, make_tensor, relative_error, strategies
+from attention_helpers import NAMES, assert_grads_exact, assert_out_and_grads_exact, cpu_path, out_and_grads
 
 
 def packed_ids(B: int, T: int, *, seed: int, cut: float, sorted_ids: bool = True, dtype=torch.int64) -> torch.Tensor:
@@ -61,17 +61,6 @@ def document_cases(draw, max_len: int = 28):
     )
 
 
-@contextlib.contextmanager
-def cpu_path(use_kernel: bool):
-    """ATen's flash kernel for the pairs it serves, or the generic torch path everywhere."""
-    saved = attn_chunked.USE_CPU_KERNEL
-    attn_chunked.USE_CPU_KERNEL = use_kernel
-    try:
-        yield
-    finally:
-        attn_chunked.USE_CPU_KERNEL = saved
-
-
 def _inputs(c, dtype=torch.float64):
     """q, k, v (values in [-2, 2): scores large enough for the soft-cap to bend), sinks or None, ids."""
     seed, B, T = c["seed"], c["B"], c["T"]
@@ -87,46 +76,18 @@ def _variants(c, sinks, ids):
     return dict(causal=c["causal"], scale=c["scale"], window=c["window"], softcap=c["softcap"], sinks=sinks, segment_ids=ids)
 
 
-def _out_and_grads(fn, q, k, v, sinks):
-    """``fn``'s output and the gradients of a fixed non-uniform loss w.r.t. q, k, v (and sinks)."""
-    leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
-    out = fn(q, k, v, sinks)
-    w = make_tensor(out.shape, seed=7).to(out.dtype)
-    return (out, *torch.autograd.grad((out * w).sum(), leaves))
-
-
-NAMES = ("out", "dq", "dk", "dv", "dsinks")
-
-
-def _assert_grads_exact(got, ref, names, where=""):
-    """Every gradient float64-exact, against its own norm or, if smaller, the largest
-    gradient's (a gradient that is analytically ~0, as ``dq`` of a 1-token document without
-    sinks, holds only round-off; see ``test_attention_variants._assert_grads_exact``)."""
-    floor = max((r.norm().item() for r in ref), default=0.0)
-    for name, a, b in zip(names, got, ref):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        err = relative_error(a, b, scale=floor)
-        assert err <= EXACT_RTOL, f"{name}{where}: relative error {err:.3e} exceeds {EXACT_RTOL:.1e}"
-
-
-def _assert_out_and_grads_exact(got, ref, where=""):
-    assert got[0].shape == ref[0].shape and got[0].dtype == ref[0].dtype
-    assert_exact(got[0], ref[0], name=f"out{where}")
-    _assert_grads_exact(got[1:], ref[1:], NAMES[1:], where)
-
-
 # ------------------------------------------------------------------ exactness
 @settings(deadline=None, max_examples=60)
 @given(c=document_cases(), offload=st.booleans(), kernel=st.booleans())
 def test_float64_exact_against_reference(c, offload, kernel):
     q, k, v, sinks, ids = _inputs(c)
-    ref = _out_and_grads(lambda q, k, v, s: attention_reference(q, k, v, **_variants(c, s, ids)), q, k, v, sinks)
+    ref = out_and_grads(lambda q, k, v, s: attention_reference(q, k, v, **_variants(c, s, ids)), q, k, v, sinks)
     with cpu_path(kernel):
-        got = _out_and_grads(
+        got = out_and_grads(
             lambda q, k, v, s: chunked_attention(q, k, v, chunk_size=c["chunk"], offload=offload, **_variants(c, s, ids)),
             q, k, v, sinks,
         )
-    _assert_out_and_grads_exact(got, ref)
+    assert_out_and_grads_exact(got, ref)
 
 
 @settings(deadline=None, max_examples=40)
@@ -149,7 +110,7 @@ def test_functions_lse_and_grads_with_lse_cotangent(c, kernel):
     # Every row sees its own key: no lse is -inf for finite inputs.
     assert torch.isfinite(lse).all()
     assert_exact(lse, ref_lse, name="lse")
-    _assert_grads_exact(grads, ref_grads, NAMES[1:])
+    assert_grads_exact(grads, ref_grads, NAMES[1:])
 
 
 @settings(deadline=None, max_examples=25)
@@ -195,11 +156,11 @@ def test_each_document_alone(c, kernel):
             rows.append(torch.cat(parts, dim=2))
         return torch.cat(rows, dim=0)
 
-    ref = _out_and_grads(separately, q, k, v, sinks)
+    ref = out_and_grads(separately, q, k, v, sinks)
     with cpu_path(kernel):
-        got = _out_and_grads(lambda q, k, v, s: chunked_attention(q, k, v, chunk_size=c["chunk"], sinks=s, segment_ids=ids, **kw),
+        got = out_and_grads(lambda q, k, v, s: chunked_attention(q, k, v, chunk_size=c["chunk"], sinks=s, segment_ids=ids, **kw),
                              q, k, v, sinks)
-    _assert_out_and_grads_exact(got, ref)
+    assert_out_and_grads_exact(got, ref)
 
 
 @pytest.mark.parametrize("kernel", [False, True])
@@ -325,9 +286,9 @@ def test_compile_once_across_two_lengths():
         c = dict(B=2, Hq=4, Hkv=2, T=T, D=8, seed=T, sinks=True, cut=0.2, sorted_ids=True, id_dtype=torch.int64)
         q, k, v, sinks, ids = _inputs(c)
         reference = lambda q, k, v, s: attention_reference(q, k, v, sinks=s, segment_ids=ids, **kw).sum(-1)  # noqa: E731
-        want = _out_and_grads(reference, q, k, v, sinks)
-        got = _out_and_grads(lambda q, k, v, s: compiled(q, k, v, s, ids), q, k, v, sinks)
-        _assert_out_and_grads_exact(got, want, f" T={T}")
+        want = out_and_grads(reference, q, k, v, sinks)
+        got = out_and_grads(lambda q, k, v, s: compiled(q, k, v, s, ids), q, k, v, sinks)
+        assert_out_and_grads_exact(got, want, f" T={T}")
     assert counter.frame_count == 1
     torch._dynamo.reset()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 
 import pytest
@@ -21,6 +20,7 @@ from longctx_compiler.kernels.attention import op as attn_op
 from longctx_compiler.kernels.attention.reference import attention_reference_with_lse
 from longctx_compiler.runtime import get_default_pool
 from longctx_compiler.testing import assert_exact, assert_within_dtype_rule, make_tensor, strategies
+from attention_helpers import cpu_path
 
 
 @st.composite
@@ -44,17 +44,6 @@ def attention_cases(draw, max_len: int = 24):
         scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0), st.floats(-2.0, -0.05), st.just(0.0))),
         seed=draw(strategies.seeds()),
     )
-
-
-@contextlib.contextmanager
-def cpu_path(use_kernel: bool):
-    """Run the CPU implementation through ATen's flash kernel per chunk pair, or the generic path."""
-    saved = attn_chunked.USE_CPU_KERNEL
-    attn_chunked.USE_CPU_KERNEL = use_kernel
-    try:
-        yield
-    finally:
-        attn_chunked.USE_CPU_KERNEL = saved
 
 
 def _inputs(c, dtype):

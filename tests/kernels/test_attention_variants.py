@@ -7,7 +7,6 @@ and the four ops (plain and offload, forward and backward).
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from longctx_compiler.kernels.attention import chunked_attention, chunked_attent
 from longctx_compiler.kernels.attention import chunked as attn_chunked
 from longctx_compiler.kernels.attention.reference import attention_reference, attention_reference_with_lse
 from longctx_compiler.testing import EXACT_RTOL, assert_exact, make_tensor, relative_error, strategies
+from attention_helpers import NAMES, assert_grads_exact, assert_out_and_grads_exact, cpu_path, out_and_grads
 
 
 @st.composite
@@ -45,17 +45,6 @@ def variant_cases(draw, max_len: int = 28):
     )
 
 
-@contextlib.contextmanager
-def cpu_path(use_kernel: bool):
-    """Run the CPU path through ATen's flash kernel where it applies, or the generic torch path."""
-    saved = attn_chunked.USE_CPU_KERNEL
-    attn_chunked.USE_CPU_KERNEL = use_kernel
-    try:
-        yield
-    finally:
-        attn_chunked.USE_CPU_KERNEL = saved
-
-
 def _inputs(c, dtype=torch.float64):
     """q, k, v (values in [-2, 2): scores large enough for the soft-cap to bend) and sinks or None."""
     seed = c["seed"]
@@ -70,41 +59,6 @@ def _variants(c, sinks):
     return dict(causal=c["causal"], scale=c["scale"], window=c["window"], softcap=c["softcap"], sinks=sinks)
 
 
-def _out_and_grads(fn, q, k, v, sinks):
-    """``fn``'s output and the gradients of a fixed non-uniform loss w.r.t. q, k, v (and sinks)."""
-    leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
-    out = fn(q, k, v, sinks)
-    w = make_tensor(out.shape, seed=7).to(out.dtype)
-    return (out, *torch.autograd.grad((out * w).sum(), leaves))
-
-
-NAMES = ("out", "dq", "dk", "dv", "dsinks")
-
-
-def _assert_grads_exact(got, ref, names, where=""):
-    """Every gradient float64-exact (``EXACT_RTOL``), measured against its own norm or, if that
-    is smaller, the largest gradient's norm (the scale of the terms every gradient sums).
-
-    The floor matters where a gradient is analytically zero or nearly: ``dq`` with one visible
-    key, and ``dq``/``dk`` under a saturated soft-cap, whose terms are scaled by
-    ``1 − tanh²(r/c)``, computed by the reference's autograd and by the op alike from a rounded
-    ``tanh``. Against their own (tiny) norm those hold O(1) round-off; on the step's scale it
-    is round-off, and a wrong formula still shows as an O(1) error.
-    """
-    floor = max((r.norm().item() for r in ref), default=0.0)
-    for name, a, b in zip(names, got, ref):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        err = relative_error(a, b, scale=floor)
-        assert err <= EXACT_RTOL, f"{name}{where}: relative error {err:.3e} exceeds {EXACT_RTOL:.1e}"
-
-
-def _assert_out_and_grads_exact(got, ref, where=""):
-    """``got``/``ref`` from :func:`_out_and_grads`: out, then every gradient."""
-    assert got[0].shape == ref[0].shape and got[0].dtype == ref[0].dtype
-    assert_exact(got[0], ref[0], name=f"out{where}")
-    _assert_grads_exact(got[1:], ref[1:], NAMES[1:], where)
-
-
 def _assert_lse_exact(lse, ref):
     """``lse`` is ``-inf`` exactly where the reference's is (rows that see no key under a
     window, without sinks) and float64-exact elsewhere."""
@@ -117,13 +71,13 @@ def _assert_lse_exact(lse, ref):
 @given(c=variant_cases(), offload=st.booleans(), kernel=st.booleans())
 def test_float64_exact_against_reference(c, offload, kernel):
     q, k, v, sinks = _inputs(c)
-    ref = _out_and_grads(lambda q, k, v, s: attention_reference(q, k, v, **_variants(c, s)), q, k, v, sinks)
+    ref = out_and_grads(lambda q, k, v, s: attention_reference(q, k, v, **_variants(c, s)), q, k, v, sinks)
     with cpu_path(kernel):
-        got = _out_and_grads(
+        got = out_and_grads(
             lambda q, k, v, s: chunked_attention(q, k, v, chunk_size=c["chunk"], offload=offload, **_variants(c, s)),
             q, k, v, sinks,
         )
-    _assert_out_and_grads_exact(got, ref)
+    assert_out_and_grads_exact(got, ref)
 
 
 @settings(deadline=None, max_examples=40)
@@ -145,7 +99,7 @@ def test_functions_lse_and_dsinks_with_lse_cotangent(c, kernel):
     assert_exact(out, ref_out, name="out")
     # lse includes the sink term: lse = log(exp(sink) + Σ_j exp(s_ij)).
     _assert_lse_exact(lse, ref_lse)
-    _assert_grads_exact(grads, ref_grads, NAMES[1:])
+    assert_grads_exact(grads, ref_grads, NAMES[1:])
 
 
 @settings(deadline=None, max_examples=25)
@@ -304,10 +258,10 @@ def test_rows_without_keys_under_a_window():
     c = dict(B=1, Hq=2, Hkv=1, T=12, S=5, D=4, seed=2, sinks=True)
     q, k, v, sinks = _inputs(c)
     for s in (None, sinks):
-        ref = _out_and_grads(lambda q, k, v, s: attention_reference(q, k, v, causal=True, window=3, sinks=s), q, k, v, s)
-        got = _out_and_grads(lambda q, k, v, s: chunked_attention(q, k, v, causal=True, window=3, sinks=s, chunk_size=4), q, k, v, s)
+        ref = out_and_grads(lambda q, k, v, s: attention_reference(q, k, v, causal=True, window=3, sinks=s), q, k, v, s)
+        got = out_and_grads(lambda q, k, v, s: chunked_attention(q, k, v, causal=True, window=3, sinks=s, chunk_size=4), q, k, v, s)
         assert (got[0][:, :, 7:] == 0).all()
-        _assert_out_and_grads_exact(got, ref)
+        assert_out_and_grads_exact(got, ref)
     out, lse = chunked_attention_forward(q.detach(), k.detach(), v.detach(), causal=True, scale=None, chunk_size=4, window=3)
     assert (lse[:, :, 7:] == float("-inf")).all() and torch.isfinite(lse[:, :, :7]).all()
 
@@ -338,9 +292,9 @@ def test_compile_once_across_two_lengths():
         c = dict(B=1, Hq=4, Hkv=2, T=T, S=T, D=8, seed=T, sinks=True)
         q, k, v, sinks = _inputs(c)
         reference = lambda q, k, v, s: attention_reference(q, k, v, causal=True, window=5, softcap=2.0, sinks=s).sum(-1)  # noqa: E731
-        want = _out_and_grads(reference, q, k, v, sinks)
-        got = _out_and_grads(compiled, q, k, v, sinks)
-        _assert_out_and_grads_exact(got, want, f" T={T}")
+        want = out_and_grads(reference, q, k, v, sinks)
+        got = out_and_grads(compiled, q, k, v, sinks)
+        assert_out_and_grads_exact(got, want, f" T={T}")
     assert counter.frame_count == 1
     torch._dynamo.reset()
 
