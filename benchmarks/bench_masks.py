@@ -333,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             "saves its [1, T] int64 ids. peak_bytes: CPU high-water mark of one step above its start.",
             "pairs: chunk pairs the op's schedule computes (chunk_schedule with window=/documents=); pair_fraction: "
             "pairs / causal's; masked_pairs: those of them with a mask (pair_needs_mask).",
-            "On CPU a windowed call runs the generic torch pair path for every pair, and a masked documents pair runs "
-            "it too; causal and one-document pairs run ATen's flash kernel. Time ratios are read against pair_fraction "
-            "with that in mind. Step times on a shared CPU are relative figures only.",
+            "On CPU ATen's flash kernel computes every pair the band or the documents do not cut; masked pairs (the "
+            "band's edge, pairs holding several documents) run the generic torch pair. Time ratios are read against "
+            "pair_fraction with that in mind. Step times on a shared CPU are relative figures only.",
         ],
         "baseline": BASELINE,
         "stated_size": STATED,
