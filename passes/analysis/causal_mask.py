@@ -97,13 +97,26 @@ class MaskProof:
     window: int | None = None
     documents: fx.Node | None = None
     document_row: int | None = None
+    #: The input marking real keys (nonzero) and padded ones (0), ``[B', S]``, and its one row
+    #: read by every batch row (None: row ``b`` for batch row ``b``).
+    key_padding: fx.Node | None = None
+    key_padding_row: int | None = None
 
 
-class _Position(sympy.Function):
-    """``positions[r, t]``: a position the caller passed (an integer, value unknown)."""
+class _InputRead(sympy.Function):
+    """``input[r, t]``: an element of an integer graph input (a position the caller passed,
+    an ``attention_mask`` entry), value unknown. Each input gets its own subclass."""
 
     is_integer = True
     is_number = False  # not a constant even at constant indices (sympy's default for numeric args)
+
+
+def _reads(expr: Any, cls: type | None = None) -> set:
+    """The input elements ``expr`` reads (of input class ``cls`` only, if given)."""
+    if not isinstance(expr, sympy.Basic):
+        return set()
+    found = {a for a in expr.atoms(sympy.Function) if isinstance(a, _InputRead)}
+    return found if cls is None else {a for a in found if a.func is cls}
 
 
 class _Document(sympy.Function):
@@ -501,7 +514,7 @@ def _describe_inputs(inputs: Sequence[fx.Node]) -> str:
         roles.setdefault(_input_role(n), []).append(n)
     parts = []
     if "attention_mask" in roles:
-        parts.append("the mask depends on the attention_mask input (padding): chunked attention does not support padding masks yet")
+        parts.append("the mask depends on the attention_mask input (padding), and is not proven to be a causal mask over the real keys")
     if "position_ids" in roles:
         parts.append("the mask depends on position_ids passed by the caller, and is not proven to be a causal mask within the packed documents they number")
     if "input_ids" in roles:
@@ -604,13 +617,15 @@ def _key(n: fx.Node) -> Any:
 
 
 class _Interpreter:
-    """Symbolic values of the mask's nodes. ``positions``: graph inputs read as the caller's
-    positions (:class:`_Position`); every cumsum found to number their documents is
-    recorded in ``documents``."""
+    """Symbolic values of the mask's nodes. ``inputs``: integer graph inputs read as unknown
+    values (:class:`_InputRead`, one subclass each, in ``input_class``); every cumsum found to
+    number documents of one of them is recorded in ``documents``, with that input's class in
+    ``document_source``."""
 
-    def __init__(self, graph: fx.Graph, positions: Iterable[fx.Node] = ()) -> None:
-        self.positions = set(positions)
+    def __init__(self, graph: fx.Graph, inputs: Iterable[fx.Node] = ()) -> None:
+        self.input_class = {n: type(f"_in_{n.name}", (_InputRead,), {}) for n in inputs}
         self.documents: list[fx.Node] = []
+        self.document_source: type | None = None
         self.memo: dict[fx.Node, _Sym] = {}
         self.pos = {n: k for k, n in enumerate(graph.nodes)}
         self.writers: dict[fx.Node, list[fx.Node]] = {}
@@ -663,8 +678,8 @@ class _Interpreter:
 
     def node(self, n: fx.Node) -> _Sym:
         if n.op == "placeholder":
-            if n in self.positions:
-                return self.position_input(n)
+            if n in self.input_class:
+                return self.input_read(n)
             if isinstance(example_value(n), torch.Tensor):
                 raise NotProvable(_describe_inputs([n]))
             return self.symint(n)
@@ -732,11 +747,14 @@ class _Interpreter:
         return _Sym((), int, lambda idx: expr)
 
     # -- sources -------------------------------------------------------------------------------
-    def position_input(self, n: fx.Node) -> _Sym:
+    def input_read(self, n: fx.Node) -> _Sym:
         shape, dtype = self.out(n)
-        if len(shape) != 2 or dtype not in (torch.int64, torch.int32):
-            raise NotProvable(f"the input {_user_name(n)!r} is not an integer [batch, length] tensor of positions")
-        return _Sym(shape, dtype, lambda idx: _Position(*idx))
+        cls = self.input_class[n]
+        if len(shape) != 2 or dtype not in (torch.int64, torch.int32, torch.bool):
+            raise NotProvable(f"the input {_user_name(n)!r} is not an integer [batch, length] tensor")
+        if dtype == torch.bool:  # a boolean element is its integer image compared with 0
+            return _Sym(shape, dtype, lambda idx: sympy.Ne(cls(*idx), 0))
+        return _Sym(shape, dtype, lambda idx: cls(*idx))
 
     def arange(self, n: fx.Node) -> _Sym:
         shape, dtype = self.out(n)
@@ -1184,7 +1202,7 @@ class _Interpreter:
         syms = _index_symbols(a.rank, "c")
         k = syms[dim]
         summand = _normalize(_cast(a.at(syms), a, dtype))
-        if isinstance(summand, sympy.Basic) and summand.has(_Position):
+        if _reads(summand):
             return self.document_ids(n, shape, dtype, dim, syms, summand)
         free = summand.free_symbols if isinstance(summand, sympy.Basic) else set()
         if free - {k}:
@@ -1221,12 +1239,12 @@ class _Interpreter:
         kappa = sympy.Symbol("_kappa", integer=True, nonnegative=True)
         base, step = sympy.Symbol("_base", integer=True), sympy.Symbol("_step", integer=True)
         later = summand.subs(k, kappa + 1)
-        reads = later.atoms(_Position)
-        rows = {r.args[0] for r in reads}
-        if len(rows) != 1 or not {r.args[1] for r in reads} <= {kappa, kappa + 1}:
+        reads = _reads(later)
+        rows, sources = {r.args[0] for r in reads}, {r.func for r in reads}
+        if len(rows) != 1 or len(sources) != 1 or not {r.args[1] for r in reads} <= {kappa, kappa + 1}:
             raise NotProvable("a cumsum of the positions that is not a function of one step pos[t] - pos[t-1]")
-        (pos_row,) = rows
-        later = _normalize(later.xreplace({_Position(pos_row, kappa + 1): base + step, _Position(pos_row, kappa): base}))
+        (pos_row,), (source,) = rows, sources
+        later = _normalize(later.xreplace({source(pos_row, kappa + 1): base + step, source(pos_row, kappa): base}))
         if later.free_symbols - {step}:
             raise NotProvable("a cumsum of the positions that is not a function of one step pos[t] - pos[t-1]")
         for lo, hi, value in _intervals(later, step, extra=(1,)):
@@ -1237,7 +1255,10 @@ class _Interpreter:
                 raise NotProvable("a cumsum of the positions that does not count steps other than +1")
         if pos_row not in (_ZERO, row):
             raise NotProvable("a document numbering that reads another row of the positions")
+        if self.document_source not in (None, source):
+            raise NotProvable("the mask numbers documents of two different inputs")
         self.documents.append(n)
+        self.document_source = source
         by_row = pos_row == row
         return _Sym(shape, dtype, lambda idx: _Document(idx[0] if by_row else _ZERO, idx[1]))
 
@@ -1408,6 +1429,8 @@ def prove_band(mask: fx.Node, *, additive: bool) -> int | None:
     proof = prove_mask(mask, additive=additive)
     if proof.documents is not None:
         raise NotProvable("the mask separates packed documents (their ids come from the caller's positions)")
+    if proof.key_padding is not None:
+        raise NotProvable("the mask removes padded keys (the attention_mask input)")
     return proof.window
 
 
@@ -1436,11 +1459,12 @@ def prove_mask(mask: fx.Node, *, additive: bool) -> MaskProof:
 
 def _prove(mask: fx.Node, additive: bool) -> MaskProof:
     inputs = mask_inputs(mask)
-    positions = [n for n in inputs if _maybe_positions(n)]
-    if len(inputs) != len(positions) or len(positions) > 1:
+    readable = [n for n in inputs if _maybe_index_input(n)]
+    if len(inputs) != len(readable) or len(readable) > 2:
         raise NotProvable(_describe_inputs(inputs))
-    interp = _Interpreter(mask.graph, positions)
+    interp = _Interpreter(mask.graph, readable)
     interp.check_hidden_writes(mask)
+    proof: dict[str, Any] = {}
     try:
         sym = interp.value(mask)
         if not sym.is_tensor or sym.rank < 2:
@@ -1452,48 +1476,69 @@ def _prove(mask: fx.Node, additive: bool) -> MaskProof:
         idx = _index_symbols(sym.rank, "x")
         i, j = idx[-2], idx[-1]
         expr = sym.at(idx)
-        row = None
-        if positions:
-            expr, row = _within_documents(expr, idx, additive)
+        if readable and len(idx) != 4:
+            raise NotProvable("a mask over graph inputs that is not [batch, heads, T, S]")
+        if interp.documents:
+            if len(set(interp.documents)) != 1:
+                raise NotProvable("the mask numbers documents more than once")
+            expr, row = _within_documents(expr, idx, additive, interp.document_source)
+            proof.update(documents=interp.documents[0], document_row=_row(row, idx))
+        for node, cls in interp.input_class.items():
+            if _reads(expr, cls):
+                expr, row = _without_padded_keys(expr, idx, additive, cls)
+                proof.update(key_padding=node, key_padding_row=_row(row, idx))
+        if _reads(expr):
+            raise NotProvable("the mask reads a graph input as neither packed positions nor a key padding mask")
         window = _band(expr, i, j, additive)
     except NotProvable as why:
-        if not positions:
+        if not readable:
             raise
-        raise NotProvable(f"{_describe_inputs(positions)}: {why}") from None
-    if not positions:
-        return MaskProof(window)
-    if len(set(interp.documents)) != 1:
-        raise NotProvable("the mask numbers documents more than once")
-    return MaskProof(window, interp.documents[0], None if row == idx[0] else int(row))
+        raise NotProvable(f"{_describe_inputs(readable)}: {why}") from None
+    return MaskProof(window, **proof)
 
 
-def _maybe_positions(n: fx.Node) -> bool:
-    """An input the prover may read as positions: integer ``[batch, length]``. (It only
-    proves a mask that uses it as transformers' packed positions; anything else refuses.)"""
+def _row(row: Any, idx: list) -> int | None:
+    return None if row == idx[0] else int(row)
+
+
+def _maybe_index_input(n: fx.Node) -> bool:
+    """An input the prover may read as unknown values: integer or boolean ``[batch, length]``.
+    (It only proves a mask that uses it as transformers' packed positions or as a key padding
+    mask; anything else refuses.)"""
     v = example_value(n)
-    return isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype in (torch.int64, torch.int32) and not isinstance(v, torch.nn.Parameter)
+    return (isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype in (torch.int64, torch.int32, torch.bool)
+            and not isinstance(v, torch.nn.Parameter))
 
 
-def _within_documents(expr: Any, idx: list, additive: bool) -> tuple[Any, Any]:
+def _split_on(expr: Any, tests: dict, additive: bool, what: str) -> Any:
+    """``expr`` with every test in ``tests`` (relational → its value when the pair is allowed)
+    decided: the pair must be removed whatever else holds when the tests say "not allowed",
+    and the expression for allowed pairs is returned."""
+    apart = _normalize(expr.xreplace({r: sympy.false if ok else sympy.true for r, ok in tests.items()}))
+    removed = apart is _FALSE if not additive else (
+        isinstance(apart, sympy.Expr) and (apart is -sympy.oo or (apart.is_number and apart.is_finite and apart <= MASKED_THRESHOLD)))
+    if not removed:
+        raise NotProvable(f"the mask may keep {what}")
+    return expr.xreplace({r: sympy.true if ok else sympy.false for r, ok in tests.items()})
+
+
+def _within_documents(expr: Any, idx: list, additive: bool, source: type) -> tuple[Any, Any]:
     """``keep(i, j)`` over the caller's positions → ``(keep inside one document, row)``.
 
     Every test of the document ids must be ``doc[r, i] == doc[r, j]`` (or ``!=``) for one row
     ``r`` (the batch index, or one fixed row). With it false the mask must remove the pair
     whatever the positions are; with it true, positions are read only at ``[r, i]`` and
     ``[r, j]``, and inside a document ``pos[r, t] = β + t`` for one unknown ``β``, so the
-    rest of the proof sees index arithmetic only. Needs a ``[B, H, T, S]`` mask.
+    rest of the proof sees index arithmetic only.
     """
-    if len(idx) != 4:
-        raise NotProvable("a document mask that is not [batch, heads, T, S]")
     i, j = idx[-2], idx[-1]
     tests = [r for r in expr.atoms(Relational) if r.has(_Document)] if isinstance(expr, sympy.Basic) else []
     if not tests:
-        raise NotProvable("the mask reads the positions but does not keep documents apart")
+        raise NotProvable("the mask numbers documents but does not keep them apart")
     rows, same = set(), {}
     for r in tests:
         diff = sympy.expand(r.lhs - r.rhs)
-        docs = diff.atoms(_Document)
-        rows |= {dd.args[0] for dd in docs}
+        rows |= {dd.args[0] for dd in diff.atoms(_Document)}
         if not isinstance(r, (sympy.Eq, sympy.Ne)) or len(rows) != 1:
             raise NotProvable("the mask compares document ids other than by equality in one row")
         (r_row,) = rows
@@ -1503,18 +1548,41 @@ def _within_documents(expr: Any, idx: list, additive: bool) -> tuple[Any, Any]:
     (row,) = rows
     if row not in (_ZERO, idx[0]):
         raise NotProvable("the document ids are read in a row other than the batch row")
-    apart = _normalize(expr.xreplace({r: sympy.false if eq else sympy.true for r, eq in same.items()}))
-    removed = apart is _FALSE if not additive else (
-        isinstance(apart, sympy.Expr) and (apart is -sympy.oo or (apart.is_number and apart.is_finite and apart <= MASKED_THRESHOLD)))
-    if not removed:
-        raise NotProvable("the mask may keep pairs from two different documents")
-    inside = expr.xreplace({r: sympy.true if eq else sympy.false for r, eq in same.items()})
+    inside = _split_on(expr, same, additive, "pairs from two different documents")
     base = sympy.Symbol("_base", integer=True)
-    reads = inside.atoms(_Position) if isinstance(inside, sympy.Basic) else set()
-    allowed = {_Position(row, i): base + i, _Position(row, j): base + j}
-    if not reads <= set(allowed):
+    allowed = {source(row, i): base + i, source(row, j): base + j}
+    if not _reads(inside, source) <= set(allowed):
         raise NotProvable("the mask reads positions other than the query's and the key's in the document row")
     return _normalize(inside.xreplace(allowed)), row
+
+
+def _without_padded_keys(expr: Any, idx: list, additive: bool, cls: type) -> tuple[Any, Any]:
+    """``keep(i, j)`` reading a padding input ``pad`` → ``(keep for real keys, row)``.
+
+    The input must be read only at the key, ``pad[r, j]``, for one row ``r``, and only tested
+    against 0 (``pad[r, j] != 0``: a real key, the boolean cast transformers applies). With
+    the key padded the mask must remove the pair whatever else holds; the rest is proven
+    with the test true. Queries are not restricted: a padded query sees the real keys before
+    it, as in the model.
+    """
+    j = idx[-1]
+    reads = _reads(expr, cls)
+    rows = {r.args[0] for r in reads}
+    if len(rows) != 1 or {r.args[1] for r in reads} != {j}:
+        raise NotProvable("the mask reads its padding input elsewhere than at the key (a query-side or shifted mask)")
+    (row,) = rows
+    if row not in (_ZERO, idx[0]):
+        raise NotProvable("the padding input is read in a row other than the batch row")
+    real = {}
+    for r in expr.atoms(Relational):
+        if not _reads(r, cls):
+            continue
+        if not isinstance(r, (sympy.Eq, sympy.Ne)) or sympy.expand(r.lhs - r.rhs) not in (cls(row, j), -cls(row, j)):
+            raise NotProvable("the mask uses its padding input other than as 'nonzero: a real key'")
+        real[r] = isinstance(r, sympy.Ne)
+    if _reads(expr.xreplace({r: sympy.true for r in real}), cls):
+        raise NotProvable("the mask uses its padding input's values, not only whether they are 0")
+    return _split_on(expr, real, additive, "padded keys"), row
 
 
 def _band(expr: Any, i: sympy.Symbol, j: sympy.Symbol, additive: bool) -> int | None:

@@ -410,12 +410,16 @@ def test_transformers_training_masks_are_proven(attn):
             prove_causal(mask, additive=example_value(mask).dtype != torch.bool)
 
 
-def test_transformers_padding_is_refused_by_name():
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_transformers_padding_is_proven_causal_over_the_real_keys(attn):
     pad = torch.ones(2, 10, dtype=torch.long)
     pad[0, 7:] = 0
-    (mask,) = transformers_masks("sdpa", False, attention_mask=pad)
-    with pytest.raises(NotProvable, match=r"attention_mask input \(padding\)"):
-        prove_causal(mask, additive=False)
+    (mask,) = transformers_masks(attn, False, attention_mask=pad)
+    additive = example_value(mask).dtype != torch.bool
+    proof = prove_mask(mask, additive=additive)
+    assert proof.window is None and proof.documents is None and proof.key_padding.op == "placeholder"
+    with pytest.raises(NotProvable, match="padded keys"):
+        prove_causal(mask, additive=additive)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -581,4 +585,42 @@ def test_a_document_count_that_is_not_position_breaks_is_refused():
 
     mask = capture(counts_other_steps, torch.zeros(2, 10, dtype=F64), _packed_positions([4, 6]))
     with pytest.raises(NotProvable, match="does not count steps other than"):
+        prove_mask(mask, additive=False)
+
+
+# -- key padding --------------------------------------------------------------------------------
+
+
+def padded_mask(x, a, read="key", test="nonzero", combine=operator.and_):
+    """A causal mask over the real keys of a padding input ``a [B, T]`` (1 real, 0 padded),
+    with knobs that turn it into near misses."""
+    b, t = x.shape
+    bi = torch.arange(b)[:, None, None, None]
+    q = torch.arange(t)[None, None, :, None]
+    k = torch.arange(t)[None, None, None, :]
+    at = {"key": a[bi, k], "query": a[bi, q], "first": a[bi, torch.zeros_like(k)]}[read]
+    real = {"nonzero": at.to(torch.bool), "is_one": at == 1}[test]
+    return (combine(k <= q, real).expand(b, -1, t, t),)
+
+
+def test_key_padding_masks_are_proven_and_agree_with_their_values():
+    x, a = torch.zeros(2, 9, dtype=F64), torch.ones(2, 9, dtype=torch.long)
+    proof = prove_mask(capture(padded_mask, x, a), additive=False)
+    assert proof.key_padding is not None and proof.key_padding_row is None and proof.window is None
+    a = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0, 1, 1, 1]])
+    (m,) = padded_mask(x, a)
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    assert torch.equal(m[:, 0], (j <= i) & a.bool()[:, None, :])
+
+
+@pytest.mark.parametrize("near_miss, words", [
+    (dict(read="query"), "elsewhere than at the key"),
+    (dict(read="first"), "elsewhere than at the key"),
+    (dict(test="is_one"), "other than as 'nonzero"),
+    (dict(combine=operator.or_), "padded keys"),
+])
+def test_key_padding_near_misses_are_refused(near_miss, words):
+    torch._dynamo.reset()
+    mask = capture(lambda x, a: padded_mask(x, a, **near_miss), torch.zeros(2, 9, dtype=F64), torch.ones(2, 9, dtype=torch.long))
+    with pytest.raises(NotProvable, match=words):
         prove_mask(mask, additive=False)
