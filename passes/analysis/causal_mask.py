@@ -49,11 +49,21 @@ to their thresholds. The integers split into finitely many intervals on which ev
 constant; on each we check ``keep ⇔ d ≤ 0`` (a value that varies inside an interval stops
 the proof). That is a proof for every ``T``, not a test at one size.
 
-Anything outside the modelled ops (``vmap``-built masks, arithmetic we do not model) makes
-:func:`prove_causal` raise :class:`NotProvable` with the reason, and the pass refuses. A mask
-that reads a graph input is refused with the input named by what it is: the
-``attention_mask`` (padding), ``position_ids`` passed by the caller (packed documents), the
-token ids, a module buffer.
+**Graph inputs** (:func:`prove_mask`). An integer ``[B, T]`` input is read as unknown values
+(one uninterpreted function per input) in two roles only:
+
+* *packed positions*: a cumsum over it must be transformers' document numbering (a break
+  wherever a position is not its predecessor + 1), the mask must keep a pair only if the two
+  document ids agree, and inside one document (where ``pos[t] − t`` is constant) the rest
+  must be causal or a band for every ``T``;
+* *key padding*: read only at the key, only as "nonzero", and every pair with a padded key
+  removed.
+
+The result (:class:`MaskProof`) names the document-id node and the padding input for the op.
+Anything outside the modelled ops (``vmap``-built masks, arithmetic we do not model) raises
+:class:`NotProvable` with the reason, and the pass refuses; a mask that reads an input some
+other way is refused with the input named by what it is (the ``attention_mask``, the
+caller's ``position_ids``, the token ids, a module buffer).
 """
 
 from __future__ import annotations
