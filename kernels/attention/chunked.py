@@ -35,6 +35,14 @@ chunk's id range per batch row (one ``.tolist()`` per call), and the one schedul
 every pair with it: skipped when no row's ranges meet (:meth:`Documents.meet`), unmasked by
 documents when every row's ids in both chunks are one value (:meth:`Documents.one_document`;
 on CPU such pairs still reach ATen's kernel), masked with ``seg_i == seg_j`` otherwise.
+``key_segment_ids`` ``[B, S]`` gives the keys their own ids (query ``i`` sees key ``j`` iff
+``segment_ids[b, i] == key_segment_ids[b, j]``): the query side of every classification reads
+``segment_ids``, the key side ``key_segment_ids``. That expresses padding (query ids 0, key ids
+0 for real tokens and -1 for pads), and it makes rows that see no key possible (a padded query
+before the first real token): like SDPA with an all-False boolean mask row they give
+``out = 0``, ``lse = -inf`` (the sink with sinks) and no gradient, as a window's rows past the
+last key already do (:func:`rows_see_keys` finds them; :func:`chunked_attention_forward` keeps
+them out of ``softmax_nan``).
 
 Non-finite values (see README, "Non-finite values"): a nan or infinity reaches exactly the
 outputs whose softmax row reads it, through the max and the sum, as softmax does; rows whose
@@ -64,6 +72,7 @@ __all__ = [
     "auto_chunk_size",
     "out_like",
     "cpu_kernel_applies",
+    "rows_see_keys",
 ]
 
 #: Chunk the CUDA (Triton) path uses when ``chunk_size`` is None: the kernels tile inside a
@@ -77,12 +86,13 @@ MIN_AUTO_CHUNK = 64
 def check_arguments(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int | None, name: str,
     *, window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None, segment_ids: Tensor | None = None,
+    key_segment_ids: Tensor | None = None,
 ) -> float:
     """Validate the arguments shared by every chunked-attention entry point; return the scale.
 
     ``chunk_size`` is a positive int, or None: chosen at run time (:func:`auto_chunk_size`).
     ``window``, ``softcap``, ``sinks``: see :func:`.reference.validate_variants`;
-    ``segment_ids``: see :func:`.reference.validate_segment_ids`.
+    ``segment_ids``, ``key_segment_ids``: see :func:`.reference.validate_segment_ids`.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
@@ -93,7 +103,7 @@ def check_arguments(
             raise ValueError(f"{name}: chunk_size must be >= 1 (or None: chosen from the shapes), got {chunk_size}")
     validate_qkv(q, k, v, scale=scale, name=name)
     validate_variants(q, causal, window, softcap, sinks, name=name)
-    validate_segment_ids(q, k, segment_ids, name=name)
+    validate_segment_ids(q, k, segment_ids, name=name, key_segment_ids=key_segment_ids)
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
@@ -150,50 +160,102 @@ def visible_queries(ks: int, ke: int, T: int, causal: bool, window: int = 0) -> 
     return lo, max(lo, min(T, ke - 1 + window) if window else T)
 
 
+def _chunk_ranges(ids: Tensor, chunk_size: int) -> tuple[list, list]:
+    """Per chunk of ``ids`` ``[B, T]``: one ``(lo, hi)`` range per batch row, and the rows'
+    single ids when every row's chunk holds one value (else None)."""
+    B, T = ids.shape
+    n = -(-T // chunk_size)
+    if n * chunk_size > T:
+        # Pad the last chunk with its own last id: its min and max stay its own.
+        ids = torch.cat([ids, ids[:, -1:].expand(B, n * chunk_size - T)], dim=1)
+    lo, hi = ids.reshape(B, n, chunk_size).aminmax(dim=-1)
+    lo, hi = torch.stack([lo, hi]).tolist()
+    ranges = [tuple(zip(*rows)) for rows in zip(zip(*lo), zip(*hi))]
+    single = [tuple(a for a, _ in r) if all(a == b for a, b in r) else None for r in ranges]
+    return ranges, single
+
+
 class Documents:
     """Document ids and their per-chunk ranges: what classifies chunk pairs of packed sequences.
 
-    ``segment_ids`` ``[B, T]`` (int), one chunking for queries and keys (``T == S``). Built
+    ``segment_ids`` ``[B, T]`` (int), one chunking for queries and keys (``T == S``); the keys'
+    ids are ``key_segment_ids`` ``[B, S]`` when given (padding), else ``segment_ids``. Built
     once per call, ``O(T)``: the min and max id of every chunk of every batch row, read to the
-    host with one ``.tolist()`` (``2·B·⌈T/chunk⌉`` numbers). A pair of chunks then costs
-    ``O(B)`` comparisons to classify, no tensor work.
+    host with one ``.tolist()`` per side (``2·B·⌈T/chunk⌉`` numbers). A pair of chunks then
+    costs ``O(B)`` comparisons to classify, no tensor work. Query chunks are classified by
+    the query ids' ranges, key chunks by the key ids'.
     """
 
-    def __init__(self, segment_ids: Tensor, chunk_size: int):
-        B, T = segment_ids.shape
-        n = -(-T // chunk_size)
-        ids = segment_ids
-        if n * chunk_size > T:
-            # Pad the last chunk with its own last id: its min and max stay its own.
-            ids = torch.cat([ids, ids[:, -1:].expand(B, n * chunk_size - T)], dim=1)
-        lo, hi = ids.reshape(B, n, chunk_size).aminmax(dim=-1)
-        lo, hi = torch.stack([lo, hi]).tolist()
+    def __init__(self, segment_ids: Tensor, chunk_size: int, key_segment_ids: Tensor | None = None):
         self.segment_ids = segment_ids
+        self.key_segment_ids = key_segment_ids
         self.chunk_size = chunk_size
-        #: Per chunk, one (lo, hi) range per batch row.
-        self._ranges = [tuple(zip(*rows)) for rows in zip(zip(*lo), zip(*hi))]
-        #: Per chunk, the rows' single ids when every row's chunk is one document, else None.
-        self._single = [tuple(a for a, _ in r) if all(a == b for a, b in r) else None for r in self._ranges]
+        #: Per chunk, one (lo, hi) range per batch row; per chunk, the rows' single ids when
+        #: every row's chunk is one document, else None (queries, then keys).
+        self._ranges, self._single = _chunk_ranges(segment_ids, chunk_size)
+        if key_segment_ids is None:
+            self._key_ranges, self._key_single = self._ranges, self._single
+        else:
+            self._key_ranges, self._key_single = _chunk_ranges(key_segment_ids, chunk_size)
 
     @classmethod
-    def of(cls, segment_ids: Tensor | None, chunk_size: int) -> "Documents | None":
+    def of(cls, segment_ids: Tensor | None, chunk_size: int, key_segment_ids: Tensor | None = None) -> "Documents | None":
         """``Documents`` for the ids, or None without them."""
-        return None if segment_ids is None else cls(segment_ids, chunk_size)
+        return None if segment_ids is None else cls(segment_ids, chunk_size, key_segment_ids)
+
+    @property
+    def keys(self) -> Tensor:
+        """The keys' ids ``[B, S]``: ``key_segment_ids`` when given, else ``segment_ids``."""
+        return self.segment_ids if self.key_segment_ids is None else self.key_segment_ids
 
     def meet(self, qs: int, ks: int) -> bool:
         """Whether some query of the chunk at ``qs`` and key of the chunk at ``ks`` can share a
         document: their id ranges intersect in some batch row. False: the pair is skipped."""
-        a, b = self._ranges[qs // self.chunk_size], self._ranges[ks // self.chunk_size]
+        a, b = self._ranges[qs // self.chunk_size], self._key_ranges[ks // self.chunk_size]
         return any(lq <= hk and lk <= hq for (lq, hq), (lk, hk) in zip(a, b))
 
     def one_document(self, qs: int, ks: int) -> bool:
-        """Whether every row's ids in both chunks are one value: documents mask nothing."""
+        """Whether every row's query ids in the one chunk and key ids in the other are one and
+        the same value: documents mask nothing."""
         a = self._single[qs // self.chunk_size]
-        return a is not None and a == self._single[ks // self.chunk_size]
+        return a is not None and a == self._key_single[ks // self.chunk_size]
 
     def keep(self, qs: int, qe: int, ks: int, ke: int, groups: int) -> Tensor:
         """``[B, 1, G·Cq, Ck]`` boolean: query and key in one document (rows as :func:`_group_rows`)."""
-        return same_document(self.segment_ids, qs, qe, ks, ke).repeat(1, groups, 1).unsqueeze(1)
+        return same_document(self.segment_ids, qs, qe, ks, ke, self.key_segment_ids).repeat(1, groups, 1).unsqueeze(1)
+
+
+def rows_see_keys(segment_ids: Tensor, key_segment_ids: Tensor | None, causal: bool, window: int = 0) -> Tensor:
+    """``[B, T]`` boolean: query ``i`` of row ``b`` sees some key (ids equal, in the band).
+
+    Exact for any ids, ``O(B·T·log(B·T))``: the (query and key) ids are ranked densely, every
+    key gets the code ``(b·U + rank)·T + j``, and the codes are sorted once. A query ``i``
+    with id rank ``r`` looks up the largest key code ``≤ (b·U + r)·T + i`` (causal): it is a
+    matching key iff it lies in the same ``(b, r)`` group, and then it is the nearest matching
+    key at or before ``i``, which a window ``w`` also needs within ``i - w < j``. Without
+    causal, the smallest code ``≥ (b·U + r)·T`` decides. Keys use ``segment_ids`` when
+    ``key_segment_ids`` is None (every row then sees its own key when causal or not).
+    """
+    keys = segment_ids if key_segment_ids is None else key_segment_ids
+    B, T = segment_ids.shape
+    if B * T == 0:
+        return torch.ones((B, T), dtype=torch.bool, device=segment_ids.device)
+    _, rank = torch.unique(torch.cat([segment_ids.long(), keys.long()], dim=1), return_inverse=True)
+    U = int(rank.max()) + 1
+    base = (torch.arange(B, device=rank.device).view(B, 1) * U + rank) * T
+    pos = torch.arange(T, device=rank.device).view(1, T)
+    q_group, k_codes = base[:, :T].contiguous(), (base[:, T:] + pos).flatten().sort().values
+    if causal:
+        at = torch.searchsorted(k_codes, q_group + pos, right=True) - 1
+        found = k_codes[at.clamp_min(0)]
+        sees = (at >= 0) & (found >= q_group)
+        if window:
+            sees &= (q_group + pos) - found < window
+    else:
+        at = torch.searchsorted(k_codes, q_group).clamp_max(k_codes.numel() - 1)
+        found = k_codes[at]
+        sees = (found >= q_group) & (found < q_group + T)
+    return sees
 
 
 def _band_needs_mask(qs: int, qe: int, ks: int, ke: int, causal: bool, window: int) -> bool:
@@ -227,11 +289,14 @@ def chunk_schedule(T: int, S: int, chunk_size: int, causal: bool, *, kv_outer: b
     query can share a document with any key of it.
     """
     def chunks(outer: int, lo: int, hi: int, n: int) -> list[tuple[int, int]]:
-        # The chunks of [0, n) that meet positions [lo, hi) (and the outer chunk's documents).
+        # The chunks of [0, n) that meet positions [lo, hi) (and the outer chunk's documents:
+        # Documents.meet takes the query chunk first, the key chunk second).
         if lo >= hi:
             return []
         found = [(s, min(s + chunk_size, n)) for s in range((lo // chunk_size) * chunk_size, hi, chunk_size)]
-        return found if documents is None else [c for c in found if documents.meet(outer, c[0])]
+        if documents is None:
+            return found
+        return [c for c in found if (documents.meet(c[0], outer) if kv_outer else documents.meet(outer, c[0]))]
 
     if kv_outer:
         for ks in range(0, S, chunk_size):
@@ -408,6 +473,7 @@ def chunked_attention_forward(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     segment_ids: Tensor | None = None,
+    key_segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact attention, one (query chunk, key chunk) pair at a time.
 
@@ -434,6 +500,10 @@ def chunked_attention_forward(
             ``i`` sees key ``j`` only if ``segment_ids[b, i] == segment_ids[b, j]`` (ANDed
             with causal and the window). Chunk pairs no query and key of which share a
             document are skipped (:class:`Documents`).
+        key_segment_ids: optional int32/int64 ``[B, S]`` ids of the keys (needs
+            ``segment_ids``): query ``i`` sees key ``j`` only if
+            ``segment_ids[b, i] == key_segment_ids[b, j]``. None: the keys' ids are
+            ``segment_ids``.
     Returns:
         ``out`` ``[B, Hq, T, D]`` in the input dtype and ``lse`` ``[B, Hq, T]`` in the
         accumulation dtype (float32 for 16/32-bit inputs, float64 for float64). With
@@ -442,10 +512,12 @@ def chunked_attention_forward(
         nothing else. A caller merging partial key sets (:func:`merge_partial`) computes the
         parts without ``sinks`` and adds the sink once (:func:`fold_sinks`). With a window,
         rows that see no key (``i >= S - 1 + window``) give ``out = 0``, ``lse = -inf``
-        (``lse = sinks[h]`` with sinks).
+        (``lse = sinks[h]`` with sinks); so do rows that ``key_segment_ids`` leave without a
+        key (SDPA's rule for an all-False boolean mask row), ``softmax_nan`` or not.
     """
     scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_forward",
-                            window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids)
+                            window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids,
+                            key_segment_ids=key_segment_ids)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if B * Hq * T == 0 or S == 0:
@@ -456,11 +528,12 @@ def chunked_attention_forward(
     # (A band with T != S may leave rows without keys: those need the generic path's rule.)
     fast = not softcap and (not window or T == S) and cpu_kernel_applies(q, k, v, causal=causal, scale=scale, chunk_size=chunk_size)
     chunk = auto_chunk_size(q, k, fast=fast and segment_ids is None, window=window) if chunk_size is None else chunk_size
-    documents = Documents.of(segment_ids, chunk)
+    documents = Documents.of(segment_ids, chunk, key_segment_ids)
     if fast:
         out, lse = _forward_cpu_kernel(q, k, v, causal, scale, chunk, documents, window)
         # ATen's kernel is only used on finite inputs whose scores cannot overflow: no row
-        # can be -inf there (every row sees its own key), so softmax_nan has nothing to do.
+        # that sees a key can be -inf there, so softmax_nan has nothing to do (rows that see
+        # none, with key ids, come out of masked torch pairs as out = 0, lse = -inf).
         return (out, lse) if sinks is None else fold_sinks(out, lse, sinks)
     G = Hq // Hkv
     acc = accumulation_dtype(q.dtype)
@@ -477,7 +550,8 @@ def chunked_attention_forward(
             else:
                 o_acc, lse_acc = merge_partial(o_acc, lse_acc, o_part, l_part)
         if o_acc is None:
-            # A window's rows past the last key see none: out = 0, lse = -inf.
+            # A window's rows past the last key, or rows whose key ids leave them no key in
+            # any pair (the whole chunk skipped), see none: out = 0, lse = -inf.
             o_acc = torch.zeros_like(qc)
             lse_acc = torch.full(qc.shape[:3], float("-inf"), dtype=acc, device=q.device)
         o_acc, lse_acc = _ungroup_rows(o_acc, Hq, qe - qs), _ungroup_rows(lse_acc, Hq, qe - qs)
@@ -489,10 +563,12 @@ def chunked_attention_forward(
     if softmax_nan:
         # lse = -inf in a row that sees some key means every visible score was -inf (and no
         # sink): softmax divides 0 by 0 there. Without a window every row sees key 0 (with
-        # documents: its own key).
+        # documents: its own key); with key ids a row may see none (SDPA's out = 0 then).
         empty = lse == float("-inf")
         if window:
             empty[:, :, S - 1 + window:] = False
+        if key_segment_ids is not None and bool(empty.any()):
+            empty &= rows_see_keys(segment_ids, key_segment_ids, causal, window).unsqueeze(1)
         out.masked_fill_(empty.unsqueeze(-1), float("nan"))
     return out, lse
 
@@ -525,6 +601,7 @@ def chunked_attention_backward(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     segment_ids: Tensor | None = None,
+    key_segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Gradients of :func:`chunked_attention_forward`, recomputing probabilities from ``lse``.
 
@@ -543,14 +620,17 @@ def chunked_attention_backward(
             includes the sink when ``sinks`` is given).
         chunk_size: as there (None: chosen from the shapes; need not match the forward's).
         dlse: optional ``[B, Hq, T]`` gradient of ``lse`` (``None`` = zero).
-        window, softcap, sinks, segment_ids: as given to the forward.
+        window, softcap, sinks, segment_ids, key_segment_ids: as given to the forward. Rows
+            that see no key (``lse = -inf``, or the sink) get ``dq = 0`` and add nothing to
+            ``dk``/``dv``.
     Returns:
         ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v`` — and ``dsinks`` ``[Hq]``
         (``sinks``' dtype) as a fourth element when ``sinks`` is given; ``dq`` is accumulated
         in the accumulation dtype and cast once at the end.
     """
     scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention_backward",
-                            window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids)
+                            window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids,
+                            key_segment_ids=key_segment_ids)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"chunked_attention_backward: dout {tuple(dout.shape)} and out {tuple(out.shape)} must have q's shape {tuple(q.shape)}")
     if lse.shape != q.shape[:3]:
@@ -577,14 +657,18 @@ def chunked_attention_backward(
     fast = dlse is None and not softcap and (not window or T == S) and cpu_kernel_applies(
         q, k, v, causal=causal, scale=scale, dout=dout, chunk_size=chunk_size)
     chunk = auto_chunk_size(q, k, fast=fast and segment_ids is None, window=window) if chunk_size is None else chunk_size
-    documents = Documents.of(segment_ids, chunk)
+    documents = Documents.of(segment_ids, chunk, key_segment_ids)
+    # A window's rows past the last key (and rows key ids leave without a key) have
+    # lse = -inf and only masked scores in the pairs their chunk computes: shift them by 0 so
+    # P = exp(-inf) = 0, not nan. (With sinks their lse is the sink: P = 0 already.)
+    empty_rows = window or key_segment_ids is not None
     if fast:
-        return with_sink_grad(_backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk, documents, window), None)
+        lse_rows = lse.masked_fill(lse == float("-inf"), 0.0) if key_segment_ids is not None else lse
+        return with_sink_grad(_backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk, documents, window, lse_rows),
+                              None)
     G = Hq // Hkv
     delta = _delta(dout, out, dlse, chunk, acc)
-    # A window's rows past the last key have lse = -inf and only masked scores in the pairs
-    # their chunk computes: shift them by 0 so P = exp(-inf) = 0, not nan.
-    lse_rows = lse.masked_fill(lse == float("-inf"), 0.0) if window else lse
+    lse_rows = lse.masked_fill(lse == float("-inf"), 0.0) if empty_rows else lse
     dq_acc = torch.zeros((B, Hq, T, D), dtype=acc, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -755,13 +839,22 @@ def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
                 o_acc, lse_acc = o_part, l_part.to(acc)
             else:
                 o_acc, lse_acc = merge_partial(o_acc, lse_acc, o_part, l_part.to(acc))
+        if o_acc is None:
+            # Key ids leave every row of the chunk without a key: out = 0, lse = -inf.
+            out[:, :, qs:qe] = 0
+            lse[:, :, qs:qe] = float("-inf")
+            continue
         out[:, :, qs:qe] = o_acc
         lse[:, :, qs:qe] = lse_acc
     return out, lse
 
 
 def _backward_cpu_kernel(dout, q, k, v, out, lse, causal: bool, scale: float, chunk_size: int,
-                         documents: Documents | None = None, window: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                         documents: Documents | None = None, window: int = 0,
+                         lse_rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    # ``lse_rows``: ``lse`` with the rows that see no key shifted to 0, for the masked torch
+    # pairs (the only pairs such rows take part in); None: ``lse``.
+    lse_rows = lse if lse_rows is None else lse_rows
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     acc = accumulation_dtype(q.dtype)
@@ -783,7 +876,7 @@ def _backward_cpu_kernel(dout, q, k, v, out, lse, causal: bool, scale: float, ch
         for qs, qe in query_chunks:
             if not _kernel_serves(qs, qe, ks, ke, window, documents):
                 keep = _pair_keep(qs, qe, ks, ke, Hq // Hkv, q.device, causal, window, documents)
-                _pair_backward(q, dout, lse, delta, kc, vc, qs, qe, keep, scale, 0.0, dq_acc, dk_acc, dv_acc)
+                _pair_backward(q, dout, lse_rows, delta, kc, vc, qs, qe, keep, scale, 0.0, dq_acc, dk_acc, dv_acc)
                 continue
             diagonal = _pair_is_diagonal(qs, qe, ks, ke, causal)
             dq_p, dk_p, dv_p = flash_bwd(

@@ -3,17 +3,23 @@
 Ops (all ``mutates_args=()``; shapes in SDPA layout, ``G = Hq // Hkv``):
 
 * ``longctx::chunked_attention_fwd(q, k, v, causal, scale, chunk_size, host_pool_bytes=None,
-  window=0, softcap=0.0, sinks=None, segment_ids=None) -> (out, lse)``
+  window=0, softcap=0.0, sinks=None, segment_ids=None, key_segment_ids=None) -> (out, lse)``
 * ``longctx::chunked_attention_bwd(dout, q, k, v, out, lse, dlse?, causal, scale, chunk_size,
-  window=0, softcap=0.0, sinks=None, segment_ids=None) -> (dq, dk, dv, dsinks)``
+  window=0, softcap=0.0, sinks=None, segment_ids=None, key_segment_ids=None) -> (dq, dk, dv,
+  dsinks)``
 * ``longctx::chunked_attention_fwd_offload(q, k, v, causal, scale, chunk_size,
-  host_pool_bytes=None, window=0, softcap=0.0, sinks=None, segment_ids=None) -> (out, lse,
-  handle)``: also copies q, k, v, out, lse into the host pool, within the budget
-  ``host_pool_bytes`` (None: unbounded); ``handle`` is an int64 scalar CPU tensor naming that
-  group of host copies.
+  host_pool_bytes=None, window=0, softcap=0.0, sinks=None, segment_ids=None,
+  key_segment_ids=None) -> (out, lse, handle)``: also copies q, k, v, out, lse into the host
+  pool, within the budget ``host_pool_bytes`` (None: unbounded); ``handle`` is an int64
+  scalar CPU tensor naming that group of host copies.
 * ``longctx::chunked_attention_bwd_offload(dout, handle, dlse?, kv_heads, kv_len, causal,
-  scale, chunk_size, window=0, softcap=0.0, sinks=None, segment_ids=None) -> (dq, dk, dv,
-  dsinks)``: streams the host copies back chunk by chunk.
+  scale, chunk_size, window=0, softcap=0.0, sinks=None, segment_ids=None,
+  key_segment_ids=None) -> (dq, dk, dv, dsinks)``: streams the host copies back chunk by
+  chunk.
+* ``longctx::attention_rows_see_keys(segment_ids, key_segment_ids, causal, window) ->
+  key_segment_ids``: raises ``RuntimeError`` when some query row sees no key, else returns a
+  copy of ``key_segment_ids`` (a pass routes the key ids through it for models whose own
+  attention gives such rows something other than 0, so the check stays in the graph).
 
 The variants (README, "Variants"): ``window > 0`` (with causal) keeps keys
 ``i - window < j <= i`` and skips chunk pairs outside that band; ``softcap > 0`` caps scores
@@ -22,7 +28,11 @@ denominator, and ``lse`` includes it. ``dsinks`` is ``[Hq]`` with sinks and an e
 tensor without (a backward op has one schema for both). ``segment_ids`` ``[B, T]`` (int,
 ``T == S``) restricts attention to one document (packed sequences) and skips chunk pairs
 whose chunks share none; like ``sinks`` it is small and saved by autograd (never offloaded),
-and it gets no gradient.
+and it gets no gradient. ``key_segment_ids`` ``[B, S]`` (needs ``segment_ids``) gives the keys
+their own ids (query ``i`` sees key ``j`` iff ``segment_ids[b, i] == key_segment_ids[b, j]``):
+a padding mask is query ids 0, key ids 0 for real tokens and -1 for pads. Rows left without
+a key give ``out = 0``, ``lse = -inf`` (the sink with sinks) and no gradient, as SDPA does for
+an all-False boolean mask row.
 
 ``chunk_size = 0`` means "choose from the shapes at run time" (``chunked.auto_chunk_size``):
 the graph then holds no chunk and serves every sequence length with a chunk fitted to it.
@@ -38,7 +48,8 @@ when the op runs (``torch.get_autocast_dtype``), so bf16 and fp16 regions both w
 
 ``register_autograd`` makes AOTAutograd save exactly what each backward reads: ``q, k, v,
 out, lse`` for the plain op, and only the ``handle`` (plus the symbolic ints ``Hkv`` and
-``S``) for the offload op; ``sinks`` and ``segment_ids`` when given, for both. Fake (meta) implementations use shape arithmetic only, so one
+``S``) for the offload op; ``sinks``, ``segment_ids`` and ``key_segment_ids`` when given,
+for both. Fake (meta) implementations use shape arithmetic only, so one
 compiled graph serves every sequence length.
 
 Device dispatch happens inside the op bodies: CPU tensors run the chunked torch
@@ -76,16 +87,19 @@ from .chunked import (
     chunked_attention_backward,
     chunked_attention_forward,
     out_like,
+    rows_see_keys,
     sink_grad,
 )
 from .reference import accumulation_dtype
 
-__all__ = ["chunked_attention", "FORWARD_ARGS", "forward_arg"]
+__all__ = ["chunked_attention", "attention_rows_see_keys", "FORWARD_ARGS", "forward_arg"]
 
 #: The two forward ops' arguments, in schema order (one list: the passes that build or read
 #: these calls index them by name through :func:`forward_arg`).
-FORWARD_ARGS = ("q", "k", "v", "causal", "scale", "chunk_size", "host_pool_bytes", "window", "softcap", "sinks", "segment_ids")
-_FORWARD_DEFAULTS = {"host_pool_bytes": None, "window": 0, "softcap": 0.0, "sinks": None, "segment_ids": None}
+FORWARD_ARGS = ("q", "k", "v", "causal", "scale", "chunk_size", "host_pool_bytes", "window", "softcap", "sinks", "segment_ids",
+                "key_segment_ids")
+_FORWARD_DEFAULTS = {"host_pool_bytes": None, "window": 0, "softcap": 0.0, "sinks": None, "segment_ids": None,
+                     "key_segment_ids": None}
 
 
 def forward_arg(call, name: str):
@@ -109,9 +123,9 @@ def _chunk(chunk_size: int) -> int | None:
 
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int,
                   window: int = 0, softcap: float = 0.0, sinks: Tensor | None = None,
-                  segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  segment_ids: Tensor | None = None, key_segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     chunk = _chunk(chunk_size)
-    variants = dict(window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids)
+    variants = dict(window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids, key_segment_ids=key_segment_ids)
     # Empty problems (no query or no key) take the torch path's early return on any device.
     if _use_triton(q) and q.numel() > 0 and k.numel() > 0:
         from .triton import triton_attention_forward
@@ -133,9 +147,9 @@ def _with_dsinks(grads: tuple[Tensor, ...], sinks: Tensor | None, like: Tensor) 
 
 
 def _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None,
-                   segment_ids=None):
+                   segment_ids=None, key_segment_ids=None):
     chunk = _chunk(chunk_size)
-    variants = dict(window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids)
+    variants = dict(window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids, key_segment_ids=key_segment_ids)
     if _use_triton(q) and q.numel() > 0 and k.numel() > 0:
         from .triton import triton_attention_backward
 
@@ -160,19 +174,21 @@ def _fake_fwd(q: Tensor) -> tuple[Tensor, Tensor]:
 def chunked_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int, host_pool_bytes: Optional[int] = None,
     window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+    key_segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out [B, Hq, T, D], lse [B, Hq, T])`` of exact attention, chunk by chunk.
 
     ``chunk_size = 0``: chosen from the shapes. ``host_pool_bytes`` is unused here (it keeps
     the argument list equal to the offload op's). ``window``/``softcap``/``sinks ([Hq])``/
-    ``segment_ids ([B, T] int)``: the variants (0 / 0.0 / None / None: off); with sinks,
-    ``lse`` includes the sink term.
+    ``segment_ids ([B, T] int)``/``key_segment_ids ([B, S] int)``: the variants (0 / 0.0 /
+    None / None / None: off); with sinks, ``lse`` includes the sink term.
     """
-    return _forward_impl(q, k, v, causal, scale, chunk_size, window, softcap, sinks, segment_ids)
+    return _forward_impl(q, k, v, causal, scale, chunk_size, window, softcap, sinks, segment_ids, key_segment_ids)
 
 
 @chunked_attention_fwd.register_fake
-def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softcap=0.0, sinks=None, segment_ids=None):
+def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softcap=0.0, sinks=None, segment_ids=None,
+      key_segment_ids=None):
     return _fake_fwd(q)
 
 
@@ -180,11 +196,12 @@ def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softca
 def chunked_attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     causal: bool, scale: float, chunk_size: int, window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-    segment_ids: Optional[Tensor] = None,
+    segment_ids: Optional[Tensor] = None, key_segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dsinks)``: the first three shaped like ``q, k, v``; ``dsinks`` ``[Hq]``
     with sinks, an empty ``[0]`` tensor without. ``dlse`` (``[B, Hq, T]``) may be None."""
-    return _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window, softcap, sinks, segment_ids)
+    return _backward_impl(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window, softcap, sinks, segment_ids,
+                          key_segment_ids)
 
 
 def _fake_dsinks(sinks: Tensor | None, like: Tensor) -> Tensor:
@@ -192,22 +209,24 @@ def _fake_dsinks(sinks: Tensor | None, like: Tensor) -> Tensor:
 
 
 @chunked_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None, segment_ids=None):
+def _(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None, segment_ids=None,
+      key_segment_ids=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), _fake_dsinks(sinks, q)
 
 
 #: Positions of the forward ops' arguments (the two forward ops share one argument list).
-_WINDOW, _SOFTCAP, _SINKS, _SEGMENT_IDS = 7, 8, 9, 10
+_WINDOW, _SOFTCAP, _SINKS, _SEGMENT_IDS, _KEY_SEGMENT_IDS = (FORWARD_ARGS.index(n) for n in (
+    "window", "softcap", "sinks", "segment_ids", "key_segment_ids"))
 
 
-def _variants(inputs) -> tuple[int, float, Tensor | None, Tensor | None]:
-    """``(window, softcap, sinks, segment_ids)`` from a forward op's inputs (``setup_context``
-    receives every argument, defaults included)."""
-    return inputs[_WINDOW], inputs[_SOFTCAP], inputs[_SINKS], inputs[_SEGMENT_IDS]
+def _variants(inputs) -> tuple[int, float, Tensor | None, Tensor | None, Tensor | None]:
+    """``(window, softcap, sinks, segment_ids, key_segment_ids)`` from a forward op's inputs
+    (``setup_context`` receives every argument, defaults included)."""
+    return inputs[_WINDOW], inputs[_SOFTCAP], inputs[_SINKS], inputs[_SEGMENT_IDS], inputs[_KEY_SEGMENT_IDS]
 
 
 def _input_grads(ctx, dq, dk, dv, dsinks) -> tuple:
-    """One gradient per forward input: q, k, v, and sinks when given (segment_ids: None)."""
+    """One gradient per forward input: q, k, v, and sinks when given (the ids: None)."""
     grads = [dq, dk, dv] + [None] * (ctx.n_args - 3)
     if ctx.has_sinks:
         grads[_SINKS] = dsinks
@@ -216,20 +235,21 @@ def _input_grads(ctx, dq, dk, dv, dsinks) -> tuple:
 
 def _setup_fwd(ctx, inputs, output):
     q, k, v, causal, scale, chunk_size = inputs[:6]
-    window, softcap, sinks, segment_ids = _variants(inputs)
+    window, softcap, sinks, segment_ids, key_segment_ids = _variants(inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, sinks, segment_ids)
+    ctx.save_for_backward(q, k, v, out, lse, sinks, segment_ids, key_segment_ids)
     ctx.args = (causal, scale, chunk_size, window, softcap)
     ctx.n_args = len(inputs)
     ctx.has_sinks = sinks is not None
 
 
 def _backward_fwd(ctx, dout, dlse):
-    q, k, v, out, lse, sinks, segment_ids = ctx.saved_tensors
+    q, k, v, out, lse, sinks, segment_ids, key_segment_ids = ctx.saved_tensors
     causal, scale, chunk_size, window, softcap = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
-    grads = chunked_attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window, softcap, sinks, segment_ids)
+    grads = chunked_attention_bwd(dout, q, k, v, out, lse, dlse, causal, scale, chunk_size, window, softcap, sinks, segment_ids,
+                                  key_segment_ids)
     return _input_grads(ctx, *grads)
 
 
@@ -255,16 +275,18 @@ def _release(pool_ref, gid: int) -> None:
 def chunked_attention_fwd_offload(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int, host_pool_bytes: Optional[int] = None,
     window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None, segment_ids: Optional[Tensor] = None,
+    key_segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Like ``chunked_attention_fwd``, and keeps q, k, v, out, lse in the default host pool.
 
     ``host_pool_bytes``: the budget these copies count against (one account per budget
     value in the pool; None: unbounded). Past it the call raises ``HostMemoryError``.
     Returns ``(out, lse, handle)``; ``handle`` is an int64 scalar (CPU) naming the host copies.
-    ``sinks`` (``[Hq]``, a few bytes) and ``segment_ids`` (``[B, T]`` ints, ``1/(H·D)`` of
-    ``q``'s numbers) stay where they are: autograd saves them for the backward.
+    ``sinks`` (``[Hq]``, a few bytes) and ``segment_ids``/``key_segment_ids`` (``[B, T]``
+    ints, ``1/(H·D)`` of ``q``'s numbers) stay where they are: autograd saves them for the
+    backward.
     """
-    out, lse = _forward_impl(q, k, v, causal, scale, chunk_size, window, softcap, sinks, segment_ids)
+    out, lse = _forward_impl(q, k, v, causal, scale, chunk_size, window, softcap, sinks, segment_ids, key_segment_ids)
     pool = get_default_pool()
     handles = {}
     try:
@@ -278,13 +300,14 @@ def chunked_attention_fwd_offload(
 
 
 @chunked_attention_fwd_offload.register_fake
-def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softcap=0.0, sinks=None, segment_ids=None):
+def _(q, k, v, causal, scale, chunk_size, host_pool_bytes=None, window=0, softcap=0.0, sinks=None, segment_ids=None,
+      key_segment_ids=None):
     out, lse = _fake_fwd(q)
     return out, lse, torch.empty((), dtype=torch.int64, device="cpu")
 
 
 def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None,
-                           segment_ids=None):
+                           segment_ids=None, key_segment_ids=None):
     """Streamed Triton backward: k/v chunks (outer) and q/lse chunks (inner) come from the
     host, each prefetched one step ahead on the copy stream (double buffering). Pairs outside
     a window's band, or whose chunks share no document, are neither fetched nor launched.
@@ -306,7 +329,7 @@ def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, wind
     dq_acc = torch.zeros((B, Hq, T, D), dtype=torch.float32, device=dev)
     dk = torch.empty((B, Hkv, S, D), dtype=hs["k"].dtype, device=dev)
     dv = torch.empty_like(dk)
-    documents = Documents.of(segment_ids, chunk_size)
+    documents = Documents.of(segment_ids, chunk_size, key_segment_ids)
     schedule = list(chunk_schedule(T, S, chunk_size, causal, kv_outer=True, window=window, documents=documents))
 
     def fetch_kv(ks, ke):
@@ -331,7 +354,7 @@ def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, wind
             # The lse/delta kernels read both with one set of strides: give both the dense layout.
             launch_bwd_pair(qc, kc, vc, dout[:, :, qs:qe], lsec.contiguous(), delta[:, :, qs:qe].contiguous(),
                             dq_acc[:, :, qs:qe], dk_acc, dv_acc, q_pos0=qs, k_pos0=ks, causal=causal, scale=scale,
-                            window=window, softcap=softcap, segment_ids=pair_segment_ids(documents, qs, ks))
+                            window=window, softcap=softcap, **pair_segment_ids(documents, qs, ks))
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc
     grads = (dq_acc.to(dout.dtype), dk, dv)
@@ -342,7 +365,7 @@ def _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, wind
 def chunked_attention_bwd_offload(
     dout: Tensor, handle: Tensor, dlse: Optional[Tensor], kv_heads: int, kv_len: int,
     causal: bool, scale: float, chunk_size: int, window: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-    segment_ids: Optional[Tensor] = None,
+    segment_ids: Optional[Tensor] = None, key_segment_ids: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dsinks)`` from ``dout`` and the host copies named by ``handle``
     (``dsinks`` as in ``chunked_attention_bwd``).
@@ -359,7 +382,8 @@ def chunked_attention_bwd_offload(
     if _use_triton(dout) and dout.numel() > 0 and hs["k"].numel > 0:
         if chunk_size == 0:
             chunk_size = min(max(T, kv_len), CUDA_AUTO_CHUNK)
-        grads = _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, window, softcap, sinks, segment_ids)
+        grads = _offload_backward_cuda(dout, hs, pool, dlse, causal, scale, chunk_size, window, softcap, sinks, segment_ids,
+                                       key_segment_ids)
         return _with_dsinks(grads, sinks, dout)
     # CPU: the host copies are CPU tensors already; prefetch hands back views (no copy) and the
     # chunked loop reads them chunk by chunk in the same order as on CUDA.
@@ -367,12 +391,14 @@ def chunked_attention_bwd_offload(
     if q.device != dout.device:
         q, k, v, out, lse = (t.to(dout.device) for t in (q, k, v, out, lse))
     grads = chunked_attention_backward(dout, q, k, v, out, lse, causal=causal, scale=scale, chunk_size=_chunk(chunk_size),
-                                       dlse=dlse, window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids)
+                                       dlse=dlse, window=window, softcap=softcap, sinks=sinks, segment_ids=segment_ids,
+                                       key_segment_ids=key_segment_ids)
     return _with_dsinks(grads, sinks, dout)
 
 
 @chunked_attention_bwd_offload.register_fake
-def _(dout, handle, dlse, kv_heads, kv_len, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None, segment_ids=None):
+def _(dout, handle, dlse, kv_heads, kv_len, causal, scale, chunk_size, window=0, softcap=0.0, sinks=None, segment_ids=None,
+      key_segment_ids=None):
     B, Hq, T, D = dout.shape
     kv = dout.new_empty((B, kv_heads, kv_len, D)), dout.new_empty((B, kv_heads, kv_len, D))
     return dout.new_empty((B, Hq, T, D)), *kv, _fake_dsinks(sinks, dout)
@@ -380,9 +406,9 @@ def _(dout, handle, dlse, kv_heads, kv_len, causal, scale, chunk_size, window=0,
 
 def _setup_fwd_offload(ctx, inputs, output):
     q, k, v, causal, scale, chunk_size = inputs[:6]
-    window, softcap, sinks, segment_ids = _variants(inputs)
+    window, softcap, sinks, segment_ids, key_segment_ids = _variants(inputs)
     _, _, handle = output
-    ctx.save_for_backward(handle, sinks, segment_ids)
+    ctx.save_for_backward(handle, sinks, segment_ids, key_segment_ids)
     ctx.kv = (k.shape[1], k.shape[2])
     ctx.args = (causal, scale, chunk_size, window, softcap)
     ctx.n_args = len(inputs)
@@ -390,14 +416,62 @@ def _setup_fwd_offload(ctx, inputs, output):
 
 
 def _backward_fwd_offload(ctx, dout, dlse, _dhandle):
-    handle, sinks, segment_ids = ctx.saved_tensors
+    handle, sinks, segment_ids, key_segment_ids = ctx.saved_tensors
     causal, scale, chunk_size, window, softcap = ctx.args
     grads = chunked_attention_bwd_offload(dout, handle, dlse, ctx.kv[0], ctx.kv[1], causal, scale, chunk_size, window, softcap,
-                                          sinks, segment_ids)
+                                          sinks, segment_ids, key_segment_ids)
     return _input_grads(ctx, *grads)
 
 
 chunked_attention_fwd_offload.register_autograd(_backward_fwd_offload, setup_context=_setup_fwd_offload)
+
+
+# ---------------------------------------------------------------------------- empty rows check
+ROWS_WITHOUT_KEYS_MESSAGE = (
+    "a query row sees no key (a padded position before the first real token, i.e. left padding?): the model's eager "
+    "attention spelling gives such rows an average over every key, which chunked attention does not reproduce; use "
+    "right padding or attn_implementation='sdpa'"
+)
+
+
+def _check_ids_pair(segment_ids, key_segment_ids, causal, window, name: str) -> None:
+    for arg, ids in (("segment_ids", segment_ids), ("key_segment_ids", key_segment_ids)):
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"{name}: {arg} must be a Tensor [B, T] of ids, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: {arg} must be int32 or int64 ids, got dtype {ids.dtype}")
+        if ids.dim() != 2:
+            raise ValueError(f"{name}: {arg} must be [B, T], got shape {tuple(ids.shape)}")
+    if segment_ids.shape != key_segment_ids.shape or segment_ids.device != key_segment_ids.device:
+        raise ValueError(f"{name}: segment_ids {tuple(segment_ids.shape)} ({segment_ids.device}) and key_segment_ids "
+                         f"{tuple(key_segment_ids.shape)} ({key_segment_ids.device}) must share shape and device")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0 or (window and not causal):
+        raise ValueError(f"{name}: window must be an int >= 0 (> 0 only with causal=True), got {window!r}")
+
+
+@torch.library.custom_op("longctx::attention_rows_see_keys", mutates_args=())
+def attention_rows_see_keys(segment_ids: Tensor, key_segment_ids: Tensor, causal: bool, window: int) -> Tensor:
+    """``key_segment_ids.clone()``, after checking that every query row sees some key.
+
+    Query ``i`` of row ``b`` sees key ``j`` iff ``segment_ids[b, i] == key_segment_ids[b, j]``
+    (and ``i - window < j <= i`` with causal / a window), as in ``chunked_attention_fwd``.
+    Raises ``RuntimeError`` when a row sees none: chunked attention gives such a row 0 (SDPA's
+    rule), while eager spellings that add a finite minimum to masked scores average every
+    key there. A pass routes the key ids through this op for such models, so its output is
+    used and the check cannot be eliminated. Exact for any ids, ``O(B·T·log(B·T))``
+    (``chunked.rows_see_keys``).
+    """
+    _check_ids_pair(segment_ids, key_segment_ids, causal, window, "attention_rows_see_keys")
+    if not bool(rows_see_keys(segment_ids, key_segment_ids, causal, window).all()):
+        raise RuntimeError(f"attention_rows_see_keys: {ROWS_WITHOUT_KEYS_MESSAGE}")
+    return key_segment_ids.clone()
+
+
+@attention_rows_see_keys.register_fake
+def _(segment_ids, key_segment_ids, causal, window):
+    return key_segment_ids.new_empty(key_segment_ids.shape)
 
 
 # ---------------------------------------------------------------------------- autocast
@@ -422,6 +496,7 @@ def chunked_attention(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     segment_ids: Tensor | None = None,
+    key_segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Exact softmax attention with memory bounded by the chunk size (FPDT-style).
 
@@ -452,6 +527,12 @@ def chunked_attention(
             in any batch row are skipped, so packed documents of length ``L`` cost about
             ``L / T`` of causal attention over ``T`` (plus whole-chunk rounding). Ids need
             not be sorted; no gradient.
+        key_segment_ids: the keys' own ids, int32/int64 ``[B, S]`` (needs ``segment_ids``):
+            query ``i`` sees key ``j`` only if ``segment_ids[b, i] == key_segment_ids[b, j]``.
+            A padding mask: query ids 0, key ids 0 for real tokens and -1 for padded ones
+            (inside packed documents: key id = document id, -1 at pads). A query row that
+            sees no key (left padding) gives 0 and no gradient, as SDPA does for an all-False
+            boolean mask row; :func:`attention_rows_see_keys` refuses such rows instead.
     Returns:
         ``[B, Hq, T, D]`` in the input dtype. Differentiable in ``q``, ``k``, ``v`` (and
         ``sinks``).
@@ -463,13 +544,13 @@ def chunked_attention(
         # op will see them (q/k/v of different dtypes are fine under autocast, as for SDPA).
         q, k, v, sinks = autocast_cast((q, k, v, sinks), q.device.type)
     scale = check_arguments(q, k, v, causal, scale, chunk_size, "chunked_attention", window=window, softcap=softcap, sinks=sinks,
-                            segment_ids=segment_ids)
+                            segment_ids=segment_ids, key_segment_ids=key_segment_ids)
     if host_pool_bytes is not None and (isinstance(host_pool_bytes, bool) or not isinstance(host_pool_bytes, int) or host_pool_bytes < 0):
         raise ValueError(f"chunked_attention: host_pool_bytes must be a non-negative int or None, got {host_pool_bytes!r}")
     if q.is_cuda and q.shape[-1] > 256 and q.dtype != torch.float64:
         raise ValueError(f"chunked_attention: head dim {q.shape[-1]} > 256 is not supported on CUDA")
     chunk = 0 if chunk_size is None else chunk_size
-    variants = (window, float(softcap), sinks, segment_ids)
+    variants = (window, float(softcap), sinks, segment_ids, key_segment_ids)
     if offload:
         return chunked_attention_fwd_offload(q, k, v, causal, scale, chunk, host_pool_bytes, *variants)[0]
     return chunked_attention_fwd(q, k, v, causal, scale, chunk, None, *variants)[0]

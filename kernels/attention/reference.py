@@ -18,7 +18,10 @@ Causal masking uses SDPA's ``is_causal`` convention, aligned at the top-left cor
 
 And documents (packed sequences): ``segment_ids`` ``[B, T]`` (integers, self-attention
 ``T == S``) keeps key ``j`` for query ``i`` only where ``segment_ids[b, i] == segment_ids[b, j]``,
-ANDed with causal and the window.
+ANDed with causal and the window. With ``key_segment_ids`` ``[B, S]`` the key side reads its
+own ids: ``segment_ids[b, i] == key_segment_ids[b, j]`` (padding: query ids 0, key ids 0 for
+real tokens and -1 for padded ones). A query row that then sees no key gives ``out = 0`` and
+``lse = -inf`` (the sink with sinks), as SDPA does for a boolean mask row that is all False.
 
 This module materialises the ``[B, Hq, T, S]`` score matrix on purpose: it is the ground
 truth the memory-bounded implementations are tested against, not something to run at scale.
@@ -120,32 +123,40 @@ def validate_variants(q: Tensor, causal: bool, window: int, softcap: float, sink
             raise ValueError(f"{name}: sinks must be on q's device {q.device}, got {sinks.device}")
 
 
-def validate_segment_ids(q: Tensor, k: Tensor, segment_ids: Tensor | None, *, name: str) -> None:
+def validate_segment_ids(q: Tensor, k: Tensor, segment_ids: Tensor | None, *, name: str,
+                         key_segment_ids: Tensor | None = None) -> None:
     """Raise ``TypeError``/``ValueError`` for bad document ids (None is always fine).
 
     ``segment_ids``: an int32/int64 tensor ``[B, T]`` on ``q``'s device, for self-attention
     (``T == S``: a query's document is compared with its keys' at the same positions).
+    ``key_segment_ids``: the keys' ids, same rules, ``[B, S]``; needs ``segment_ids``.
     """
-    if segment_ids is None:
-        return
-    if not isinstance(segment_ids, Tensor):
-        raise TypeError(f"{name}: segment_ids must be a Tensor [B, T] of document ids or None, got {type(segment_ids).__name__}")
-    if segment_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name}: segment_ids must be int32 or int64 document ids, got dtype {segment_ids.dtype}")
-    B, _, T, _ = q.shape
-    if k.shape[2] != T:
-        raise ValueError(
-            f"{name}: segment_ids need self-attention (as many keys as queries), got T = {T} queries and S = {k.shape[2]} keys"
-        )
-    if tuple(segment_ids.shape) != (B, T):
-        raise ValueError(f"{name}: segment_ids must have shape [B, T] = [{B}, {T}], got {tuple(segment_ids.shape)}")
-    if segment_ids.device != q.device:
-        raise ValueError(f"{name}: segment_ids must be on q's device {q.device}, got {segment_ids.device}")
+    if key_segment_ids is not None and segment_ids is None:
+        raise ValueError(f"{name}: key_segment_ids need segment_ids (the queries' ids they are compared with); "
+                         "pass segment_ids too (e.g. zeros for a padding mask)")
+    for arg, ids in (("segment_ids", segment_ids), ("key_segment_ids", key_segment_ids)):
+        if ids is None:
+            continue
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"{name}: {arg} must be a Tensor [B, T] of document ids or None, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: {arg} must be int32 or int64 document ids, got dtype {ids.dtype}")
+        B, _, T, _ = q.shape
+        if k.shape[2] != T:
+            raise ValueError(
+                f"{name}: {arg} need self-attention (as many keys as queries), got T = {T} queries and S = {k.shape[2]} keys"
+            )
+        if tuple(ids.shape) != (B, T):
+            raise ValueError(f"{name}: {arg} must have shape [B, T] = [{B}, {T}], got {tuple(ids.shape)}")
+        if ids.device != q.device:
+            raise ValueError(f"{name}: {arg} must be on q's device {q.device}, got {ids.device}")
 
 
-def same_document(segment_ids: Tensor, qs: int, qe: int, ks: int, ke: int) -> Tensor:
-    """``[B, qe - qs, ke - ks]`` boolean: query ``i`` and key ``j`` lie in one document."""
-    return segment_ids[:, qs:qe, None] == segment_ids[:, None, ks:ke]
+def same_document(segment_ids: Tensor, qs: int, qe: int, ks: int, ke: int, key_segment_ids: Tensor | None = None) -> Tensor:
+    """``[B, qe - qs, ke - ks]`` boolean: query ``i``'s id equals key ``j``'s (the keys' ids
+    are ``key_segment_ids`` when given, else ``segment_ids``)."""
+    keys = segment_ids if key_segment_ids is None else key_segment_ids
+    return segment_ids[:, qs:qe, None] == keys[:, None, ks:ke]
 
 
 def _expand_kv(x: Tensor, groups: int) -> Tensor:
@@ -165,6 +176,7 @@ def attention_reference_with_lse(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     segment_ids: Tensor | None = None,
+    key_segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention and its row-wise log-sum-exp, in plain torch.
 
@@ -184,6 +196,8 @@ def attention_reference_with_lse(
         segment_ids: optional int ``[B, T]`` document ids (needs ``T == S``): query ``i``
             sees key ``j`` only if ``segment_ids[b, i] == segment_ids[b, j]`` (ANDed with
             ``causal``, ``window`` and ``mask``).
+        key_segment_ids: optional int ``[B, S]`` ids of the keys (needs ``segment_ids``):
+            query ``i`` then sees key ``j`` only if ``segment_ids[b, i] == key_segment_ids[b, j]``.
     Returns:
         ``(out, lse)``: ``out`` ``[B, Hq, T, D]`` in the input dtype; ``lse`` ``[B, Hq, T]``,
         ``lse[b,h,i] = log(exp(sinks[h]) + Σ_j exp(s_ij + mask_ij))`` (no sink term without
@@ -200,7 +214,7 @@ def attention_reference_with_lse(
         raise TypeError(f"attention_reference: causal must be a bool, got {type(causal).__name__}")
     validate_qkv(q, k, v, scale=scale, name="attention_reference")
     validate_variants(q, causal, window, softcap, sinks, name="attention_reference")
-    validate_segment_ids(q, k, segment_ids, name="attention_reference")
+    validate_segment_ids(q, k, segment_ids, name="attention_reference", key_segment_ids=key_segment_ids)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -238,7 +252,7 @@ def attention_reference_with_lse(
         scores = scores.masked_fill(hidden, float("-inf"))
         visible = visible & ~hidden
     if segment_ids is not None:
-        same = same_document(segment_ids, 0, T, 0, S).unsqueeze(1)
+        same = same_document(segment_ids, 0, T, 0, S, key_segment_ids).unsqueeze(1)
         scores = scores.masked_fill(~same, float("-inf"))
         visible = visible & same
     if sinks is None:
@@ -269,6 +283,7 @@ def attention_reference(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     segment_ids: Tensor | None = None,
+    key_segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention ``softmax(scale · q k^T + mask) v`` in plain torch.
 
@@ -276,4 +291,4 @@ def attention_reference(
     See :func:`attention_reference_with_lse` for the argument details.
     """
     return attention_reference_with_lse(q, k, v, causal=causal, scale=scale, mask=mask, window=window, softcap=softcap,
-                                        sinks=sinks, segment_ids=segment_ids)[0]
+                                        sinks=sinks, segment_ids=segment_ids, key_segment_ids=key_segment_ids)[0]

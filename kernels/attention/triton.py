@@ -32,7 +32,12 @@ Documents (packed sequences): the launchers classify chunk pairs with ``chunked.
 in the one schedule: pairs whose chunks share no document are never launched, pairs inside
 one document launch without ids (``DOCUMENTS`` off), the others get the ``[B, T]`` ids
 pointer and ``_tile_scores`` ANDs ``seg_i == seg_j`` into the tile's keep-mask (ids read at
-absolute positions ``q_pos``/``k_pos``, like the band).
+absolute positions ``q_pos``/``k_pos``, like the band). The keys read their ids through a
+second pointer (``KSEG``): ``key_segment_ids`` when given (padding), else the same ids. Rows
+that see no key need nothing new: the forward kernel already writes ``out = 0``,
+``lse = -inf`` for a row whose every score is masked (``l = 0``), as for a window's rows past
+the last key, and the backward kernels zero ``P`` wherever the keep-mask is False, so such
+rows get ``dq = 0`` and add nothing to ``dk``/``dv``.
 
 Testing on CPU: set ``TRITON_INTERPRET=1`` *before* triton is imported (``triton.jit``
 decides at decoration time whether to build an interpreted function); the launchers accept
@@ -130,13 +135,13 @@ def _key_range(q_first, q_last, k_pos0, Sc, window,
 
 @triton.jit
 def _fwd_pair_kernel(
-    Q, K, V, O, L, SEG,
+    Q, K, V, O, L, SEG, KSEG,
     sqb, sqh, sqt, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     sob, soh, sot, sod,
     slb, slh, slt,
-    ssb, sst,
+    ssb, sst, sksb, skst,
     Tc, Sc, D, H, G, q_pos0, k_pos0, scale, window, softcap,
     CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, DOCUMENTS: tl.constexpr, HAS_PREV: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -174,7 +179,7 @@ def _fwd_pair_kernel(
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + hk * svh + n[:, None] * svs + offs_d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        k_ids = _load_ids(SEG, b, k_pos0 + n, n_ok, ssb, sst, DOCUMENTS)
+        k_ids = _load_ids(KSEG, b, k_pos0 + n, n_ok, sksb, skst, DOCUMENTS)
         s, keep, _ = _tile_scores(q, k, q_pos0 + offs_m, k_pos0 + n, q_ids, k_ids, n_ok[None, :], scale, window, softcap,
                                   CAUSAL, BANDED, CAPPED, DOCUMENTS, PRECISION)
         s = tl.where(keep, s, float("-inf"))
@@ -195,14 +200,14 @@ def _fwd_pair_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, L, DELTA, DK, DV, SEG,
+    Q, K, V, DO, L, DELTA, DK, DV, SEG, KSEG,
     sqb, sqh, sqt, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     sdob, sdoh, sdot, sdod,
     slb, slh, slt,
     sdkb, sdkh, sdks, sdkd,
-    ssb, sst,
+    ssb, sst, sksb, skst,
     Tc, Sc, D, HKV, G, q_pos0, k_pos0, scale, window, softcap,
     CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, DOCUMENTS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -220,7 +225,7 @@ def _bwd_dkdv_kernel(
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-    k_ids = _load_ids(SEG, b, k_pos0 + offs_n, n_ok, ssb, sst, DOCUMENTS)
+    k_ids = _load_ids(KSEG, b, k_pos0 + offs_n, n_ok, sksb, skst, DOCUMENTS)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -262,14 +267,14 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, L, DELTA, DQ, SEG,
+    Q, K, V, DO, L, DELTA, DQ, SEG, KSEG,
     sqb, sqh, sqt, sqd,
     skb, skh, sks, skd,
     svb, svh, svs, svd,
     sdob, sdoh, sdot, sdod,
     slb, slh, slt,
     sdqb, sdqh, sdqt, sdqd,
-    ssb, sst,
+    ssb, sst, sksb, skst,
     Tc, Sc, D, H, G, q_pos0, k_pos0, scale, window, softcap,
     CAUSAL: tl.constexpr, BANDED: tl.constexpr, CAPPED: tl.constexpr, DOCUMENTS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -300,7 +305,7 @@ def _bwd_dq_kernel(
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + hk * svh + n[:, None] * svs + offs_d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        k_ids = _load_ids(SEG, b, k_pos0 + n, n_ok, ssb, sst, DOCUMENTS)
+        k_ids = _load_ids(KSEG, b, k_pos0 + n, n_ok, sksb, skst, DOCUMENTS)
         s, keep, t = _tile_scores(q, k, q_pos0 + offs_m, k_pos0 + n, q_ids, k_ids, m_ok[:, None] & n_ok[None, :], scale,
                                   window, softcap, CAUSAL, BANDED, CAPPED, DOCUMENTS, PRECISION)
         p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
@@ -333,7 +338,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, chunk_size: int, name: str,
-           window: int, softcap: float, sinks: Tensor | None, segment_ids: Tensor | None) -> float:
+           window: int, softcap: float, sinks: Tensor | None, segment_ids: Tensor | None,
+           key_segment_ids: Tensor | None = None) -> float:
     validate_qkv(q, k, v, scale=scale, name=name)
     if q.dtype == torch.float64:
         raise TypeError(f"{name}: float64 is not supported by the Triton kernels; use the chunked torch path")
@@ -344,31 +350,39 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, c
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
     validate_variants(q, causal, window, softcap, sinks, name=name)
-    validate_segment_ids(q, k, segment_ids, name=name)
+    validate_segment_ids(q, k, segment_ids, name=name, key_segment_ids=key_segment_ids)
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
-def _variant_args(window: int, softcap: float, segment_ids: Tensor | None) -> tuple[tuple, tuple, dict]:
-    """The kernels' variant arguments: the ids pointer and its strides (``SEG, ssb, sst``;
-    None and 0 without ids), the runtime ``(window, softcap)``, and the constexprs
-    ``BANDED``, ``CAPPED``, ``DOCUMENTS``."""
-    ids = (None, 0, 0) if segment_ids is None else (segment_ids, *segment_ids.stride())
+def _variant_args(window: int, softcap: float, segment_ids: Tensor | None,
+                  key_segment_ids: Tensor | None = None) -> tuple[tuple, tuple, tuple, dict]:
+    """The kernels' variant arguments: the two ids pointers (``SEG, KSEG``; the keys' is the
+    queries' without ``key_segment_ids``; None without ids), their strides
+    (``ssb, sst, sksb, skst``; 0 without ids), the runtime ``(window, softcap)``, and the
+    constexprs ``BANDED``, ``CAPPED``, ``DOCUMENTS``."""
+    if segment_ids is None:
+        ptrs, strides = (None, None), (0, 0, 0, 0)
+    else:
+        keys = segment_ids if key_segment_ids is None else key_segment_ids
+        ptrs, strides = (segment_ids, keys), (*segment_ids.stride(), *keys.stride())
     # softcap = 0 is never divided by: CAPPED is off then (1.0 keeps the argument a float).
     flags = dict(BANDED=window > 0, CAPPED=softcap > 0, DOCUMENTS=segment_ids is not None)
-    return ids, (window, float(softcap) or 1.0), flags
+    return ptrs, strides, (window, float(softcap) or 1.0), flags
 
 
-def pair_segment_ids(documents: Documents | None, qs: int, ks: int) -> Tensor | None:
-    """The ids a chunk pair's launch needs: None when documents mask nothing in it (no
-    documents, or one document per row across both chunks), the ``[B, T]`` ids otherwise."""
+def pair_segment_ids(documents: Documents | None, qs: int, ks: int) -> dict:
+    """The ids a chunk pair's launch needs, as the launchers' keywords ``segment_ids`` and
+    ``key_segment_ids``: both None when documents mask nothing in it (no documents, or one
+    document per row across both chunks), the ``[B, T]`` ids otherwise (the keys' None
+    without ``key_segment_ids``)."""
     if documents is None or documents.one_document(qs, ks):
-        return None
-    return documents.segment_ids
+        return dict(segment_ids=None, key_segment_ids=None)
+    return dict(segment_ids=documents.segment_ids, key_segment_ids=documents.key_segment_ids)
 
 
 def launch_fwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, o_acc: Tensor, lse_acc: Tensor, *, q_pos0: int, k_pos0: int,
                     causal: bool, scale: float, has_prev: bool, window: int = 0, softcap: float = 0.0,
-                    segment_ids: Tensor | None = None) -> None:
+                    segment_ids: Tensor | None = None, key_segment_ids: Tensor | None = None) -> None:
     """Merge attention of ``qc`` over ``kc``/``vc`` into the running fp32 ``o_acc``/``lse_acc``.
 
     ``qc`` ``[B, Hq, Tc, D]``, ``kc``/``vc`` ``[B, Hkv, Sc, D]`` (any strides),
@@ -376,15 +390,16 @@ def launch_fwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, o_acc: Tensor, lse_acc: 
     when ``has_prev``). ``q_pos0``/``k_pos0``: absolute positions of the chunks' first rows.
     ``window``/``softcap``: the band (with ``causal``) and the soft-cap, 0 for none.
     ``segment_ids``: the whole ``[B, T]`` document ids (read at absolute positions), or None
-    when the pair needs no document mask.
+    when the pair needs no document mask; ``key_segment_ids``: the keys' ``[B, S]`` ids (None:
+    ``segment_ids``).
     """
     B, H, Tc, D = qc.shape
     Hkv, Sc = kc.shape[1], kc.shape[2]
     bm, bn, bd = _blocks(D, qc.dtype)
     grid = (triton.cdiv(Tc, bm), B * H)
-    (ids, *id_strides), args, flags = _variant_args(window, softcap, segment_ids)
+    ids, id_strides, args, flags = _variant_args(window, softcap, segment_ids, key_segment_ids)
     _fwd_pair_kernel[grid](
-        qc, kc, vc, o_acc, lse_acc, ids,
+        qc, kc, vc, o_acc, lse_acc, *ids,
         *qc.stride(), *kc.stride(), *vc.stride(), *o_acc.stride(), *lse_acc.stride(), *id_strides,
         Tc, Sc, D, H, H // Hkv, q_pos0, k_pos0, scale, *args,
         CAUSAL=causal, HAS_PREV=has_prev, PRECISION=_precision(qc.dtype), **flags,
@@ -395,26 +410,26 @@ def launch_fwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, o_acc: Tensor, lse_acc: 
 def launch_bwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, doc: Tensor, lsec: Tensor, deltac: Tensor,
                     dq_acc: Tensor, dk_acc: Tensor, dv_acc: Tensor, *, q_pos0: int, k_pos0: int,
                     causal: bool, scale: float, window: int = 0, softcap: float = 0.0,
-                    segment_ids: Tensor | None = None) -> None:
+                    segment_ids: Tensor | None = None, key_segment_ids: Tensor | None = None) -> None:
     """Add one chunk pair's contributions to the fp32 accumulators ``dq_acc`` (``[B, Hq, Tc, D]``),
     ``dk_acc``/``dv_acc`` (``[B, Hkv, Sc, D]``, same strides). ``lsec``/``deltac``: ``[B, Hq, Tc]``
-    fp32 with equal strides (``lsec`` sink-inclusive when sinks are used). ``segment_ids`` as
-    in :func:`launch_fwd_pair`."""
+    fp32 with equal strides (``lsec`` sink-inclusive when sinks are used). ``segment_ids`` and
+    ``key_segment_ids`` as in :func:`launch_fwd_pair`."""
     B, H, Tc, D = qc.shape
     Hkv, Sc = kc.shape[1], kc.shape[2]
     if lsec.stride() != deltac.stride() or dk_acc.stride() != dv_acc.stride():
         raise ValueError("launch_bwd_pair: lse/delta and dk/dv accumulators must share strides")
     bm, bn, bd = _blocks(D, qc.dtype)
     prec = _precision(qc.dtype)
-    (ids, *id_strides), args, flags = _variant_args(window, softcap, segment_ids)
+    ids, id_strides, args, flags = _variant_args(window, softcap, segment_ids, key_segment_ids)
     _bwd_dkdv_kernel[(triton.cdiv(Sc, bn), B * Hkv)](
-        qc, kc, vc, doc, lsec, deltac, dk_acc, dv_acc, ids,
+        qc, kc, vc, doc, lsec, deltac, dk_acc, dv_acc, *ids,
         *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *lsec.stride(), *dk_acc.stride(), *id_strides,
         Tc, Sc, D, Hkv, H // Hkv, q_pos0, k_pos0, scale, *args,
         CAUSAL=causal, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags,
     )
     _bwd_dq_kernel[(triton.cdiv(Tc, bm), B * H)](
-        qc, kc, vc, doc, lsec, deltac, dq_acc, ids,
+        qc, kc, vc, doc, lsec, deltac, dq_acc, *ids,
         *qc.stride(), *kc.stride(), *vc.stride(), *doc.stride(), *lsec.stride(), *dq_acc.stride(), *id_strides,
         Tc, Sc, D, H, H // Hkv, q_pos0, k_pos0, scale, *args,
         CAUSAL=causal, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags,
@@ -423,29 +438,33 @@ def launch_bwd_pair(qc: Tensor, kc: Tensor, vc: Tensor, doc: Tensor, lsec: Tenso
 
 def triton_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None,
                              chunk_size: int, window: int = 0, softcap: float = 0.0,
-                             sinks: Tensor | None = None, segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                             sinks: Tensor | None = None, segment_ids: Tensor | None = None,
+                             key_segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`.chunked.chunked_attention_forward`, with Triton pair kernels.
 
     ``q`` ``[B, Hq, T, D]``, ``k``/``v`` ``[B, Hkv, S, D]`` (fp16/bf16/fp32, CUDA) →
     ``out`` ``[B, Hq, T, D]`` (input dtype), ``lse`` ``[B, Hq, T]`` (fp32, sink-inclusive
     with ``sinks [Hq]``). Pairs outside a window's band, or whose chunks share no document
-    (``segment_ids`` ``[B, T]``), are never launched.
+    (``segment_ids`` ``[B, T]``; the keys' ids ``key_segment_ids`` ``[B, S]`` when given), are
+    never launched; rows that see no key give ``out = 0``, ``lse = -inf`` (the sink with sinks).
     """
-    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_forward", window, softcap, sinks, segment_ids)
+    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_forward", window, softcap, sinks, segment_ids,
+                   key_segment_ids)
     B, Hq, T, D = q.shape
     S = k.shape[2]
     # q's layout, as the op's fake implementation promises (chunked.out_like).
     out = torch.empty_like(q, memory_format=torch.preserve_format)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
-    documents = Documents.of(segment_ids, chunk_size)
+    documents = Documents.of(segment_ids, chunk_size, key_segment_ids)
     for (qs, qe), key_chunks in chunk_schedule(T, S, chunk_size, causal, window=window, documents=documents):
-        # With no key chunk (a window's rows past the last key): out = 0, lse = -inf.
+        # With no key chunk (a window's rows past the last key, or key ids that leave the
+        # chunk's rows no key): out = 0, lse = -inf.
         o_acc = torch.zeros((B, Hq, qe - qs, D), dtype=torch.float32, device=q.device)
         lse_acc = lse[:, :, qs:qe].fill_(float("-inf"))
         for idx, (ks, ke) in enumerate(key_chunks):
             launch_fwd_pair(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], o_acc, lse_acc, q_pos0=qs, k_pos0=ks,
                             causal=causal, scale=scale, has_prev=idx > 0, window=window, softcap=softcap,
-                            segment_ids=pair_segment_ids(documents, qs, ks))
+                            **pair_segment_ids(documents, qs, ks))
         if sinks is not None:
             # In fp32, before out's single rounding.
             o_acc, lse[:, :, qs:qe] = fold_sinks(o_acc, lse_acc, sinks)
@@ -468,7 +487,8 @@ def attention_delta(dout: Tensor, out: Tensor, dlse: Tensor | None, chunk_size: 
 def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
                               causal: bool, scale: float | None, chunk_size: int,
                               dlse: Tensor | None = None, window: int = 0, softcap: float = 0.0,
-                              sinks: Tensor | None = None, segment_ids: Tensor | None = None) -> tuple[Tensor, ...]:
+                              sinks: Tensor | None = None, segment_ids: Tensor | None = None,
+                              key_segment_ids: Tensor | None = None) -> tuple[Tensor, ...]:
     """Same contract as :func:`.chunked.chunked_attention_backward`, with Triton pair kernels.
 
     Outer loop over key chunks (their ``dk``/``dv`` are final after it), inner loop over the
@@ -477,7 +497,8 @@ def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     accumulates in fp32 over the whole sequence. Returns ``(dq, dk, dv)``, and ``dsinks``
     ``[Hq]`` fourth when ``sinks`` is given.
     """
-    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_backward", window, softcap, sinks, segment_ids)
+    scale = _check(q, k, v, causal, scale, chunk_size, "triton_attention_backward", window, softcap, sinks, segment_ids,
+                   key_segment_ids)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     lse = lse.float()
@@ -487,7 +508,7 @@ def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
     dq_acc = torch.zeros((B, Hq, T, D), dtype=torch.float32, device=q.device)
     dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=v.device)
-    documents = Documents.of(segment_ids, chunk_size)
+    documents = Documents.of(segment_ids, chunk_size, key_segment_ids)
     for (ks, ke), query_chunks in chunk_schedule(T, S, chunk_size, causal, kv_outer=True, window=window, documents=documents):
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=torch.float32, device=q.device)
         dv_acc = torch.zeros_like(dk_acc)
@@ -495,7 +516,7 @@ def triton_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
             launch_bwd_pair(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], dout[:, :, qs:qe],
                             lse[:, :, qs:qe], delta[:, :, qs:qe], dq_acc[:, :, qs:qe], dk_acc, dv_acc,
                             q_pos0=qs, k_pos0=ks, causal=causal, scale=scale, window=window, softcap=softcap,
-                            segment_ids=pair_segment_ids(documents, qs, ks))
+                            **pair_segment_ids(documents, qs, ks))
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc
     grads = (dq_acc.to(q.dtype), dk, dv)

@@ -333,3 +333,361 @@ def test_bad_segment_ids(ids, S, exc, match):
         chunked_attention_forward(q, k, k.clone(), causal=True, scale=None, chunk_size=2, segment_ids=ids)
     with pytest.raises(exc, match=match):
         attention_reference(q, k, k.clone(), causal=True, segment_ids=ids)
+
+
+# ------------------------------------------------------------------ key ids (padding)
+PAD = -1
+
+
+def pad_key_ids(ids: torch.Tensor, kind: str, n: int, *, seed: int) -> torch.Tensor:
+    """Key ids: the query ids with ``n`` positions per row set to ``PAD``: the last ``n``
+    (``right``), the first ``n`` (``left``), or ``n`` drawn positions (``holes``); ``none``
+    leaves them equal."""
+    keys = ids.clone()
+    B, T = ids.shape
+    n = min(n, T)
+    if kind == "right" and n:
+        keys[:, T - n:] = PAD
+    elif kind == "left" and n:
+        keys[:, :n] = PAD
+    elif kind == "holes":
+        g = torch.Generator().manual_seed(seed)
+        for b in range(B):
+            keys[b, torch.randperm(T, generator=g)[:n]] = PAD
+    return keys
+
+
+@st.composite
+def padded_cases(draw, max_len: int = 28):
+    c = draw(document_cases(max_len))
+    return dict(c, pad=draw(st.sampled_from(["right", "left", "holes", "none"])), n_pad=draw(st.integers(0, c["T"])),
+                key_dtype=draw(st.sampled_from([torch.int32, torch.int64])), zeros=draw(st.booleans()))
+
+
+def _padded_inputs(c, dtype=torch.float64):
+    """As :func:`_inputs`, plus key ids; ``zeros``: query ids all 0 (a plain padding mask)."""
+    q, k, v, sinks, ids = _inputs(c, dtype)
+    if c["zeros"]:
+        ids = torch.zeros_like(ids)
+    keys = pad_key_ids(ids, c["pad"], c["n_pad"], seed=c["seed"] + 8).to(c["key_dtype"])
+    return q, k, v, sinks, ids, keys
+
+
+def _padded_variants(c, sinks, ids, keys):
+    return dict(_variants(c, sinks, ids), key_segment_ids=keys)
+
+
+def _dense_keep(c, ids, keys):
+    """``[B, 1, T, T]`` boolean: what query ``i`` sees (ids, causal, window), for SDPA."""
+    T = ids.shape[1]
+    i, j = torch.arange(T).view(T, 1), torch.arange(T).view(1, T)
+    band = torch.ones(T, T, dtype=torch.bool)
+    if c["causal"]:
+        band = (j <= i) & (j > i - c["window"]) if c["window"] else j <= i
+    return (band & (ids[:, :, None] == keys[:, None, :])).unsqueeze(1)
+
+
+@settings(deadline=None, max_examples=60)
+@given(c=padded_cases(), offload=st.booleans(), kernel=st.booleans())
+def test_key_ids_float64_exact_against_reference(c, offload, kernel):
+    q, k, v, sinks, ids, keys = _padded_inputs(c)
+    kw = _padded_variants(c, sinks, ids, keys)
+    ref = out_and_grads(lambda q, k, v, s: attention_reference(q, k, v, **dict(kw, sinks=s)), q, k, v, sinks)
+    with cpu_path(kernel):
+        got = out_and_grads(
+            lambda q, k, v, s: chunked_attention(q, k, v, chunk_size=c["chunk"], offload=offload, **dict(kw, sinks=s)),
+            q, k, v, sinks,
+        )
+    assert_out_and_grads_exact(got, ref)
+    assert all(torch.isfinite(t).all() for t in got)
+
+
+@settings(deadline=None, max_examples=40)
+@given(c=padded_cases(), kernel=st.booleans(), offload=st.booleans())
+def test_key_ids_lse_empty_rows_and_ops(c, kernel, offload):
+    """The torch forward/backward with an lse cotangent and the four ops: rows that see no
+    key give out 0, lse -inf (the sink with sinks), dq 0; everything else is the reference's."""
+    q, k, v, sinks, ids, keys = _padded_inputs(c)
+    kw = _padded_variants(c, sinks, ids, keys)
+    ref_out, ref_lse = attention_reference_with_lse(q, k, v, **kw)
+    leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
+    dout = make_tensor(ref_out.shape, seed=c["seed"] + 5)
+    dlse = make_tensor(ref_lse.shape, seed=c["seed"] + 6)
+    empty = ~_dense_keep(c, ids, keys).any(-1).expand_as(ref_lse)
+    if sinks is None:
+        # The reference's lse cotangent through an empty row is nan (logsumexp of nothing): none there.
+        dlse = dlse.masked_fill(empty, 0.0)
+    ref_grads = torch.autograd.grad((ref_out * dout).sum() + (ref_lse * dlse).sum(), leaves)
+    q, k, v = (t.detach() for t in (q, k, v))
+    plain = dict(kw, sinks=None if sinks is None else sinks.detach())
+    with cpu_path(kernel):
+        out, lse = chunked_attention_forward(q, k, v, chunk_size=c["chunk"], softmax_nan=True, **plain)
+        grads = chunked_attention_backward(dout, q, k, v, out, lse, chunk_size=c["chunk"], dlse=dlse, **plain)
+        scale = c["scale"] if c["scale"] is not None else c["D"] ** -0.5
+        extra = (c["window"], c["softcap"], plain["sinks"], ids, keys)
+        ops = torch.ops.longctx
+        if offload:
+            o2, l2, handle = ops.chunked_attention_fwd_offload(q, k, v, c["causal"], scale, c["chunk"] or 0, None, *extra)
+            g2 = ops.chunked_attention_bwd_offload(dout, handle, dlse, c["Hkv"], c["T"], c["causal"], scale, c["chunk"] or 0, *extra)
+        else:
+            o2, l2 = ops.chunked_attention_fwd(q, k, v, c["causal"], scale, c["chunk"] or 0, None, *extra)
+            g2 = ops.chunked_attention_bwd(dout, q, k, v, o2, l2, dlse, c["causal"], scale, c["chunk"] or 0, *extra)
+    assert_exact(out, ref_out, name="out")
+    assert torch.equal(lse == float("-inf"), empty if sinks is None else torch.zeros_like(empty))
+    assert_exact(lse.masked_fill(empty, 0.0), ref_lse.masked_fill(empty, 0.0), name="lse")
+    if sinks is not None:
+        assert torch.equal(lse[empty], sinks.detach().view(1, -1, 1).expand_as(lse)[empty])
+    assert bool((out[empty] == 0).all()) and bool((grads[0][empty] == 0).all())
+    assert_grads_exact(grads, ref_grads, NAMES[1:])
+    assert_exact(o2, ref_out, name="op out")
+    assert torch.equal(l2 == float("-inf"), lse == float("-inf"))
+    assert_grads_exact(g2[:len(leaves)], ref_grads, NAMES[1:], " (op)")
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("pad", ["right", "left", "holes", "documents"])
+def test_padding_matches_sdpa_boolean_mask(pad, window, offload, kernel):
+    """The ground truth a padded model is compared with: SDPA with the equivalent boolean mask
+    (float64; rows whose mask is all False give out 0 and zero gradients there, torch >= 2.5)."""
+    B, Hq, Hkv, T, D = 3, 4, 2, 23, 8
+    q = make_tensor((B, Hq, T, D), seed=1, dtype=torch.float64, requires_grad=True)
+    k = make_tensor((B, Hkv, T, D), seed=2, dtype=torch.float64, requires_grad=True)
+    v = make_tensor((B, Hkv, T, D), seed=3, dtype=torch.float64, requires_grad=True)
+    if pad == "documents":
+        # Packed documents with padding inside: key id = document id, PAD at the pads.
+        ids = torch.tensor([[0] * 7 + [1] * 9 + [2] * 7, [3] * 12 + [4] * 11, [5] * 23])
+        keys = ids.clone()
+        keys[0, 5:7] = PAD
+        keys[0, 14:16] = PAD
+        keys[1, 12:15] = PAD  # the second document starts with pads: its first queries see none
+        keys[2, 20:] = PAD
+    else:
+        ids = torch.zeros((B, T), dtype=torch.int64)
+        keys = torch.stack([pad_key_ids(ids[:1], pad, n, seed=n)[0] for n in (0, 5, 11)])
+    c = dict(causal=True, window=window)
+    keep = _dense_keep(c, ids, keys)
+    empty = ~keep.any(-1)
+    # Left padding and pads that open a document leave rows without a key; right padding
+    # does only with a window (the pads' own queries a window past the last real key).
+    if pad in ("left", "documents"):
+        assert bool(empty.any())
+    if pad == "right":
+        assert bool(empty.any()) == bool(window)
+    leaves = (q, k, v)
+
+    def sdpa(q, k, v, _):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+
+    want = out_and_grads(sdpa, *leaves, None)
+    with cpu_path(kernel):
+        for chunk in (4, None):
+            got = out_and_grads(lambda q, k, v, _: chunked_attention(q, k, v, causal=True, chunk_size=chunk, window=window,
+                                                                     offload=offload, segment_ids=ids, key_segment_ids=keys),
+                                *leaves, None)
+            assert_out_and_grads_exact(got, want, f" chunk={chunk}")
+            rows = empty.expand(B, Hq, T)
+            assert bool((got[0][rows] == 0).all()) and bool((got[1][rows] == 0).all())
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_key_ids_none_is_bit_identical(kernel):
+    """``key_segment_ids=None`` is the keys-read-segment_ids path: equal to passing a copy of
+    ``segment_ids``, bit for bit, outputs, lse and every gradient (and the same pairs)."""
+    for idx, (T, chunk, window, softcap) in enumerate([(37, 8, 0, 0.0), (29, None, 5, 1.5), (16, 4, 0, 0.0)]):
+        c = dict(B=2, Hq=4, Hkv=2, T=T, D=8, seed=idx, sinks=True, cut=0.2, sorted_ids=True, id_dtype=torch.int64)
+        q, k, v, sinks, ids = (t.detach() for t in _inputs(c))
+        kw = dict(causal=True, scale=None, chunk_size=chunk, window=window, softcap=softcap, sinks=sinks, segment_ids=ids)
+        dout = make_tensor(q.shape, seed=3)
+        results = []
+        with cpu_path(kernel):
+            for keys in (None, ids.clone()):
+                out, lse = chunked_attention_forward(q, k, v, softmax_nan=True, key_segment_ids=keys, **kw)
+                grads = chunked_attention_backward(dout, q, k, v, out, lse, key_segment_ids=keys, **kw)
+                results.append((out, lse, *grads))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
+
+def _brute_rows_see_keys(ids, keys, causal, window):
+    c = dict(causal=causal, window=window)
+    return _dense_keep(c, ids, keys)[:, 0].any(-1)
+
+
+@settings(deadline=None, max_examples=150)
+@given(T=st.integers(1, 30), B=st.integers(1, 3), causal=st.booleans(), window=st.integers(0, 6),
+       n_ids=st.integers(1, 4), seed=strategies.seeds())
+def test_rows_see_keys_is_exact(T, B, causal, window, n_ids, seed):
+    """``chunked.rows_see_keys`` (sort/searchsorted) equals the dense definition for any ids."""
+    window = window if causal else 0
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-1, n_ids, (B, T), generator=g)
+    keys = torch.randint(-1, n_ids, (B, T), generator=g).to(torch.int32)
+    want = _brute_rows_see_keys(ids, keys, causal, window)
+    assert torch.equal(attn_chunked.rows_see_keys(ids, keys, causal, window), want)
+    assert bool(attn_chunked.rows_see_keys(ids, None, causal, window).all())
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_rows_see_keys_op_refuses_left_padding(window):
+    check = torch.ops.longctx.attention_rows_see_keys
+    ids = torch.zeros((2, 9), dtype=torch.int64)
+    right = ids.clone()
+    right[0, 6:] = PAD
+    right[1, 8:] = PAD
+    got = check(ids, right, True, window)
+    assert torch.equal(got, right) and got.data_ptr() != right.data_ptr()
+    # Packed documents padded at their ends pass too; documents with pads first do not.
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2]])
+    keys = docs.masked_fill(torch.tensor([[0, 0, 1, 0, 0, 0, 1, 0, 1]], dtype=torch.bool), PAD)
+    assert torch.equal(check(docs, keys, True, window), keys)
+    left = ids.clone()
+    left[1, :2] = PAD
+    with pytest.raises(RuntimeError, match="left padding"):
+        check(ids, left, True, window)
+    with pytest.raises(RuntimeError, match="attn_implementation='sdpa'"):
+        # Document 1 starts with a pad: its first query sees no key.
+        check(docs, torch.tensor([[0, 0, 0, PAD, 1, 1, 1, 2, 2]]), True, window)
+    if window:
+        # Holes of at least a window's width leave the rows after them without a key.
+        holes = ids.clone()
+        holes[0, 2:2 + window] = PAD
+        with pytest.raises(RuntimeError, match="left padding"):
+            check(ids, holes, True, window)
+        assert torch.equal(check(ids, holes, True, 0), holes)
+    # Without causal a row sees a key whenever its id occurs among the keys at all.
+    assert torch.equal(check(ids, left, False, 0), left)
+    with pytest.raises(RuntimeError):
+        check(ids, torch.full_like(ids, PAD), False, 0)
+
+
+def test_rows_see_keys_op_compiles_and_checks():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def f(ids, keys):
+        return torch.ops.longctx.attention_rows_see_keys(ids, keys, True, 0) + 1
+
+    compiled = torch.compile(f, backend=counter, dynamic=True)
+    for T in (7, 12):
+        ids = torch.zeros((2, T), dtype=torch.int64)
+        keys = ids.clone()
+        keys[:, T - 3:] = PAD
+        assert torch.equal(compiled(ids, keys), keys + 1)
+        keys[:, 0] = PAD
+        with pytest.raises(RuntimeError, match="left padding"):
+            compiled(ids, keys)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+    ids = torch.zeros((2, 5), dtype=torch.int32)
+    torch.library.opcheck(torch.ops.longctx.attention_rows_see_keys.default, (ids, ids.clone(), True, 2))
+
+
+@pytest.mark.parametrize(
+    "ids, keys, exc, match",
+    [
+        (torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.float32), ValueError, "key_segment_ids must be int32 or int64"),
+        (torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 5, dtype=torch.int64), ValueError, r"key_segment_ids must have shape"),
+        (torch.zeros(1, 4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64), ValueError, r"key_segment_ids must have shape"),
+        (torch.zeros(1, 4, dtype=torch.int64), [[0, 0, 0, 0]], TypeError, "key_segment_ids"),
+        (torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64, device="meta"), ValueError, "device"),
+        (None, torch.zeros(1, 4, dtype=torch.int64), ValueError, "key_segment_ids need segment_ids"),
+    ],
+)
+def test_bad_key_segment_ids(ids, keys, exc, match):
+    q = torch.zeros((1, 2, 4, 8), dtype=torch.float64)
+    k = torch.zeros((1, 1, 4, 8), dtype=torch.float64)
+    with pytest.raises(exc, match=match):
+        chunked_attention(q, k, k.clone(), causal=True, segment_ids=ids, key_segment_ids=keys)
+    with pytest.raises(exc, match=match):
+        chunked_attention_forward(q, k, k.clone(), causal=True, scale=None, chunk_size=2, segment_ids=ids, key_segment_ids=keys)
+    with pytest.raises(exc, match=match):
+        attention_reference(q, k, k.clone(), causal=True, segment_ids=ids, key_segment_ids=keys)
+
+
+@pytest.mark.parametrize(
+    "ids, keys, causal, window, exc",
+    [
+        (torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 5, dtype=torch.int64), True, 0, ValueError),
+        (torch.zeros(1, 4, dtype=torch.float32), torch.zeros(1, 4, dtype=torch.int64), True, 0, ValueError),
+        (torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int64), False, 2, ValueError),
+    ],
+)
+def test_rows_see_keys_op_bad_inputs(ids, keys, causal, window, exc):
+    with pytest.raises(exc):
+        torch.ops.longctx.attention_rows_see_keys(ids, keys, causal, window)
+
+
+@settings(deadline=None, max_examples=100)
+@given(T=st.integers(1, 30), chunk=st.integers(1, 9), causal=st.booleans(), window=st.integers(0, 12),
+       B=st.integers(1, 2), cut=st.sampled_from([0.0, 0.1, 0.3]), pad=st.sampled_from(["right", "left", "holes"]),
+       n_pad=st.integers(0, 30), kv_outer=st.booleans(), seed=strategies.seeds())
+def test_schedule_classifies_pairs_by_key_ids(T, chunk, causal, window, B, cut, pad, n_pad, kv_outer, seed):
+    """With key ids the query side of a pair is classified by the query ids, the key side by
+    the key ids: skipped pairs hold no visible (query, key), unmasked ones only visible ones;
+    chunks of pads only are never paired."""
+    window = window if causal else 0
+    ids = packed_ids(B, T, seed=seed, cut=cut).clamp_min(0)
+    keys = pad_key_ids(ids, pad, n_pad, seed=seed)
+    docs = attn_chunked.Documents(ids, chunk, keys)
+    keep = _dense_keep(dict(causal=causal, window=window), ids, keys)[:, 0]
+    computed = set()
+    for (os_, oe), inner in attn_chunked.chunk_schedule(T, T, chunk, causal, kv_outer=kv_outer, window=window, documents=docs):
+        computed |= {(os_, oe, a, b) if not kv_outer else (a, b, os_, oe) for a, b in inner}
+    for qs in range(0, T, chunk):
+        for ks in range(0, T, chunk):
+            qe, ke = min(qs + chunk, T), min(ks + chunk, T)
+            block = keep[:, qs:qe, ks:ke]
+            if (qs, qe, ks, ke) not in computed:
+                assert not block.any()
+            elif not attn_chunked.pair_needs_mask(qs, qe, ks, ke, causal, window, docs):
+                assert block.all()
+            if bool((keys[:, ks:ke] == PAD).all()):
+                assert (qs, qe, ks, ke) not in computed
+
+
+def test_compile_once_across_two_lengths_with_key_ids():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    kw = dict(causal=True, window=9, softcap=2.0)
+
+    def f(q, k, v, sinks, ids, keys):
+        return chunked_attention(q, k, v, causal=True, chunk_size=None, window=9, softcap=2.0, sinks=sinks, segment_ids=ids,
+                                 key_segment_ids=keys).sum(-1)
+
+    compiled = torch.compile(f, backend=counter, dynamic=True)
+    for T in (19, 31):
+        c = dict(B=2, Hq=4, Hkv=2, T=T, D=8, seed=T, sinks=True, cut=0.2, sorted_ids=True, id_dtype=torch.int64,
+                 zeros=False, pad="left", n_pad=4, key_dtype=torch.int64)
+        q, k, v, sinks, ids, keys = _padded_inputs(c)
+        reference = lambda q, k, v, s: attention_reference(q, k, v, sinks=s, segment_ids=ids, key_segment_ids=keys,  # noqa: E731
+                                                           **kw).sum(-1)
+        want = out_and_grads(reference, q, k, v, sinks)
+        got = out_and_grads(lambda q, k, v, s: compiled(q, k, v, s, ids, keys), q, k, v, sinks)
+        assert_out_and_grads_exact(got, want, f" T={T}")
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_opcheck_with_key_ids():
+    q = make_tensor((2, 2, 7, 4), seed=1, requires_grad=True)
+    k = make_tensor((2, 1, 7, 4), seed=2, requires_grad=True)
+    v = make_tensor((2, 1, 7, 4), seed=3, requires_grad=True)
+    sinks = make_tensor((2,), seed=4, requires_grad=True)
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2, 2], [0] * 7], dtype=torch.int32)
+    keys = torch.tensor([[-1, 0, 1, 1, -1, 2, 2], [-1, -1, 0, 0, 0, 0, -1]], dtype=torch.int64)
+    ops = torch.ops.longctx
+    torch.library.opcheck(ops.chunked_attention_fwd.default, (q, k, v, True, 0.5, 3, None, 3, 1.5, sinks, ids, keys))
+    torch.library.opcheck(ops.chunked_attention_fwd.default, (q, k, v, True, 0.5, 0, None, 0, 0.0, None, ids, keys))
+    out, lse = ops.chunked_attention_fwd(q.detach(), k.detach(), v.detach(), True, 0.5, 3, None, 3, 1.5, sinks.detach(), ids, keys)
+    dout = make_tensor(out.shape, seed=5)
+    torch.library.opcheck(ops.chunked_attention_bwd.default, (dout, q.detach(), k.detach(), v.detach(), out, lse, None,
+                                                               True, 0.5, 3, 3, 1.5, sinks.detach(), ids, keys))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(ops.chunked_attention_fwd_offload.default, (q, k, v, True, 0.5, 3, None, 3, 1.5, sinks, ids, keys),
+                          test_utils=utils)

@@ -1,5 +1,5 @@
-"""Window, soft-cap, sinks and document ids (packed sequences) in the Triton attention kernels
-under the CPU interpreter (``TRITON_INTERPRET=1``), fp32, tiny shapes.
+"""Window, soft-cap, sinks, document ids (packed sequences) and key ids (padding) in the Triton
+attention kernels under the CPU interpreter (``TRITON_INTERPRET=1``), fp32, tiny shapes.
 
 As in ``test_attention_triton_interpret.py``, the checks run in a fresh Python subprocess with
 ``TRITON_INTERPRET=1`` set before triton is imported. Errors are judged by the dtype rule:
@@ -166,12 +166,63 @@ SCRIPT = textwrap.dedent(
         assert torch.isfinite(o[:, :, qs:qs + c]).all() and torch.isfinite(dq[:, :, qs:qs + c]).all(), qs
     assert torch.isnan(o[:, :, p:19]).any(dim=-1).all()
     print("TRITON_INTERPRET_DOCUMENTS_OK", len(cases))
+
+    # Key ids (padding): query ids 0 (or document ids), key ids -1 at pads. Left padding and
+    # pads that open a document leave rows without a key: out 0, lse -inf (the sink), dq 0.
+    cases = [
+        # B, Hq, Hkv, D, chunk, window, softcap, sinks, query ids, key ids
+        (2, 2, 1, 4, 8, 0, 0.0, False, [[0] * 21, [0] * 21], [[0] * 15 + [-1] * 6, [0] * 20 + [-1]]),   # right padding
+        (2, 2, 1, 4, 8, 0, 0.0, True, [[0] * 21, [0] * 21], [[-1] * 10 + [0] * 11, [-1] * 3 + [0] * 18]),  # left padding
+        (1, 2, 2, 4, 4, 3, 1.5, True, [[0] * 18], [[-1] * 5 + [0] * 9 + [-1] * 4]),                    # both, window
+        (1, 2, 1, 4, 4, 0, 0.0, False, [[0] * 6 + [1] * 9 + [2] * 5],
+         [[0] * 4 + [-1] * 2 + [-1] * 3 + [1] * 6 + [2] * 5]),                                            # documents
+    ]
+    for idx, (B, Hq, Hkv, D, c, window, softcap, with_sinks, qids, kids) in enumerate(cases):
+        seed = 13 * idx + 3
+        ids = torch.tensor(qids, dtype=torch.int64)
+        keys = torch.tensor(kids, dtype=torch.int32 if idx % 2 else torch.int64)
+        T = ids.shape[1]
+        q64 = make_tensor((B, Hq, T, D), seed=seed, low=-2, high=2, requires_grad=True)
+        k64 = make_tensor((B, Hkv, T, D), seed=seed + 1, low=-2, high=2, requires_grad=True)
+        v64 = make_tensor((B, Hkv, T, D), seed=seed + 2, requires_grad=True)
+        s64 = make_tensor((Hq,), seed=seed + 3, requires_grad=True) if with_sinks else None
+        dout = make_tensor((B, Hq, T, D), seed=seed + 4)
+        kw = dict(causal=True, scale=0.7, window=window, softcap=softcap, segment_ids=ids, key_segment_ids=keys)
+        ro, rl = attention_reference_with_lse(q64, k64, v64, sinks=s64, **kw)
+        # No lse cotangent: the reference's is nan through a row without keys.
+        dlse = torch.zeros((B, Hq, T), dtype=torch.float64)
+        rg = grads(ro, rl, leaves(q64, k64, v64, s64), dout, dlse)
+        q, k, v, sinks = (None if t is None else t.detach().float().requires_grad_() for t in (q64, k64, v64, s64))
+        bo, bl = attention_reference_with_lse(q, k, v, sinks=sinks, **kw)
+        bg = grads(bo, bl, leaves(q, k, v, sinks), dout.float(), dlse.float())
+        q, k, v, sinks = (None if t is None else t.detach() for t in (q, k, v, sinks))
+        o, l = triton_attention_forward(q, k, v, chunk_size=c, sinks=sinks, **kw)
+        g = triton_attention_backward(dout.float(), q, k, v, o, l, chunk_size=c, sinks=sinks, **kw)
+        case = (idx, B, Hq, Hkv, T, D, c, window, softcap, with_sinks)
+        empty = ~attn_chunked.rows_see_keys(ids, keys, True, window).unsqueeze(1).expand(B, Hq, T)
+        assert bool(empty.any()) == (idx > 0), case
+        assert torch.equal(l == float("-inf"), empty if sinks is None else torch.zeros_like(empty)), case
+        assert bool((o[empty] == 0).all()) and bool((g[0][empty] == 0).all()), case
+        assert all(torch.isfinite(t).all() for t in (o, *g)), case
+        l, bl, rl = (t.masked_fill(empty, 0.0) for t in (l, bl, rl))
+        for name, cand, base, ref in zip(names, (o, l, *g), (bo, bl, *bg), (ro, rl, *rg)):
+            assert_within_dtype_rule(cand, base, ref, name=f"{name} {case}")
+        # The streamed offload backward (the CUDA prefetch loop), fed from a CPU host pool.
+        pool = HostPool()
+        l_saved = l if sinks is not None else l.masked_fill(empty, float("-inf"))
+        hs = {n: pool.offload(t) for n, t in zip(("q", "k", "v", "out", "lse"), (q, k, v, o, l_saved))}
+        g_off = attn_op._offload_backward_cuda(dout.float(), hs, pool, None, True, 0.7, c, window, softcap, sinks, ids, keys)
+        assert len(g_off) == len(g)
+        for a, b in zip(g_off, g):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    print("TRITON_INTERPRET_PADDING_OK", len(cases))
     """
 )
 
 
 def test_triton_variant_and_document_kernels_match_reference_under_interpreter():
+    # Also the key ids' (padding) cases: rows without a key in the forward and both backwards.
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "TRITON_INTERPRET_VARIANTS_OK" in proc.stdout and "TRITON_INTERPRET_DOCUMENTS_OK" in proc.stdout
+    assert "TRITON_INTERPRET_VARIANTS_OK" in proc.stdout and "TRITON_INTERPRET_DOCUMENTS_OK" in proc.stdout and "TRITON_INTERPRET_PADDING_OK" in proc.stdout
