@@ -106,7 +106,8 @@ class ChunkedAttentionPass(Pass):
         variants = [f"sliding window {match.data['window']}" if match.data.get("window") else None,
                     f"soft-cap {match.data['softcap']:g}" if match.data.get("softcap") else None,
                     "sinks" if match.data.get("sinks") is not None else None,
-                    "packed documents" if match.data.get("documents") is not None else None]
+                    "packed documents" if match.data.get("documents") is not None else None,
+                    "padded keys" if match.data.get("key_padding") is not None else None]
         shown = ", ".join(v for v in variants if v)
         return f"{spelling} -> {target}" + (f" ({shown})" if shown else "")
 
@@ -122,6 +123,7 @@ class ChunkedAttentionPass(Pass):
             "softcap": d.get("softcap"),
             "sinks": d.get("sinks") is not None,
             "documents": d.get("documents") is not None,
+            "key_padding": d.get("key_padding") is not None,
             "gqa_groups": d.get("groups"),
             "repeat_kv_removed": d.get("repeat_kv_removed", False),
             "autocast": d.get("autocast"),
@@ -285,9 +287,16 @@ class ChunkedAttentionPass(Pass):
             except NotProvable as why:
                 raise CantApply(f"mask not proven causal: {why}") from None
             d["window"] = proof.window
-            if proof.documents is not None:
-                self._check_documents(proof.documents, q, k)
-                d["documents"], d["document_row"] = proof.documents, proof.document_row
+            for ids, what in ((proof.documents, "the packed documents' ids"), (proof.key_padding, "the padding mask")):
+                if ids is not None:
+                    self._check_token_rows(ids, what, q, k)
+            d.update(documents=proof.documents, document_row=proof.document_row,
+                     key_padding=proof.key_padding, key_padding_row=proof.key_padding_row,
+                     # SDPA with a boolean mask gives a query row that sees no key (left
+                     # padding) out = 0, as the op does; every other spelling gives it
+                     # something else (an average of every key, or nan), so the op checks
+                     # at run time that no such row exists.
+                     rows_may_see_no_key=not (d["spelling"] == "sdpa" and not additive))
             d["causal"] = True
             d["mask_proven_causal"] = True
         d["offload"] = ctx.config.attention.offload
@@ -386,16 +395,17 @@ class ChunkedAttentionPass(Pass):
         d["broadcast"] = broadcast
 
     @staticmethod
-    def _check_documents(documents: fx.Node, q, k) -> None:
-        """The document ids ``[B', T]`` must number the attention's own tokens (self-attention)."""
-        ids = example_value(documents)
+    def _check_token_rows(node: fx.Node, what: str, q, k) -> None:
+        """Document ids or a padding mask ``[B', T]`` must describe the attention's own tokens
+        (self-attention), one row per batch row or one row for all."""
+        ids = example_value(node)
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            raise CantApply("the packed documents' ids have no known [batch, length] shape")
+            raise CantApply(f"{what} have no known [batch, length] shape")
         T, S = q.shape[2], k.shape[2]
         if not (statically_known_true(T == S) and statically_known_true(ids.shape[1] == T)):
-            raise CantApply("packed documents need self-attention over the numbered tokens (T = S = the positions' length)")
+            raise CantApply(f"{what} need self-attention over the tokens they describe (T = S = their length)")
         if not (ids.shape[0] == 1 or statically_known_true(ids.shape[0] == q.shape[0])):
-            raise CantApply(f"the packed documents' ids have {ids.shape[0]} rows for a batch of {q.shape[0]}")
+            raise CantApply(f"{what} have {ids.shape[0]} rows for a batch of {q.shape[0]}")
 
     def _check_scale(self, d: dict[str, Any], q) -> None:
         if d.get("scale_problem"):
@@ -432,8 +442,8 @@ class ChunkedAttentionPass(Pass):
                 sinks = None
                 if d.get("sinks") is not None:
                     sinks = insert_call(graph, torch.reshape, (d["sinks"], (-1,)))
-                documents = _document_ids(graph, d, Bo) if d.get("documents") is not None else None
-                variants = _variant_args(d.get("window") or 0, d.get("softcap") or 0.0, sinks, documents)
+                segments = _segment_ids(graph, d, Bo)
+                variants = _variant_args(d.get("window") or 0, d.get("softcap") or 0.0, sinks, *segments)
                 res = insert_call(graph, op, (q, k, v, bool(d["causal"]), d["scale_value"], chunk, budget, *variants))
                 out = getitem(graph, res, 0)
         _carry_dtype(match.anchor, out)
@@ -444,22 +454,37 @@ class ChunkedAttentionPass(Pass):
         return [res, out]
 
 
-def _document_ids(graph: fx.Graph, d: dict[str, Any], batch: int) -> fx.Node:
-    """The op's ``segment_ids [batch, T]``: the proven document ids, their one row (when
-    every batch row reads that row) broadcast over the batch."""
-    ids, row = d["documents"], d["document_row"]
+def _rows(graph: fx.Graph, node: fx.Node, row: int | None, batch: int) -> fx.Node:
+    """``node [B', T]`` as ``[batch, T]``: its one ``row`` (when every batch row reads that
+    row) or its rows, broadcast over the batch."""
     if row is not None:
-        ids = insert_call(graph, operator.getitem, (ids, (slice(row, row + 1), slice(None))))
-    if not statically_known_true(example_value(ids).shape[0] == batch):
-        ids = _method(graph, "expand", (ids, batch, -1), {})
-    return ids
+        node = insert_call(graph, operator.getitem, (node, (slice(row, row + 1), slice(None))))
+    if not statically_known_true(example_value(node).shape[0] == batch):
+        node = _method(graph, "expand", (node, batch, -1), {})
+    return node
 
 
-def _variant_args(window: int, softcap: float, sinks: fx.Node | None, documents: fx.Node | None = None) -> tuple:
-    """The op's trailing ``window, softcap, sinks, segment_ids`` arguments, as few as say
-    something (a plain causal call keeps the original argument list)."""
-    if documents is not None:
-        return (window, softcap, sinks, documents)
+def _segment_ids(graph: fx.Graph, d: dict[str, Any], batch: int) -> tuple:
+    """The op's ``segment_ids`` and ``key_segment_ids`` (``[batch, T]``), as few as say
+    something: the proven document ids for queries and keys; with key padding, the queries'
+    ids (documents, or 0) and the keys' ids with -1 at padded keys, which no query holds."""
+    documents = None if d.get("documents") is None else _rows(graph, d["documents"], d["document_row"], batch)
+    if d.get("key_padding") is None:
+        return () if documents is None else (documents,)
+    pad = _rows(graph, d["key_padding"], d["key_padding_row"], batch)
+    queries = documents if documents is not None else insert_call(graph, torch.zeros_like, (pad,), {"dtype": torch.int64})
+    real = insert_call(graph, torch.ne, (pad, 0))
+    keys = insert_call(graph, torch.where, (real, queries, -1))
+    if d["rows_may_see_no_key"]:
+        keys = insert_call(graph, torch.ops.longctx.attention_rows_see_keys.default, (queries, keys, True, d.get("window") or 0))
+    return queries, keys
+
+
+def _variant_args(window: int, softcap: float, sinks: fx.Node | None, *segments: fx.Node) -> tuple:
+    """The op's trailing ``window, softcap, sinks, segment_ids, key_segment_ids`` arguments,
+    as few as say something (a plain causal call keeps the original argument list)."""
+    if segments:
+        return (window, softcap, sinks, *segments)
     if sinks is not None:
         return (window, softcap, sinks)
     if softcap:

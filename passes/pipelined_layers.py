@@ -76,9 +76,10 @@ def configured_chunk(config: Any) -> int:
 def attention_variant(n: fx.Node) -> str | None:
     """What an attention op call adds to plain causal attention (a sliding window, soft-capped
     scores, sink logits — its arguments after the pool budget), in words; None if nothing."""
-    window, softcap, sinks, documents = (forward_arg(n, a) for a in ("window", "softcap", "sinks", "segment_ids"))
+    window, softcap, sinks, documents, keys = (forward_arg(n, a) for a in ("window", "softcap", "sinks", "segment_ids", "key_segment_ids"))
     found = [f"a sliding window of {window}" if window else None, f"soft-capped scores ({softcap})" if softcap else None,
-             "attention sinks" if sinks is not None else None, "packed documents" if documents is not None else None]
+             "attention sinks" if sinks is not None else None,
+             ("padded keys" if keys is not None else "packed documents") if documents is not None else None]
     return ", ".join(f for f in found if f) or None
 
 
