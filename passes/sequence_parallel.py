@@ -31,6 +31,17 @@ contiguous shard of ``L`` tokens (the optimized model slices the inputs, see
   ``depthwise_conv``) becomes the previous shard's last tokens (``longctx::seq_halo``).
 * **Positions**: an ``arange`` over the sequence (transformers' ``cache_position``, from which
   ``position_ids`` and RoPE come) starts at the shard's first global position ``r·L``.
+  ``position_ids`` the caller passes are sharded with the batch (each rank gets its slice).
+* **Packed documents** (an attention with ``segment_ids`` / ``key_segment_ids``, contiguous
+  shards): the ids are computed in the graph from inputs (transformers' ``position_ids``
+  restarting at each document: ``cumsum(diff(pos) != 1)``), which on a rank is its shard
+  only — numbered from the shard's start. The inputs they come from (``mask_inputs``) are
+  all-gathered in sequence order and the nodes computing them copied onto the gathered
+  tensors, once per graph: the attention, over the whole sequence, reads the whole
+  sequence's ids. Those nodes must mean the same on the gathered inputs — elementwise ops,
+  ``diff``, ``cumsum``, start-anchored slices, ``expand``, and no size of the sequence nor
+  ``arange`` — or compilation stops naming the node. Interleaved shards (pipelined layers)
+  refuse documents by name.
 * **The loss**: the tiled LM loss sums its shard's tokens; divided by the global count of
   labelled tokens (``num_items_in_batch``, set by the model wrapper) it is the shard's part
   of the global mean, and the wrapper sums the parts.
@@ -61,6 +72,7 @@ from longctx_compiler.passes.adjoint_sharded_blocks import scan_site
 from longctx_compiler.kernels.attention.op import FORWARD_ARGS, forward_arg
 from longctx_compiler.kernels.selective_scan.schema import FINAL_STATE, ScanArgs
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
+from longctx_compiler.passes.analysis.causal_mask import mask_inputs
 from longctx_compiler.passes.analysis.fx_utils import arg, example_value, is_view_like, propagate_example_value
 from longctx_compiler.passes.analysis.sequence_window import ATTENTION, CarrySite, analyse_window
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
@@ -90,6 +102,19 @@ HALO = torch.ops.longctx.seq_halo.default
 # Arguments of the loss op: h, weight, bias, labels, logits, ignore_index, reduction.
 _LOSS_LOGITS, _LOSS_REDUCTION = 4, 6
 _SINKS = FORWARD_ARGS.index("sinks")
+# The attention's document ids (queries', keys'): computed on each rank from its shard of the
+# inputs, rebuilt for the whole sequence before the exchanged attention reads them.
+_SEGMENTS = tuple(name for name in ("segment_ids", "key_segment_ids") if name in FORWARD_ARGS)
+# What the document ids may be computed with: ops that mean the same on the whole sequence as
+# on the inputs gathered for it (elementwise, a difference with the token before, a running
+# sum, start-anchored slices); nothing that reads a length or makes positions.
+_DOCUMENT_FUNCTIONS = {torch.diff, torch.ne, operator.ne, torch.eq, operator.eq, torch.cumsum, operator.getitem,
+                       torch.zeros_like, torch.where, torch.sub, operator.sub, torch.add, operator.add}
+try:
+    _DOCUMENT_FUNCTIONS.add(torch.ops.longctx.attention_rows_see_keys.default)
+except AttributeError:  # the kernels' own check op, where it exists
+    pass
+_DOCUMENT_METHODS = {"diff", "ne", "eq", "cumsum", "expand", "to", "long", "int", "sub", "add", "where"}
 # What may stand between the loss op and the graph's output: linear in the loss.
 _LINEAR_AFTER_LOSS = {operator.getitem, operator.truediv, operator.mul, torch.div, torch.mul}
 
@@ -101,6 +126,127 @@ def _name(n: fx.Node) -> str:
 def _picks_result(n: fx.Node) -> bool:
     """``n`` takes one result of a multi-result op (not a view of a tensor)."""
     return n.target is operator.getitem and isinstance(example_value(n.args[0]), (tuple, list))
+
+
+def _segment_nodes(n: fx.Node) -> list[fx.Node]:
+    """The attention call's document id arguments that are nodes."""
+    return [s for s in (forward_arg(n, name) for name in _SEGMENTS) if isinstance(s, fx.Node)]
+
+
+def _reads_only_as_segments(user: fx.Node, n: fx.Node) -> bool:
+    """``user`` is an attention that reads ``n`` as its document ids and nowhere else."""
+    if user.target not in ATTENTION_OPS:
+        return False
+    where = [FORWARD_ARGS[i] for i, a in enumerate(user.args) if a is n] + [k for k, a in user.kwargs.items() if a is n]
+    return bool(where) and all(w in _SEGMENTS for w in where)
+
+
+def _documents_only(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The nodes that compute the attentions' document ids and nothing else: the whole-graph
+    proof leaves them out (the ids are rebuilt for the whole sequence, see ``_ulysses``)."""
+    found: set[fx.Node] = set()
+    stack = [s for n in nodes if n.target in ATTENTION_OPS for s in _segment_nodes(n)]
+    while stack:
+        n = stack.pop()
+        if n not in found and n.op in ("call_function", "call_method"):
+            found.add(n)
+            stack.extend(n.all_input_nodes)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(found):
+            if any(u not in found and not _reads_only_as_segments(u, n) for u in n.users):
+                found.discard(n)
+                changed = True
+    return found
+
+
+def _sequence_symbols(length: Any) -> set:
+    return set(length.node.expr.free_symbols) if isinstance(length, torch.SymInt) else set()
+
+
+def _reads_length(value: Any, symbols: set) -> bool:
+    """``value`` (a size, or a structure holding sizes) depends on the sequence length."""
+    if isinstance(value, torch.SymInt):
+        return bool(set(value.node.expr.free_symbols) & symbols) or not symbols
+    if isinstance(value, slice):
+        return any(_reads_length(v, symbols) for v in (value.start, value.stop, value.step))
+    if isinstance(value, (tuple, list)):
+        return any(_reads_length(v, symbols) for v in value)
+    if isinstance(value, dict):
+        return any(_reads_length(v, symbols) for v in value.values())
+    return False
+
+
+def _start_anchored(index: Any) -> bool:
+    """A ``getitem`` index that means the same on the whole sequence as on a shard's:
+    non-negative integers and slices with non-negative bounds and step 1, ``...``, None."""
+    def bound(b: Any) -> bool:
+        return b is None or (isinstance(b, int) and not isinstance(b, bool) and b >= 0)
+
+    items = index if isinstance(index, tuple) else (index,)
+    return all(i is Ellipsis or i is None or (bound(i) and i is not None)
+               or (isinstance(i, slice) and bound(i.start) and bound(i.stop) and i.step in (None, 1)) for i in items)
+
+
+def _leaves(value: Any) -> Iterable[Any]:
+    """The arguments in ``value`` (tuples, lists, dicts and slices opened)."""
+    if isinstance(value, slice):
+        value = (value.start, value.stop, value.step)
+    if isinstance(value, dict):
+        value = tuple(value.values())
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _document_subgraph(ids: fx.Node, length: Any) -> list[fx.Node]:
+    """The nodes ``ids`` is computed by from the graph's inputs (graph order), each checked to
+    mean the same on the whole sequence's inputs as on a shard's: from the allow-list, reading
+    no size of the sequence and no position of its own. Raises :class:`SequenceParallelError`
+    naming the first node that does not."""
+    symbols = _sequence_symbols(length)
+    found: set[fx.Node] = set()
+    stack = [ids]
+    while stack:
+        n = stack.pop()
+        if n in found:
+            continue
+        found.add(n)
+        if n.op == "placeholder":
+            if not isinstance(example_value(n), torch.Tensor) and _reads_length(example_value(n), symbols):
+                raise SequenceParallelError(
+                    f"{ids.name}: the document ids read the size {n.name}, which is the shard's length here and the whole "
+                    "sequence's on one process: not supported with sequence_parallel")
+            continue
+        what = f"{n.name} ({_name(n) if n.op == 'call_function' else n.target})"
+        if n.op == "call_function" and n.target in _DOCUMENT_FUNCTIONS:
+            pass
+        elif n.op == "call_method" and n.target in _DOCUMENT_METHODS:
+            pass
+        else:
+            raise SequenceParallelError(
+                f"{ids.name}: the document ids are computed with {what}, which sequence parallelism does not rebuild for "
+                "the whole sequence (its rebuild takes elementwise ops, diff, cumsum, start-anchored slices and expand only)")
+        if n.target is operator.getitem and (isinstance(example_value(n.args[0]), (tuple, list)) or not _start_anchored(n.args[1])):
+            raise SequenceParallelError(f"{ids.name}: the document ids are computed with {what}, an index that is not start-anchored")
+        if _name(n) == "diff" or n.target == "diff":
+            if arg(n, 1, "n", 1) != 1 or arg(n, 4, "append", None) is not None:
+                raise SequenceParallelError(f"{ids.name}: the document ids are computed with {what}: only a first difference without append is rebuilt")
+        for a in _leaves((n.args, n.kwargs)):
+            if isinstance(a, fx.Node):
+                v = example_value(a)
+                if not isinstance(v, torch.Tensor) and _reads_length(v, symbols):
+                    raise SequenceParallelError(
+                        f"{ids.name}: the document ids are computed with {what}, which reads the size {a.name}: the shard's "
+                        "length here and the whole sequence's on one process")
+                stack.append(a)
+            elif _reads_length(a, symbols):
+                raise SequenceParallelError(f"{ids.name}: the document ids are computed with {what}, which reads the sequence length")
+    order = {n: i for i, n in enumerate(ids.graph.nodes)}
+    return sorted((n for n in found if n.op != "placeholder"), key=order.__getitem__)
 
 
 def _downstream(starts: Iterable[fx.Node]) -> set[fx.Node]:
@@ -161,6 +307,10 @@ class SequenceParallelPass(Pass):
                     prologue.add(a)
                     a = a.args[0]
         nodes = [n for n in graph.nodes if n.op in ("call_function", "call_method") and n not in after and n not in prologue]
+        # The attentions' document ids are rebuilt for the whole sequence from the gathered
+        # inputs (checked per attention): the shard's own computation of them is not proved.
+        documents = _documents_only(nodes)
+        nodes = [n for n in nodes if n not in documents]
         region = set(nodes)
         inputs = [n for n in graph.nodes if n.op == "placeholder" and any(u in region for u in n.users)]
         outputs = [n for n in nodes if any(u not in region for u in n.users)]
@@ -196,7 +346,8 @@ class SequenceParallelPass(Pass):
                 "(layers.enabled) take chunk-interleaved ones: turn off layers.enabled for this model under sequence parallelism")
         for loss in losses:
             self._check_loss(loss, after)
-        common = {"group": group, "layout": layout}
+        # built: each node's whole-sequence version (document ids), shared by the attentions
+        common = {"group": group, "layout": layout, "built": {}}
         for n in carries:
             if n.node.target is not BLOCK_OP or get_plan(n.node.args[2]).attentions:
                 yield Match(anchor=n.node, nodes=[n.node], data={"what": n.what, **common})
@@ -260,10 +411,20 @@ class SequenceParallelPass(Pass):
             raise SequenceParallelError(f"{node.name}: {hq} query heads cannot be split over sequence_parallel={P} ranks (Ulysses gives each rank H/P heads)")
         if hkv % P and P % hkv:
             raise SequenceParallelError(f"{node.name}: {hkv} key/value heads are neither a multiple nor a divisor of sequence_parallel={P}")
-        if forward_arg(node, "segment_ids") is not None:
-            # The document ids are numbered from each rank's shard of the positions; the
-            # exchange would need them for the whole sequence.
-            raise SequenceParallelError(f"{node.name}: packed documents (position_ids that restart) are not supported with sequence_parallel yet")
+        if any(forward_arg(node, name) is not None for name in _SEGMENTS):
+            # The document ids are numbered from each rank's shard of the positions: they are
+            # rebuilt for the whole sequence from the gathered inputs they are computed from.
+            if match.data["layout"] is not None:
+                raise SequenceParallelError(
+                    f"{node.name}: packed documents (position_ids that restart) are supported with sequence_parallel on "
+                    "contiguous shards only, but pipelined layers (layers.enabled) take chunk-interleaved ones: turn off "
+                    "layers.enabled for this model under sequence parallelism")
+            for name in _SEGMENTS:
+                ids = forward_arg(node, name)
+                if ids is not None and not isinstance(ids, fx.Node):
+                    raise SequenceParallelError(f"{node.name}: its {name} are not a tensor of the graph ({ids!r})")
+                if ids is not None:
+                    _document_subgraph(ids, q.shape[2])
         for user in node.users:
             if user.args[1] != 0 and user.users:
                 raise SequenceParallelError(f"{node.name}: the attention's log-sum-exp is used ({user.name}); only its output is exchanged back")
@@ -272,7 +433,7 @@ class SequenceParallelPass(Pass):
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
         what, group = match.data["what"], match.data["group"]
         if what == "attention":
-            return self._ulysses(gm, match.anchor, group, match.data["replicate"], match.data["layout"])
+            return self._ulysses(gm, match.anchor, group, match.data["replicate"], match.data["layout"], match.data["built"])
         if what == "block":
             return self._sharded_block(match.anchor, group)
         if what == "positions":
@@ -400,7 +561,8 @@ class SequenceParallelPass(Pass):
         node.args = (*node.args[:2], register_plan(plan))
         return []
 
-    def _ulysses(self, gm: fx.GraphModule, node: fx.Node, group: Any, replicate: int, layout: int | None) -> list[fx.Node]:
+    def _ulysses(self, gm: fx.GraphModule, node: fx.Node, group: Any, replicate: int, layout: int | None,
+                 built: dict[fx.Node, fx.Node]) -> list[fx.Node]:
         graph, name, P = gm.graph, group.name, group.size
         q, k, v = node.args[:3]
         with graph.inserting_before(node):
@@ -413,13 +575,23 @@ class SequenceParallelPass(Pass):
                 # interleaved shards gathered in rank order: put them in sequence order
                 exchanged += [self._call(graph, interleaved_to_sequence, (t, 2, layout, P)) for t in exchanged]
         args = [*exchanged[-3:], *node.args[3:]]
+        kwargs = dict(node.kwargs)
+        for which in _SEGMENTS:
+            ids = forward_arg(node, which)
+            if isinstance(ids, fx.Node):
+                whole = self._whole_sequence_documents(gm, ids, group, example_value(q).shape[2], built, exchanged)
+                index = FORWARD_ARGS.index(which)
+                if len(args) > index:
+                    args[index] = whole
+                else:
+                    kwargs[which] = whole
         if len(args) > _SINKS and args[_SINKS] is not None:
             # one sink logit per query head: this rank's heads are the r-th P-th of them
             hq = example_value(q).shape[1]
             with graph.inserting_before(node):
                 args[_SINKS] = self._call(graph, torch.narrow, (args[_SINKS], 0, group.rank * (hq // P), hq // P))
             exchanged.append(args[_SINKS])
-        node.args = tuple(args)
+        node.args, node.kwargs = tuple(args), kwargs
         propagate_example_value(node)
         created = list(exchanged)
         for user in list(node.users):
@@ -436,6 +608,59 @@ class SequenceParallelPass(Pass):
             user.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back and u is not out)
             created.append(back)
         return created
+
+    def _whole_sequence_documents(self, gm: fx.GraphModule, ids: fx.Node, group: Any, length: Any,
+                                  memo: dict[fx.Node, fx.Node], created: list[fx.Node]) -> fx.Node:
+        """The document ids ``ids`` for the whole sequence, in sequence order: the graph inputs
+        they are computed from (:func:`mask_inputs`: transformers' ``position_ids``) gathered
+        along the sequence from every rank's contiguous shard, and the nodes that compute them
+        (checked by :func:`_document_subgraph`) copied onto the gathered inputs. Each rank
+        numbers its shard of the positions from its own start: a document crossing a shard
+        boundary, or one starting at a shard's start, is only told apart on the whole
+        sequence. Built once per graph: attentions that read the same ids, or ids computed
+        from the same inputs, share what ``memo`` holds from an earlier one."""
+        graph = gm.graph
+        body = _document_subgraph(ids, length)
+        symbols = _sequence_symbols(length)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+
+        def built(n: fx.Node) -> fx.Node | None:
+            """``n``'s whole-sequence version, built for an earlier attention before ``ids``."""
+            c = memo.get(n)
+            return c if isinstance(c, fx.Node) and c in order and order[c] < order[ids] else None
+
+        if built(ids) is not None:
+            return built(ids)
+        env: dict[fx.Node, fx.Node] = {}
+        # After the ids (every input and node they read is before them), in order.
+        with graph.inserting_before(ids.next):
+            for p in mask_inputs(ids):
+                if built(p) is not None:
+                    env[p] = built(p)
+                    continue
+                shape = example_value(p).shape
+                dims = [d for d, size in enumerate(shape) if isinstance(size, torch.SymInt) and set(size.node.expr.free_symbols) & symbols]
+                if not dims:
+                    continue  # not sharded: the same on every rank
+                if len(dims) > 1 or shape[dims[0]].node.expr != length.node.expr:
+                    raise SequenceParallelError(
+                        f"{ids.name}: the document ids read {p.name} of shape {tuple(shape)}, not one shard of the sequence along one dim")
+                d = dims[0]
+                # [P, ..., L, ...] in rank order = sequence order (contiguous shards) -> [..., P·L, ...]
+                gathered = self._call(graph, GATHER, (p, group.name))
+                moved = self._call(graph, torch.movedim, (gathered, 0, d))
+                env[p] = self._call(graph, torch.flatten, (moved, d, d + 1))
+                created += [gathered, moved, env[p]]
+            for n in body:
+                if built(n) is not None:
+                    env[n] = built(n)
+                    continue
+                copy = graph.node_copy(n, lambda a: env.get(a, a))
+                propagate_example_value(copy)
+                env[n] = copy
+                created.append(copy)
+        memo.update(env)
+        return env[ids]
 
     def _offset(self, gm: fx.GraphModule, node: fx.Node, group: Any, layout: int | None) -> list[fx.Node]:
         """``arange`` over the shard → the shard's global positions (:func:`shard_positions`)."""

@@ -92,17 +92,64 @@ def build(name):
     raise ValueError(name)
 
 
-def f64_loss(model, ids):
+def f64_loss(model, ids, **extra):
     # transformers' own loss casts the logits to float32; the reference stays in float64
-    logits = model(ids, use_cache=False)["logits"]
+    logits = model(ids, use_cache=False, **extra)["logits"]
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def packed_positions(spec):
+    """``position_ids [B, T]`` restarting at every document (transformers' packed-sequence
+    convention) from ``"6,2,5,3/3,10,3"``: one row per ``/``, its documents' lengths."""
+    rows = [[int(n) for n in row.split(",")] for row in spec.split("/")]
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows])
+
+
+def step(opt, model, reference, ids, **extra):
+    """One training step of ``opt`` (``model`` sequence-parallel) and of the float64 reference on
+    the same batch: the losses and each gradient's relative error."""
+    model.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
+    loss = opt(ids, labels=ids, use_cache=False, **extra)["loss"]
+    loss.backward()
+    want = f64_loss(reference, ids, **extra)
+    want.backward()
+    grads = {n: relative_error(p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), reference.parameters())}
+    return loss, want, grads
+
+
+def run_packed(a):
+    """Steps on packed documents with a model of its own (one compile): every spec of
+    ``--packed``, against the same float64 model on one process."""
+    out = {"steps": []}
+    try:
+        model = build(a.model).double().train()
+        reference = copy.deepcopy(model)
+        layers = {"enabled": True, "chunk_size": a.layers, "offload": a.offload} if a.layers else {}
+        opt = lc.optimize(model, backend="aot_eager", strict=True, attention={"chunk_size": 4}, layers=layers,
+                          distributed={"sequence_parallel": a.P})
+        for i, spec in enumerate(a.packed):
+            positions = packed_positions(spec)
+            ids = ids_for(positions.shape[1], 100 + i, batch=positions.shape[0])
+            loss, want, grads = step(opt, model, reference, ids, position_ids=positions)
+            out["steps"].append({"T": positions.shape[1], "loss": float(loss), "loss_ref": float(want),
+                                 "worst_grad": max(grads.values()), "worst_param": max(grads, key=grads.get),
+                                 "vs_one_process": {}})
+        out["compiles"] = opt.compile_count
+        out["rewrites"] = [[r.pass_name, r.kind, r.site.split(" ")[0]] for r in opt.report.rewrites]
+    except Exception as exc:  # reported to the test, which decides whether it was expected
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["traceback"] = traceback.format_exc()
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")
     ap.add_argument("--P", type=int, required=True)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[13])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[13])
+    ap.add_argument("--packed", nargs="*", default=[],
+                    help="then steps on packed documents (a model of its own), e.g. 6,2,5,3/3,10,3: per row, the documents' lengths")
     ap.add_argument("--different-batches", action="store_true")
     ap.add_argument("--vs-one-process", action="store_true", help="also compare with the same rewrites on one process")
     ap.add_argument("--layers", type=int, default=0, help="sequence-pipelined layers with this chunk (0: off)")
@@ -129,13 +176,7 @@ def main():
                           distributed={"sequence_parallel": a.P})
         for t in a.lengths:
             ids = ids_for(t, t + (rank if a.different_batches else 0))
-            model.zero_grad(set_to_none=True)
-            reference.zero_grad(set_to_none=True)
-            loss = opt(ids, labels=ids, use_cache=False)["loss"]
-            loss.backward()
-            want = f64_loss(reference, ids)
-            want.backward()
-            grads = {n: relative_error(p.grad, q.grad) for (n, p), q in zip(model.named_parameters(), reference.parameters())}
+            loss, want, grads = step(opt, model, reference, ids)
             vs_one = {}
             if one_process is not None:
                 one_process.zero_grad(set_to_none=True)
@@ -146,6 +187,8 @@ def main():
                                     "vs_one_process": vs_one})
         result["compiles"] = opt.compile_count
         result["rewrites"] = [[r.pass_name, r.kind, r.site.split(" ")[0]] for r in opt.report.rewrites]
+        if a.packed:
+            result["packed"] = run_packed(a)
     except Exception as exc:  # reported to the test, which decides whether it was expected
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["traceback"] = traceback.format_exc()

@@ -63,16 +63,32 @@ def assert_exact(results, lengths, against_eager=EXACT, float32_params=()):
         assert r["compiles"] == 1
 
 
+# Packed documents (position_ids restarting at each; per row, the documents' lengths). Over
+# 2 ranks (shards of 8, then 7) and 4 (shards of 4, the second batch padded by 3): documents
+# that cross shard boundaries (up to three of them), start exactly at a shard's start, or
+# fill whole shards. Each rank numbers the documents of its own shard of the positions; the
+# attention reads them numbered over the whole sequence.
+PACKED = ["6,2,5,3/3,10,3", "4,6,3/7,6"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("P,lengths", [(2, [13, 16]), (4, [10])])
 def test_llama_gqa_equals_one_process(tmp_path, P, lengths):
     # 13: not a multiple of P (padded); 10 over 4 ranks: shards of 3, the last one padding
     # but for one token. GQA with 2 KV heads: at P = 4 each KV head is replicated to 2 ranks.
-    results = launch(tmp_path, P, "--P", P, "--model", "llama", "--lengths", *lengths)
+    # Then, in the same launch, a model of its own on packed documents.
+    results = launch(tmp_path, P, "--P", P, "--model", "llama", "--lengths", *lengths, "--packed", *PACKED)
     assert_exact(results, lengths)
     kinds = [k for _, k, _ in results[0]["rewrites"] if "Ulysses" in k]
     assert len(kinds) == 2, results[0]["rewrites"]  # every layer's attention
     assert any("global positions" in k for _, k, _ in results[0]["rewrites"])
+    packed = [r["packed"] for r in results]
+    assert_exact(packed, [16, 13])
+    assert all(s["worst_grad"] <= 1e-12 for r in packed for s in r["steps"]), packed
+    for r in packed:
+        kinds = [k for _, k, _ in r["rewrites"]]
+        assert kinds.count("attention -> Ulysses all-to-all (heads <-> sequence)") == 2, kinds
+        assert sum("(packed documents)" in k for k in kinds) == 2, kinds  # proven on every layer
 
 
 @pytest.mark.slow
@@ -98,8 +114,14 @@ def test_pipelined_layers_exchange_each_chunk(tmp_path, P, lengths, extra):
     # through the all-to-all and attends to the K/V history of every rank's earlier chunks.
     # 13 over 2: shards of 7, chunks 4 + 3 (the last group split evenly); 29 over 4: shards
     # of 8; 10 over 4: one chunk of 3. With --offload the final norm runs as a token-wise block.
-    results = launch(tmp_path, P, "--P", P, "--model", "llama", "--lengths", *lengths, "--layers", 4, *extra)
+    # With --offload, packed documents are refused by name: their ids are rebuilt for the whole
+    # sequence from contiguous shards only.
+    packed = ["--packed", PACKED[1]] if extra else []
+    results = launch(tmp_path, P, "--P", P, "--model", "llama", "--lengths", *lengths, "--layers", 4, *extra, *packed)
     assert_exact(results, lengths)
+    for r in results:
+        if packed:
+            assert "contiguous shards only" in r["packed"].get("error", ""), r["packed"]
     kinds = [k for _, k, _ in results[-1]["rewrites"]]
     assert kinds.count("pipelined layer -> Ulysses all-to-all per chunk (K/V history of all ranks)") == 2, kinds
     assert kinds.count("decoder layer -> chunked along T (K/V history fwd, dK/dV bwd)") == 2, kinds
