@@ -749,7 +749,7 @@ def _abs_max(t: Tensor) -> float:
     """
     if not t.numel():
         return 0.0
-    lo, hi = torch.aminmax(t)
+    lo, hi = torch.aminmax(t.detach())
     lo, hi = float(lo), float(hi)
     if math.isnan(lo) or math.isnan(hi):
         return math.nan
@@ -803,6 +803,32 @@ def _kernel_serves(qs: int, qe: int, ks: int, ke: int, window: int, documents: D
     return (documents is None or documents.one_document(qs, ks)) and not (window > 0 and ks <= qe - 1 - window)
 
 
+#: Sub-blocks per chunk side for a pair on a band's edge (:func:`_edge_blocks`).
+EDGE_SPLIT = 4
+
+
+def _edge_blocks(qs: int, qe: int, ks: int, ke: int, chunk_size: int, window: int, documents: Documents | None):
+    """A chunk pair the band's edge cuts, as sub-blocks for the CPU kernel path, or None.
+
+    The band ``i − w < j ≤ i`` crosses such a pair along a diagonal: split into ``EDGE_SPLIT``
+    × ``EDGE_SPLIT`` blocks of ``chunk_size / EDGE_SPLIT``, about half of them lie wholly
+    inside the band (ATen's kernel computes them), those wholly outside are skipped, and only
+    the blocks on the diagonal need the masked torch pair: the pair costs about the kernel's
+    time for one pair instead of the masked pair's twice that. Yields
+    ``((a, b), [(c, e), ...])`` per query sub-block with its visible key sub-blocks (at most one
+    is cut). Pairs holding several documents, or chunks too small to split, are left whole.
+    """
+    sub = chunk_size // EDGE_SPLIT
+    if not window or documents is not None or chunk_size % EDGE_SPLIT or sub < 16:
+        return None
+    blocks = []
+    for a in range(qs, qe, sub):
+        b = min(a + sub, qe)
+        keys = [(c, min(c + sub, ke)) for c in range(ks, ke, sub)]
+        blocks.append(((a, b), [(c, e) for c, e in keys if c <= b - 1 and e - 1 > a - window]))
+    return blocks
+
+
 def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, chunk_size: int,
                         documents: Documents | None = None, window: int = 0) -> tuple[Tensor, Tensor]:
     B, Hq, T, D = q.shape
@@ -824,17 +850,29 @@ def _forward_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
         dtype = q.dtype if len(key_chunks) == 1 else acc
         qc = q[:, :, qs:qe].to(dtype)
         o_acc = lse_acc = None
+        def pair(a: int, b: int, c: int, e: int) -> tuple[Tensor, Tensor]:
+            """Queries ``[a, b)`` (inside ``[qs, qe)``) against keys ``[c, e)``: the kernel where
+            it serves, else the masked torch pair in the accumulation dtype."""
+            if _kernel_serves(a, b, c, e, window, documents):
+                diagonal = _pair_is_diagonal(a, b, c, e, causal)
+                return flash(qc[:, :, a - qs:b - qs], k[:, :, c:e].to(dtype), v[:, :, c:e].to(dtype), 0.0, diagonal, scale=scale)
+            keep = _pair_keep(a, b, c, e, Hq // Hkv, q.device, causal, window, documents)
+            o_p, l_p = _partial_attention(_group_rows(qc, a - qs, b - qs, Hkv, acc), k[:, :, c:e].to(acc), v[:, :, c:e].to(acc), scale, keep)
+            return _ungroup_rows(o_p, Hq, b - a), _ungroup_rows(l_p, Hq, b - a)
+
         for ks, ke in key_chunks:
-            if _kernel_serves(qs, qe, ks, ke, window, documents):
-                diagonal = _pair_is_diagonal(qs, qe, ks, ke, causal)
-                o_part, l_part = flash(qc, k[:, :, ks:ke].to(dtype), v[:, :, ks:ke].to(dtype), 0.0, diagonal, scale=scale)
+            edge = None if _kernel_serves(qs, qe, ks, ke, window, documents) else _edge_blocks(qs, qe, ks, ke, chunk_size, window, documents)
+            if edge is None:
+                o_part, l_part = pair(qs, qe, ks, ke)
             else:
-                # Several documents or the band's edge in the pair: the masked torch pair, in
-                # the accumulation dtype.
-                keep = _pair_keep(qs, qe, ks, ke, Hq // Hkv, q.device, causal, window, documents)
-                o_part, l_part = _partial_attention(_group_rows(qc, 0, qe - qs, Hkv, acc), k[:, :, ks:ke].to(acc),
-                                                    v[:, :, ks:ke].to(acc), scale, keep)
-                o_part, l_part = _ungroup_rows(o_part, Hq, qe - qs), _ungroup_rows(l_part, Hq, qe - qs)
+                # The band's edge: its sub-blocks, merged row block by row block.
+                o_part = qc.new_zeros(qc.shape, dtype=acc)
+                l_part = torch.full(qc.shape[:3], float("-inf"), dtype=acc, device=q.device)
+                for (a, b), blocks in edge:
+                    for c, e in blocks:
+                        o_p, l_p = pair(a, b, c, e)
+                        rows = slice(a - qs, b - qs)  # merge_partial updates the out view in place
+                        _, l_part[:, :, rows] = merge_partial(o_part[:, :, rows], l_part[:, :, rows], o_p.to(acc), l_p.to(acc))
             if o_acc is None:
                 o_acc, lse_acc = o_part, l_part.to(acc)
             else:
@@ -873,19 +911,28 @@ def _backward_cpu_kernel(dout, q, k, v, out, lse, causal: bool, scale: float, ch
         kc, vc = k[:, :, ks:ke].to(acc), v[:, :, ks:ke].to(acc)
         dk_acc = torch.zeros((B, Hkv, ke - ks, D), dtype=acc, device=q.device)
         dv_acc = torch.zeros_like(dk_acc)
-        for qs, qe in query_chunks:
-            if not _kernel_serves(qs, qe, ks, ke, window, documents):
-                keep = _pair_keep(qs, qe, ks, ke, Hq // Hkv, q.device, causal, window, documents)
-                _pair_backward(q, dout, lse_rows, delta, kc, vc, qs, qe, keep, scale, 0.0, dq_acc, dk_acc, dv_acc)
-                continue
-            diagonal = _pair_is_diagonal(qs, qe, ks, ke, causal)
+        def pair(a: int, b: int, c: int, e: int) -> None:
+            """Queries ``[a, b)`` against keys ``[c, e)`` (inside ``[ks, ke)``): the kernel where it
+            serves (with the final out, lse its terms are exact), else the masked torch pair."""
+            kv = slice(c - ks, e - ks)
+            if not _kernel_serves(a, b, c, e, window, documents):
+                keep = _pair_keep(a, b, c, e, Hq // Hkv, q.device, causal, window, documents)
+                _pair_backward(q, dout, lse_rows, delta, kc[:, :, kv], vc[:, :, kv], a, b, keep, scale, 0.0,
+                               dq_acc, dk_acc[:, :, kv], dv_acc[:, :, kv])
+                return
             dq_p, dk_p, dv_p = flash_bwd(
-                dout[:, :, qs:qe].to(acc), q[:, :, qs:qe].to(acc), kc, vc,
-                out[:, :, qs:qe].to(acc), lse[:, :, qs:qe].contiguous(), 0.0, diagonal, scale=scale,
+                dout[:, :, a:b].to(acc), q[:, :, a:b].to(acc), kc[:, :, kv], vc[:, :, kv],
+                out[:, :, a:b].to(acc), lse[:, :, a:b].contiguous(), 0.0, _pair_is_diagonal(a, b, c, e, causal), scale=scale,
             )
-            dq_acc[:, :, qs:qe] += dq_p
-            dk_acc += dk_p
-            dv_acc += dv_p
+            dq_acc[:, :, a:b] += dq_p
+            dk_acc[:, :, kv] += dk_p
+            dv_acc[:, :, kv] += dv_p
+
+        for qs, qe in query_chunks:
+            edge = None if _kernel_serves(qs, qe, ks, ke, window, documents) else _edge_blocks(qs, qe, ks, ke, chunk_size, window, documents)
+            for (a, b), blocks in edge or [((qs, qe), [(ks, ke)])]:
+                for c, e in blocks:
+                    pair(a, b, c, e)
         dk[:, :, ks:ke] = dk_acc
         dv[:, :, ks:ke] = dv_acc
     return dq_acc.to(q.dtype), dk, dv

@@ -202,6 +202,31 @@ def test_window_cost_is_the_bands_share_of_causal():
     assert attn_chunked.auto_chunk_size(q, q, fast=False, window=16) == attn_chunked.MIN_AUTO_CHUNK
 
 
+@pytest.mark.parametrize("T, window, chunk", [(300, 128, 64, ), (300, 100, 64), (257, 37, 64), (200, 64, 128), (190, 16, 64)])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_band_edge_pairs_split_into_kernel_blocks_are_exact(T, window, chunk, sinks):
+    # CPU kernel path: a pair the band's edge cuts is computed as sub-blocks (whole ones on
+    # ATen's kernel, the diagonal ones masked); windows on and off the sub-block grid, smaller
+    # than a chunk (the diagonal pair is cut too) and a ragged last chunk.
+    edges = [attn_chunked._edge_blocks(qs, min(qs + chunk, T), ks, min(ks + chunk, T), chunk, window, None)
+             for (qs, _), inner in attn_chunked.chunk_schedule(T, T, chunk, True, window=window)
+             for ks, ke in inner if attn_chunked.pair_needs_mask(qs, min(qs + chunk, T), ks, ke, True, window)]
+    assert edges and all(e is not None for e in edges)
+    c = dict(B=2, Hq=4, Hkv=2, T=T, S=T, D=8, sinks=sinks, seed=T + window, causal=True, window=window, softcap=0.0, scale=None)
+    q, k, v, s = _inputs(c)
+    ref_out, ref_lse = attention_reference_with_lse(q, k, v, **_variants(c, s))
+    leaves = (q, k, v) if s is None else (q, k, v, s)
+    dout = make_tensor(ref_out.shape, seed=3)
+    ref_grads = torch.autograd.grad((ref_out * dout).sum(), leaves)
+    with cpu_path(True):
+        assert attn_chunked.cpu_kernel_applies(q, k, v, causal=True, scale=c["scale"] or 8 ** -0.5, chunk_size=chunk)
+        out, lse = chunked_attention_forward(q, k, v, chunk_size=chunk, **_variants(c, s))
+        grads = chunked_attention_backward(dout, q, k, v, out, lse, chunk_size=chunk, **_variants(c, s))
+    assert_exact(out, ref_out, name="out")
+    assert_exact(lse, ref_lse, name="lse")
+    assert_grads_exact(grads[: len(leaves)], ref_grads, NAMES[1:])
+
+
 @pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("T, window, chunk, p", [(40, 5, 4, 13), (40, 3, 8, 20), (33, 9, 4, 0), (40, 16, 4, 7), (24, 30, 5, 12)])
 def test_nan_outside_the_band_never_reaches_skipped_pairs(T, window, chunk, p, offload):
