@@ -403,7 +403,8 @@ class ChunkedAttentionPass(Pass):
             raise CantApply(f"{what} have no known [batch, length] shape")
         T, S = q.shape[2], k.shape[2]
         if not (statically_known_true(T == S) and statically_known_true(ids.shape[1] == T)):
-            raise CantApply(f"{what} need self-attention over the tokens they describe (T = S = their length)")
+            raise CantApply(f"{what}: self-attention over the tokens they describe is not proven (T = {T}, S = {S}, "
+                            f"{ids.shape[1]} tokens described; a KV cache in the call makes S a different length)")
         if not (ids.shape[0] == 1 or statically_known_true(ids.shape[0] == q.shape[0])):
             raise CantApply(f"{what} have {ids.shape[0]} rows for a batch of {q.shape[0]}")
 

@@ -199,11 +199,11 @@ class MaskOutside(nn.Module):
     """The mask is built once, outside the checkpointed layers, and passed in (as Hugging
     Face models do): the prover inside a region must see its producer."""
 
-    def __init__(self, padded=False):
+    def __init__(self, padded=None):
         super().__init__()
         torch.manual_seed(1)
         self.layers = nn.ModuleList(Attention() for _ in range(2))
-        self.padded = padded
+        self.padded = padded  # None, "keys" (padded keys removed) or "pairs" (padded queries too)
 
     def forward(self, x, keep_tokens):
         t = x.shape[1]
@@ -211,6 +211,8 @@ class MaskOutside(nn.Module):
         mask = (idx[None, None, None, :] <= idx[None, None, :, None]).expand(x.shape[0], 1, t, t)
         if self.padded:
             mask = mask & keep_tokens[:, None, None, :].bool()
+        if self.padded == "pairs":
+            mask = mask & keep_tokens[:, None, :, None].bool()
         for layer in self.layers:
             x = checkpoint(layer, x, mask, use_reentrant=False)
         return x
@@ -226,11 +228,24 @@ def test_mask_built_outside_the_regions_is_proven_causal():
     assert opt.compile_count == 1
 
 
-def test_a_mask_the_prover_refuses_is_reported_per_region():
-    eager, opt = MaskOutside(padded=True), optimized(MaskOutside(padded=True))
+def _holes():
     keep = torch.ones(2, 12, dtype=torch.long)
     keep[0, 5:7] = 0  # padding inside the sequence: every query still sees a key
-    assert_gradients_match(eager, opt, inputs(12) + [keep], rtol=EXACT_RTOL)
+    return keep
+
+
+def test_a_key_padding_mask_built_outside_the_regions_is_proven_per_region():
+    eager, opt = MaskOutside(padded="keys"), optimized(MaskOutside(padded="keys"))
+    assert_gradients_match(eager, opt, inputs(12) + [_holes()], rtol=EXACT_RTOL)
+    rewrites = [r for r in opt.report.rewrites if r.pass_name == ATTN]
+    assert [r.site.split(" ")[0] for r in rewrites] == ["layers.0", "layers.1"]
+    assert all(r.details["key_padding"] for r in rewrites)
+
+
+def test_a_mask_the_prover_refuses_is_reported_per_region():
+    # Padded queries masked too (their rows see no key): not a causal mask over real keys.
+    eager, opt = MaskOutside(padded="pairs"), optimized(MaskOutside(padded="pairs"))
+    assert_gradients_match(eager, opt, inputs(12) + [_holes()], rtol=EXACT_RTOL)
     assert opt.report.count(ATTN) == 0
     refused = [r for r in opt.report.refusals if r.pass_name == ATTN]
     assert [r.site.split(" ")[0] for r in refused] == ["layers.0", "layers.1"]
