@@ -40,8 +40,10 @@ graphviz:
 demo: $(VENV)/.installed graphviz
 	$(PY) examples/train_long_context.py
 
+# --dist worksteal: a few tests (Inductor compiles, process-group launches) take 1-2 minutes;
+# a worker that runs out of tests takes queued ones from the other instead of idling.
 test: $(VENV)/.installed graphviz
-	LONGCTX_EXPECT_LOCK=$(LOCK) $(PY) -m pytest -n $(TEST_WORKERS) --durations=20
+	LONGCTX_EXPECT_LOCK=$(LOCK) $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=20
 
 test-latest: graphviz
 	$(PYTHON) -m venv $(LATEST)
