@@ -277,7 +277,11 @@ def write_results(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     doc = dict(payload)
     doc.setdefault("environment", env_metadata())
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str, allow_nan=False) + "\n")
+    text = json.dumps(doc, indent=2, default=str, allow_nan=False)
+    # Paths inside the repository are written relative to it: a result file is the same
+    # wherever the checkout lives.
+    text = text.replace(json.dumps(str(REPO_ROOT) + os.sep)[1:-1], "")
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)
     return path
 
