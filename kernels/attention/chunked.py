@@ -661,14 +661,12 @@ def chunked_attention_backward(
     # A window's rows past the last key (and rows key ids leave without a key) have
     # lse = -inf and only masked scores in the pairs their chunk computes: shift them by 0 so
     # P = exp(-inf) = 0, not nan. (With sinks their lse is the sink: P = 0 already.)
-    empty_rows = window or key_segment_ids is not None
+    lse_rows = lse.masked_fill(lse == float("-inf"), 0.0) if window or key_segment_ids is not None else lse
     if fast:
-        lse_rows = lse.masked_fill(lse == float("-inf"), 0.0) if key_segment_ids is not None else lse
         return with_sink_grad(_backward_cpu_kernel(dout, q, k, v, out, lse, causal, scale, chunk, documents, window, lse_rows),
                               None)
     G = Hq // Hkv
     delta = _delta(dout, out, dlse, chunk, acc)
-    lse_rows = lse.masked_fill(lse == float("-inf"), 0.0) if empty_rows else lse
     dq_acc = torch.zeros((B, Hq, T, D), dtype=acc, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
