@@ -48,6 +48,7 @@ def selective_scan(
     chunk_size: int = DEFAULT_CHUNK,
     mode: str = "exact",
     window: int | None = None,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Selective scan with chunk-boundary-only saved state (exact or truncated adjoint).
 
@@ -64,12 +65,15 @@ def selective_scan(
             steps later. It is an approximation and biased; it equals the exact gradient
             when ``window >= T``.
         window: T̄ ≥ 1, required with ``mode="truncated"``.
+        seq_idx: optional ``[B, T]`` int32/int64 document index (packed sequences): the state
+            resets at ``t ≥ 1`` where it changes, so each document is scanned as if alone (the
+            first from h0). Exact, forward and backward (README.md, "Documents").
 
     Returns:
         ``y [B, D, T]`` in u's dtype, or ``(y, final_state)`` with ``return_final_state``
         (final state in the compute dtype: float32 for 16-bit inputs).
     """
-    validate(u, delta, A, B, C, D, z, delta_bias, h0)
+    validate(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}")
     if mode not in MODES:
@@ -81,6 +85,6 @@ def selective_scan(
         raise ValueError("selective_scan: window is only meaningful with mode='truncated'")
     y, final, _ = torch.ops.longctx.selective_scan_fwd(*ScanArgs(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), h0,
-        chunk_size=chunk_size, mode=mode, window=0 if window is None else window,
+        chunk_size=chunk_size, mode=mode, window=0 if window is None else window, seq_idx=seq_idx,
     ))
     return (y, final) if return_final_state else y

@@ -2,7 +2,8 @@
 
 Layout (chosen once, mamba's): ``u, delta, z: [B, D, T]``, ``A: [D, N]``,
 ``B, C: [B, N, T]`` (one group) or ``[B, G, N, T]`` (channel ``d`` uses group
-``d // (D // G)``), ``D, delta_bias: [D]``, ``h0: [B, D, N]``.
+``d // (D // G)``), ``D, delta_bias: [D]``, ``h0: [B, D, N]``, ``seq_idx: [B, T]``
+(int32/int64 document index: the state resets at ``t ≥ 1`` where it changes from ``t-1``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"selective_scan: {name} must be a real floating-point tensor, got {t.dtype}")
 
 
-def validate(u, delta, A, B, C, D=None, z=None, delta_bias=None, h0=None) -> ScanDims:
+def validate(u, delta, A, B, C, D=None, z=None, delta_bias=None, h0=None, seq_idx=None) -> ScanDims:
     """Check shapes, dtypes and devices; return the sizes. Raises ValueError/TypeError.
 
     Shapes: see the module docstring. ``u, delta, z`` (and B/C) must share a dtype, as in
@@ -101,11 +102,17 @@ def validate(u, delta, A, B, C, D=None, z=None, delta_bias=None, h0=None) -> Sca
         raise ValueError(f"selective_scan: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
     if h0 is not None and tuple(h0.shape) != (bsz, dim, dstate):
         raise ValueError(f"selective_scan: h0 must be [batch, dim, dstate] = {(bsz, dim, dstate)}, got {tuple(h0.shape)}")
+    if seq_idx is not None:
+        if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"selective_scan: seq_idx must be an int32 or int64 tensor, got {getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
+        if tuple(seq_idx.shape) != (bsz, seqlen):
+            raise ValueError(f"selective_scan: seq_idx must be [batch, seqlen] = {(bsz, seqlen)}, got {tuple(seq_idx.shape)}")
     act = [("delta", delta), ("B", B), ("C", C)] + ([("z", z)] if z is not None else [])
     for name, t in act:
         if t.dtype != u.dtype:
             raise TypeError(f"selective_scan: {name} has dtype {t.dtype} but u has {u.dtype}; cast them to one dtype")
-    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias), ("h0", h0)):
+    for name, t in (("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z), ("delta_bias", delta_bias), ("h0", h0),
+                    ("seq_idx", seq_idx)):
         if t is not None and t.device != u.device:
             raise ValueError(f"selective_scan: {name} is on {t.device} but u is on {u.device}")
     return ScanDims(bsz, dim, seqlen, dstate, groups, grouped["B"], grouped["C"])
@@ -123,3 +130,22 @@ def effective_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_
     if delta_softplus:
         delta = torch.nn.functional.softplus(delta)
     return delta
+
+
+def resets(seq_idx: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+    """Where the state resets among tokens ``[t0, t1)``: ``[B, t1 - t0]`` bool, True at
+    ``t ≥ 1`` where ``seq_idx[t] != seq_idx[t-1]`` (a new document starts). Token 0 never
+    resets: the initial state applies there. ``keep_t = 1 - reset_t`` multiplies the step's
+    decay ``ā_t``."""
+    cur = seq_idx[:, t0:t1]
+    if t0 == 0:
+        prev = torch.cat([cur[:, :1], cur[:, :-1]], dim=1)
+    else:
+        prev = seq_idx[:, t0 - 1 : t1 - 1]
+    return cur != prev
+
+
+def segments(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Segment number of every token, ``[B, T]`` int64: the number of resets in ``[1, t]``.
+    Tokens ``j ≤ i`` are linked through the state iff their segment numbers are equal."""
+    return resets(seq_idx, 0, seq_idx.shape[1]).to(torch.int64).cumsum(1)

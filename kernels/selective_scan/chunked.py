@@ -44,7 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._args import as_grouped, compute_dtype, validate
+from ._args import as_grouped, compute_dtype, resets, segments, validate
 
 __all__ = ["selective_scan_chunked_fwd", "selective_scan_chunked_bwd", "chunk_scan", "MODES", "GROUP_TOKENS", "SUB_CHUNK"]
 
@@ -258,6 +258,16 @@ def _delta_steps(lay: _Layout, delta: torch.Tensor, bias: torch.Tensor | None, s
     return x, dt
 
 
+def _keep_steps(lay: _Layout, seq_idx: torch.Tensor | None, t0: int, t1: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """``keep_t`` for tokens ``[t0, t1)`` in step layout ``[P, B, 1, J]`` (None without
+    documents): 0 where a document starts (the step's decay ``ā_t`` is multiplied by it), 1
+    elsewhere and at the padded positions (identity steps stay identities)."""
+    if seq_idx is None:
+        return None
+    # The resets, zero-padded by the layout, then keep = 1 - reset: padding keeps.
+    return lay.steps(resets(seq_idx, t0, t1)[:, None].to(dtype)).neg_().add_(1)
+
+
 def selective_scan_chunked_fwd(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -271,8 +281,13 @@ def selective_scan_chunked_fwd(
     h0: torch.Tensor | None = None,
     chunk_size: int = 256,
     group_chunks: int | None = None,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Chunked forward. Shapes as :func:`selective_scan_reference`.
+
+    With ``seq_idx`` every per-step decay ``ā_t`` is multiplied by ``keep_t`` (0 where a
+    document starts) and every sub-chunk's decay ``Π ā`` by the product of its ``keep_t``:
+    the same recurrence with some decays set to 0.
 
     Groups of ``group_chunks`` chunks (default ``max(1, GROUP_TOKENS // chunk_size)``) are
     processed left to right. In a group: Sweep 1 gives the sub-chunk-local end states, a
@@ -287,7 +302,7 @@ def selective_scan_chunked_fwd(
         last step of every chunk, ``M = ⌈T/Q⌉``; ``boundary_states[:, :, -1] == final_state``)
         in the compute dtype.
     """
-    dims = validate(u, delta, A, B, C, D, z, delta_bias, h0)
+    dims = validate(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx)
     Q = _check_chunk(chunk_size)
     K = _group_chunks(Q, group_chunks)
     P = _sub_chunk(Q, A.shape[-1])
@@ -310,9 +325,14 @@ def selective_scan_chunked_fwd(
         duQ = dtQ * lay.steps(u[..., t0:t1])
         BQ = lay.steps_bc(Bg[..., t0:t1], cdt)
         dt4, du4, Bs = dtQ.unsqueeze(-1).unbind(0), duQ.unsqueeze(-1).unbind(0), BQ.unbind(0)
+        keepQ = _keep_steps(lay, seq_idx, t0, t1, cdt)
+        keep4 = None if keepQ is None else keepQ.unsqueeze(-1).unbind(0)
 
         def step(q: int, h: torch.Tensor) -> torch.Tensor:
-            return (dt4[q] * Ar).exp_().mul_(h).addcmul_(du4[q], lay.expand(Bs[q]))
+            a = (dt4[q] * Ar).exp_()
+            if keep4 is not None:
+                a.mul_(keep4[q])
+            return a.mul_(h).addcmul_(du4[q], lay.expand(Bs[q]))
 
         # Sweep 1: sub-chunk-local states from zero, all sub-chunks of the group at once;
         # only their ends are kept.
@@ -322,6 +342,8 @@ def selective_scan_chunked_fwd(
         # Whole-sub-chunk decay Π ā = exp(A · ΣΔ): one exp of a sum, no division anywhere;
         # it underflows to 0 for long strongly-decaying stretches, which is the right value.
         decay = torch.exp(dtQ.sum(0)[..., None] * Ar)
+        if keepQ is not None:
+            decay.mul_(keepQ.prod(0)[..., None])  # a document starting inside: Π ā = 0
         # Scan over sub-chunks: H_j = P_j · H_{j-1} + h_local_j, in place of h_local (one
         # torch call per sub-chunk). Chunk ends are sub-chunk ends (P divides Q; the last
         # sub-chunk ends the last chunk, padded or not).
@@ -340,7 +362,7 @@ def selective_scan_chunked_fwd(
         for q, (Cq, yq) in enumerate(zip(CQ.unbind(0), yQ.unbind(0))):
             h = step(q, h)
             torch.sum(h * lay.expand(Cq), -1, out=yq)
-        del h, CQ, Cq, yq, dtQ, duQ, dt4, du4, Bs, BQ
+        del h, CQ, Cq, yq, dtQ, duQ, dt4, du4, Bs, BQ, keepQ, keep4
         if Dq is not None:
             yQ.addcmul_(Dq, lay.steps(u[..., t0:t1]))
         if z is not None:
@@ -385,6 +407,7 @@ def selective_scan_chunked_bwd(
     mode: str = "exact",
     window: int | None = None,
     group_chunks: int | None = None,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Chunked adjoint backward.
 
@@ -410,13 +433,16 @@ def selective_scan_chunked_bwd(
             keep only contributions of outputs at most ``window - 1`` steps later; C, D, z
             gradients are local and stay exact; see README.md).
         group_chunks: chunks per group (None: the :data:`GROUP_TOKENS` rule).
+        seq_idx: optional ``[B, T]`` document index, as in the forward. The adjoint is the
+            same formula with the masked decays ``keep_t ā_t`` (README.md, "Documents"); in
+            truncated mode a window that contains a reset leaves nothing behind it.
 
     Returns:
         ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)``, each in its input's dtype and
         shape; the entries for omitted optional inputs are None.
     """
     call = _Backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, dy, dfinal,
-                     chunk_size, mode, window, group_chunks)
+                     chunk_size, mode, window, group_chunks, seq_idx)
     # ν after the last token is zero: the final-state cotangent is injected at T-1.
     nxt = call.du.new_zeros((call.bsz, call.dim, call.N), dtype=call.cdt)
     for c0, c1, t0, t1 in reversed(_groups(call.T, call.Q, call.K)):
@@ -431,8 +457,8 @@ class _Backward:
     the prefix sums of Δ."""
 
     def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, dy, dfinal,
-                 chunk_size, mode, window, group_chunks):
-        dims = validate(u, delta, A, B, C, D, z, delta_bias, h0)
+                 chunk_size, mode, window, group_chunks, seq_idx=None):
+        dims = validate(u, delta, A, B, C, D, z, delta_bias, h0, seq_idx)
         Q = self.Q = _check_chunk(chunk_size)
         self.K = _group_chunks(Q, group_chunks)
         self.P = _sub_chunk(Q, A.shape[-1])
@@ -465,6 +491,7 @@ class _Backward:
         self.A, self.D, self.delta_bias, self.h0 = A, D, delta_bias, h0
         self.u, self.delta, self.z, self.dy, self.softplus = u, delta, z, dy, delta_softplus
         self.boundary_states = boundary_states
+        self.seq_idx = seq_idx
         self.A_c = A.to(cdt)
         self.Ar = self.A_c.view(1, dim, 1, N)
         self.bias = None if delta_bias is None else delta_bias.to(cdt)
@@ -496,6 +523,9 @@ class _Backward:
                 totals[..., c0:c1] = self.delta_seq(t0, t1).sum(-1)
             self.chunk_prefix = F.pad(totals.cumsum(-1), (1, 0))  # [B, D, M+1]: Σ Δ before chunk c
             del totals
+            # With documents the window's decay Π_{j=t+1}^{t+W} keep_j ā_j is 0 when a reset
+            # lies in (t, t+W], i.e. where the segment numbers of t and t+W differ ([B, T]).
+            self.segments = None if seq_idx is None else segments(seq_idx)
             self.t_leave = T - 1 - self.W  # where the final-state cotangent leaves the window (≥ 0)
 
     def delta_seq(self, lo: int, hi: int) -> torch.Tensor:
@@ -564,6 +594,11 @@ class _GroupBackward:
             self.gQ.mul_(F.silu(lay.steps(call.z[..., t0:t1], cdt)))
         self.BQ = lay.steps_bc(call.Bg[..., t0:t1], cdt)
         self.CQ = lay.steps_bc(call.Cg[..., t0:t1], cdt)
+        # keep_t (0 where a document starts) multiplies every decay ā_t the sweeps form: the
+        # adjoint of the masked recurrence is the same formula with the masked decays.
+        keepQ = _keep_steps(lay, call.seq_idx, t0, t1, cdt)
+        self.keep4 = None if keepQ is None else keepQ.unsqueeze(-1).unbind(0)
+        self.keep_sub = None if keepQ is None else keepQ.prod(0).unsqueeze_(-1)  # [B, 1, J, 1]
         self.dt4, self.g4 = (x.unsqueeze(-1).unbind(0) for x in (dtQ, self.gQ))
         self.dts, self.us, self.Bs, self.Cs = dtQ.unbind(0), self.uQ.unbind(0), self.BQ.unbind(0), self.CQ.unbind(0)
         # (sub-chunk, position) of the last token T-1 if it is in this group.
@@ -582,11 +617,18 @@ class _GroupBackward:
         if call.z is not None:
             gshQ.mul_(F.silu(lay.steps(call.z[..., t0 + W : t0 + W + n], call.cdt)))
         CshQ = lay.steps_bc(call.Cg[..., t0 + W : t0 + W + n], call.cdt)
+        if call.segments is not None:
+            # Nothing leaves a window that a document starts in (its decay is 0).
+            seg = call.segments
+            gshQ.mul_(lay.steps((seg[:, t0 + W : t0 + W + n] == seg[:, t0 : t0 + n])[:, None].to(call.cdt)))
         wQ = lay.steps(call.prefix(t0 + W, n).sub_(call.prefix(t0, n)) if n else call.dy.new_empty((call.bsz, call.dim, 0)), call.cdt)
         self.w4, self.gsh4, self.Cshs = wQ.unsqueeze(-1).unbind(0), gshQ.unsqueeze(-1).unbind(0), CshQ.unbind(0)
         if call.dfc is not None and t0 <= call.t_leave < self.t1:
             self.j_leave, self.q_leave = divmod(call.t_leave - t0, lay.P)
             self.leave = torch.exp(wQ[self.q_leave, :, :, self.j_leave, None] * call.A_c) * call.dfc
+            if call.segments is not None:
+                same = call.segments[:, call.T - 1] == call.segments[:, call.t_leave]
+                self.leave.mul_(same.to(call.cdt)[:, None, None])
 
     # -- per-position helpers ----------------------------------------------------------------
     def adjoint_input(self, q: int, base: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
@@ -614,8 +656,9 @@ class _GroupBackward:
         return torch.mul(self.dts[q], self.us[q]).unsqueeze_(-1)
 
     def decay(self, q: int) -> torch.Tensor:
-        """``ā_q = exp(Δ_q A)``, fresh ``[B, D, J, N]``."""
-        return (self.dt4[q] * self.call.Ar).exp_()
+        """``ā_q = keep_q · exp(Δ_q A)``, fresh ``[B, D, J, N]``."""
+        a = (self.dt4[q] * self.call.Ar).exp_()
+        return a if self.keep4 is None else a.mul_(self.keep4[q])
 
     def step(self, q: int, h: torch.Tensor) -> torch.Tensor:
         """``h_q = ā_q h_{q-1} + Δ_q u_q B_q``, in the buffer of the fresh ``ā_q``."""
@@ -657,6 +700,8 @@ class _GroupBackward:
         for q in range(self.lay.P):
             h = self.step(q, h)
         decay = torch.exp(self.S_end * call.Ar)  # Π ā over each sub-chunk, exp(A · ΣΔ)
+        if self.keep_sub is not None:
+            decay.mul_(self.keep_sub)  # ... times Π keep: 0 if a document starts inside
         if self.c0 == 0:
             state = self.dtQ.new_zeros((call.bsz, call.dim, call.N)) if call.h0c is None else call.h0c
         else:

@@ -4,20 +4,24 @@ Schemas::
 
     longctx::selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C,
         Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? h0,
-        int chunk_size, str mode, int window) -> (Tensor y, Tensor final_state, Tensor boundary_states)
+        int chunk_size, str mode, int window, Tensor? seq_idx=None)
+        -> (Tensor y, Tensor final_state, Tensor boundary_states)
 
     longctx::selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C,
         Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? h0,
         Tensor boundary_states, Tensor dy, Tensor? dfinal, int chunk_size, str mode,
-        int window) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC,
+        int window, Tensor? seq_idx=None) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC,
                         Tensor dD, Tensor dz, Tensor ddelta_bias, Tensor dh0)
 
 ``chunk_size = 0`` is the canonical "not planned yet" value (what
 ``longctx_compiler.nn.selective_scan_fn`` puts in a captured graph); it runs with
 :data:`DEFAULT_CHUNK`. ``mode`` is ``"exact"`` or ``"truncated"``; ``window`` is the
-truncation window T̄ (ignored, conventionally 0, in exact mode). The forward's inputs and the
+truncation window T̄ (ignored, conventionally 0, in exact mode). ``seq_idx`` (``[B, T]``
+int32/int64, optional) marks packed documents: the state resets where it changes (the step's
+decay is multiplied by 0 there, in the forward and in the backward alike). It comes last, after
+the plan's arguments, so that calls written without it keep their positions. The forward's inputs and the
 ``[B, D, M·N]`` boundary states (M·N flattened, see ``selective_scan_fwd``) are all that the registered autograd formula reads, so they
-are all AOTAutograd saves. ``boundary_states`` is not differentiable. Gradients of omitted
+are all AOTAutograd saves. ``boundary_states`` and ``seq_idx`` are not differentiable. Gradients of omitted
 optional inputs come back from the bwd op as zeros (a custom op returns a fixed list of
 tensors) and are dropped by the autograd formula.
 
@@ -71,6 +75,7 @@ def selective_scan_fwd(
     chunk_size: int,
     mode: str,
     window: int,
+    seq_idx: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Forward: ``(y [B, D, T], final_state [B, D, N], boundary_states [B, D, M·N])``.
 
@@ -79,13 +84,13 @@ def selective_scan_fwd(
     specialise on it (a second graph for short sequences). ``M·N`` is never 1 for ``N > 1``.
     """
     fwd, _ = _impl(u.device)
-    y, final, boundary = fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size=_chunk(chunk_size))
+    y, final, boundary = fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size=_chunk(chunk_size), seq_idx=seq_idx)
     # Fresh contiguous outputs: what the fake kernel promises.
     return y.contiguous(), final.contiguous(), boundary.reshape(boundary.shape[0], boundary.shape[1], -1).contiguous()
 
 
 @selective_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode, window):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode, window, seq_idx=None):
     bsz, dim, seqlen = u.shape
     dstate = A.shape[1]
     q = _chunk(chunk_size)
@@ -116,6 +121,7 @@ def selective_scan_bwd(
     chunk_size: int,
     mode: str,
     window: int,
+    seq_idx: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward: ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0)``, zeros for omitted inputs."""
     _, bwd = _impl(u.device)
@@ -123,7 +129,7 @@ def selective_scan_bwd(
     boundary_states = boundary_states.view(boundary_states.shape[0], boundary_states.shape[1], -1, A.shape[1])
     grads = bwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, dy, dfinal,
-        chunk_size=_chunk(chunk_size), mode=mode, window=window if mode == "truncated" else None,
+        chunk_size=_chunk(chunk_size), mode=mode, window=window if mode == "truncated" else None, seq_idx=seq_idx,
     )
     du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = grads
     bsz, dim, _ = u.shape
@@ -140,7 +146,7 @@ def selective_scan_bwd(
 
 
 @selective_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, dy, dfinal, chunk_size, mode, window):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, boundary_states, dy, dfinal, chunk_size, mode, window, seq_idx=None):
     bsz, dim, _ = u.shape
     dstate = A.shape[1]
 
@@ -161,7 +167,7 @@ def _setup_context(ctx, inputs, output):
     a = ScanArgs(*inputs)
     _, _, boundary = output
     # Exactly the inputs and the M·D·N boundary states: this is the whole saved set.
-    ctx.save_for_backward(a.u, a.delta, a.A, a.B, a.C, a.D, a.z, a.delta_bias, a.h0, boundary)
+    ctx.save_for_backward(a.u, a.delta, a.A, a.B, a.C, a.D, a.z, a.delta_bias, a.h0, a.seq_idx, boundary)
     ctx.delta_softplus = a.delta_softplus
     ctx.chunk_size = a.chunk_size
     ctx.mode = a.mode
@@ -170,10 +176,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dfinal, _dboundary):
-    u, delta, A, B, C, D, z, delta_bias, h0, boundary = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, boundary = ctx.saved_tensors
     du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = torch.ops.longctx.selective_scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, h0, boundary,
-        dy, dfinal, ctx.chunk_size, ctx.mode, ctx.window,
+        dy, dfinal, ctx.chunk_size, ctx.mode, ctx.window, seq_idx,
     )
     return (
         du, ddelta, dA, dB, dC,
@@ -183,6 +189,7 @@ def _backward(ctx, dy, dfinal, _dboundary):
         None,
         None if h0 is None else dh0,
         None, None, None,
+        None,  # seq_idx: an integer index, not differentiable
     )
 
 

@@ -10,7 +10,7 @@ Every pass and runtime that reads, writes or rebuilds a call of the op goes thro
 
 The field order is the op's schema (``op.py`` checks it at import). Layout as in ``_args.py``:
 ``u, delta, z: [B, D, T]``, ``A: [D, N]``, ``B, C: [B, N, T] | [B, G, N, T]``,
-``D, delta_bias: [D]``, ``h0: [B, D, N]``.
+``D, delta_bias: [D]``, ``h0: [B, D, N]``, ``seq_idx: [B, T]`` (int32/int64 document index).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ UNPLANNED = 0
 
 class ScanArgs(NamedTuple):
     """One call's arguments, in the op's order. The defaults make a canonical, unplanned,
-    exact call: no skip, gate, bias, softplus or initial state."""
+    exact call: no skip, gate, bias, softplus, initial state or documents. ``seq_idx`` is last
+    (after the plan's fields) so that calls written before it existed keep their positions."""
 
     u: Any
     delta: Any
@@ -40,6 +41,7 @@ class ScanArgs(NamedTuple):
     chunk_size: int = UNPLANNED
     mode: str = "exact"
     window: int = 0
+    seq_idx: Any = None
 
     @classmethod
     def of(cls, node: Any) -> "ScanArgs":
@@ -48,7 +50,7 @@ class ScanArgs(NamedTuple):
 
 
 #: The arguments that run along the sequence, and the dim the op reads it along.
-SEQUENCE_DIMS = {"u": -1, "delta": -1, "B": -1, "C": -1, "z": -1}
+SEQUENCE_DIMS = {"u": -1, "delta": -1, "B": -1, "C": -1, "z": -1, "seq_idx": -1}
 
 #: The op's results: ``y [B, D, T]``, ``final_state [B, D, N]``, ``boundary_states [B, D, M·N]``.
 Y, FINAL_STATE, BOUNDARY_STATES = range(3)

@@ -52,16 +52,21 @@ def selective_scan_fn(
     delta_softplus: bool = False,
     h0: torch.Tensor | None = None,
     return_final_state: bool = False,
+    *,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Selective scan with reference semantics; one canonical op node under torch.compile.
 
     Arguments, shapes and returns as
-    :func:`longctx_compiler.kernels.selective_scan.selective_scan_reference`.
+    :func:`longctx_compiler.kernels.selective_scan.selective_scan_reference`; ``seq_idx``
+    (``[B, T]`` int32/int64, keyword only: mamba_ssm's function has no such argument) marks
+    packed documents, the state resetting where it changes.
     """
     if torch.compiler.is_compiling():
-        y, final, _ = torch.ops.longctx.selective_scan_fwd.default(*ScanArgs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0))
+        y, final, _ = torch.ops.longctx.selective_scan_fwd.default(
+            *ScanArgs(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, seq_idx=seq_idx))
         return (y, final) if return_final_state else y
-    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, return_final_state)
+    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, return_final_state, seq_idx)
 
 
 class RMSNorm(nn.Module):

@@ -207,12 +207,13 @@ def test_small_chunks_cost_no_more_torch_calls_than_large_ones(chunk):
             assert_exact(small[3][k], g, name=f"d{k}")
 
 
-def _windowed_vjp_sum(inputs, softplus, window, dy, dh):
+def _windowed_vjp_sum(inputs, softplus, window, dy, dh, seq_idx=None):
     """Σ_s VJP of (y_s, and the final state as an output at s = T-1) restricted to input times
     i with s - window < i ≤ s, by autograd on a per-time copy of every shared parameter.
 
     Inputs entering step i: u_i, delta_i, B_i, the bias and A as used at step i, and h0 (at
-    i = 0). C, D, z act locally on the output and are returned unrestricted.
+    i = 0). C, D, z act locally on the output and are returned unrestricted. With ``seq_idx``
+    each step's decay is masked by keep_t (0 where a document starts), as in the reference.
     """
     u, delta, A, B, C = (inputs[k].detach() for k in ("u", "delta", "A", "B", "C"))
     D, z, bias, h0 = (None if inputs[k] is None else inputs[k].detach() for k in ("D", "z", "delta_bias", "h0"))
@@ -230,7 +231,10 @@ def _windowed_vjp_sum(inputs, softplus, window, dy, dh):
     for t in range(T):
         dt = delta_[:, :, t] + bias_t[t]
         dt = F.softplus(dt) if softplus else dt
-        h = torch.exp(dt[..., None] * A_t[t]) * h + (dt * u_[:, :, t])[..., None] * Bg[:, :, :, t].repeat_interleave(rep, 1)
+        decay = torch.exp(dt[..., None] * A_t[t])
+        if seq_idx is not None and t > 0:
+            decay = decay * (seq_idx[:, t] == seq_idx[:, t - 1]).to(decay.dtype)[:, None, None]
+        h = decay * h + (dt * u_[:, :, t])[..., None] * Bg[:, :, :, t].repeat_interleave(rep, 1)
         ys.append((h * Cg[:, :, :, t].repeat_interleave(rep, 1)).sum(-1))
     y = torch.stack(ys, -1)
     if D is not None:
@@ -502,3 +506,173 @@ def test_working_memory_is_bounded_by_the_group(mode, window):
     group_f64 = bsz * dim * K * Q * 8
     assert fwd2 < 8 * group_f64, (fwd2, group_f64)
     assert bwd2 < 16 * group_f64, (bwd2, group_f64)
+
+
+# --- packed documents (seq_idx): the state resets where a document starts ---
+
+
+@st.composite
+def doc_layouts(draw, bsz, seqlen, chunk):
+    """``seq_idx [bsz, seqlen]`` (int32 or int64), each batch row drawn with its own layout:
+    one document, documents starting at chunk boundaries, a few mid-chunk starts,
+    length-1 documents only, or any set of starts; numbered from an arbitrary base."""
+    rows = []
+    for _ in range(bsz):
+        kind = draw(st.sampled_from(["one", "chunk_starts", "mid_chunk", "length_one", "any"]))
+        if seqlen == 1 or kind == "one":
+            starts = set()
+        elif kind == "chunk_starts":
+            starts = set(range(chunk, seqlen, chunk))
+        elif kind == "mid_chunk":
+            mid = [t for t in range(1, seqlen) if t % chunk]
+            starts = draw(st.sets(st.sampled_from(mid), min_size=1, max_size=3)) if mid else set()
+        elif kind == "length_one":
+            starts = set(range(1, seqlen))
+        else:
+            starts = draw(st.sets(st.integers(1, seqlen - 1), max_size=seqlen))
+        base = draw(st.integers(0, 3))
+        rows.append([base + sum(1 for s in starts if s <= t) for t in range(seqlen)])
+    return torch.tensor(rows, dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+
+
+def _documents(seq_idx_row):
+    """``[(start, end), ...]`` of one batch row's documents (maximal runs of equal index)."""
+    bounds = [0] + [t for t in range(1, len(seq_idx_row)) if seq_idx_row[t] != seq_idx_row[t - 1]] + [len(seq_idx_row)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _one_by_one(a, softplus, seq_idx, chunk):
+    """y and the final state of the scan run on each document separately with the op (no
+    seq_idx), the first document of each row from h0, the others from zero, concatenated."""
+    ys, finals = [], []
+    for b in range(seq_idx.shape[0]):
+        row = []
+        for k, (s, e) in enumerate(_documents(seq_idx[b].tolist())):
+            piece = {n: None if v is None else v for n, v in a.items()}
+            for n in ("u", "delta", "z", "B", "C"):
+                if piece[n] is not None:
+                    piece[n] = piece[n][b : b + 1, ..., s:e]
+            piece["h0"] = a["h0"][b : b + 1] if a["h0"] is not None and k == 0 else None
+            y, final = selective_scan(**piece, delta_softplus=softplus, return_final_state=True, chunk_size=chunk)
+            row.append(y)
+        ys.append(torch.cat(row, -1))
+        finals.append(final)
+    return torch.cat(ys), torch.cat(finals)
+
+
+doc_cfg = st.fixed_dictionaries(
+    {
+        "bsz": st.integers(1, 3),
+        "dim": st.sampled_from([2, 4]),
+        "dstate": st.integers(1, 3),
+        "seqlen": st.integers(1, 14),
+        "chunk": st.integers(1, 5),
+        "per_group": st.sampled_from([1, 2, None]),
+        "sub": st.sampled_from([None, 1, 2]),
+        "grouped": st.booleans(),
+        "opts": st.booleans(),
+        "with_h0": st.booleans(),
+        "softplus": st.booleans(),
+    }
+)
+
+
+@settings(deadline=None, max_examples=30)
+@given(cfg=doc_cfg, data=st.data(), seed=strategies.seeds())
+def test_documents_match_reference_and_separate_runs(cfg, data, seed):
+    # Documents starting at t = 0 only, at chunk boundaries, mid-chunk, length-1 documents,
+    # a ragged last chunk (any T vs chunk), batch rows with different layouts; groups of one
+    # chunk or several and sub-chunks shorter than a chunk (resets inside the scans that link
+    # sub-chunks). Forward against the reference with seq_idx and against each document run
+    # alone; every gradient, through the op's autograd, against autograd through the reference.
+    bsz, dim, T, Q = cfg["bsz"], cfg["dim"], cfg["seqlen"], cfg["chunk"]
+    seq_idx = data.draw(doc_layouts(bsz, T, Q))
+    a = make_inputs(seed, bsz, dim, cfg["dstate"], T, 2 if cfg["grouped"] else 0,
+                    with_d=cfg["opts"], with_z=cfg["opts"], with_bias=cfg["opts"], with_h0=cfg["with_h0"])
+    sp = cfg["softplus"]
+    y_r, f_r, g_r = grads_of(lambda **k: selective_scan_reference(**k, return_final_state=True, seq_idx=seq_idx), a, sp, seed + 1)
+    y_o, f_o, g_o = grads_of(op_fn(Q, seq_idx=seq_idx), a, sp, seed + 1)
+    assert_exact(y_o, y_r, name="y")
+    assert_exact(f_o, f_r, name="final_state")
+    for k in g_r:
+        assert_exact(g_o[k], g_r[k], name=f"d{k}")
+    with torch.no_grad():
+        y_s, f_s = _one_by_one({k: None if v is None else v.detach() for k, v in a.items()}, sp, seq_idx, Q)
+    assert_exact(y_r.detach(), y_s, name="y vs documents run one by one")
+    assert_exact(f_r.detach(), f_s, name="final_state vs the last document run alone")
+    # The chunked path with other groupings and sub-chunks: the same gradients.
+    detached = {k: None if v is None else v.detach() for k, v in a.items()}
+    gen = torch.Generator().manual_seed(seed + 1)
+    dy = make_tensor(y_r.shape, seed=gen, dtype=torch.float64)
+    dh = make_tensor(f_r.shape, seed=gen, dtype=torch.float64)
+    with _sub_chunk_target(cfg["sub"]):
+        y_c, f_c, _, g_c = _chunked_fwd_bwd_docs(detached, sp, Q, cfg["per_group"], "exact", None, dy, dh, seq_idx)
+    assert_exact(y_c, y_r, name="y (chunked)")
+    assert_exact(f_c, f_r, name="final_state (chunked)")
+    for k in g_r:
+        assert_exact(g_c[k], g_r[k], name=f"d{k} (chunked, {cfg['per_group']} chunks/group, sub {cfg['sub']})")
+
+
+def _chunked_fwd_bwd_docs(a, softplus, chunk, group_chunks, mode, window, dy, dh, seq_idx):
+    y, final, boundary = selective_scan_chunked_fwd(**a, delta_softplus=softplus, chunk_size=chunk, group_chunks=group_chunks, seq_idx=seq_idx)
+    grads = selective_scan_chunked_bwd(
+        **a, delta_softplus=softplus, boundary_states=boundary, dy=dy, dfinal=dh,
+        chunk_size=chunk, mode=mode, window=window, group_chunks=group_chunks, seq_idx=seq_idx,
+    )
+    return y, final, boundary, dict(zip(_GRAD_NAMES, grads))
+
+
+def test_documents_reset_exactly_at_their_starts():
+    # Hand-made layout: a document starting at a chunk's first token (t = 4, chunk 4) and one
+    # mid-chunk (t = 6); the reference is each document run from zero.
+    a = {k: None if v is None else v.detach() for k, v in make_inputs(3, 1, 2, 2, 9, 0, with_d=False, with_z=False, with_bias=False, with_h0=True).items()}
+    seq_idx = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2, 2]])
+    y = selective_scan(**a, chunk_size=4, seq_idx=seq_idx)
+    for s, e, h0 in ((0, 4, a["h0"]), (4, 6, None), (6, 9, None)):
+        piece = dict(a, u=a["u"][..., s:e], delta=a["delta"][..., s:e], B=a["B"][..., s:e], C=a["C"][..., s:e], h0=h0)
+        assert_exact(y[..., s:e], selective_scan_reference(**piece), name=f"document [{s}, {e})")
+    # Without resets the same call is the plain scan.
+    assert_exact(selective_scan(**a, chunk_size=4, seq_idx=torch.zeros(1, 9, dtype=torch.int32)), selective_scan_reference(**a))
+
+
+@settings(deadline=None, max_examples=15)
+@given(seqlen=st.integers(2, 7), window=st.integers(1, 7), chunk=strategies.chunk_sizes(1, 4),
+       grouped=st.booleans(), opts=st.booleans(), data=st.data(), seed=strategies.seeds())
+def test_truncated_with_documents_equals_windowed_vjp_sum(seqlen, window, chunk, grouped, opts, data, seed):
+    # The windowed adjoint of the masked recurrence: a window that a document starts in has
+    # a zero decay, so nothing leaves it.
+    seq_idx = data.draw(doc_layouts(2, seqlen, chunk))
+    inputs = make_inputs(seed, 2, 2, 3, seqlen, 2 if grouped else 0, with_d=opts, with_z=opts, with_bias=opts, with_h0=True)
+    y_t, f_t, g_t = grads_of(op_fn(chunk, mode="truncated", window=window, seq_idx=seq_idx), inputs, opts, seed + 1)
+    _, _, g_exact = grads_of(lambda **k: selective_scan_reference(**k, return_final_state=True, seq_idx=seq_idx), inputs, opts, seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    dy = make_tensor(y_t.shape, seed=gen, dtype=torch.float64)
+    dh = make_tensor(f_t.shape, seed=gen, dtype=torch.float64)
+    expected = _windowed_vjp_sum(inputs, opts, window, dy, dh, seq_idx)
+    for k, g in g_t.items():
+        assert_exact(g, expected[k] if k in expected else g_exact[k], name=f"d{k} (window={window}, T={seqlen})")
+
+
+def test_opcheck_with_documents():
+    a = make_inputs(5, 2, 4, 3, 7, 2, with_d=True, with_z=True, with_bias=True, with_h0=True)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 1, 1, 1]], dtype=torch.int32)
+    op = torch.ops.longctx.selective_scan_fwd.default
+    args = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True, a["h0"])
+    torch.library.opcheck(op, (*args, 3, "exact", 0, seq_idx))
+    torch.library.opcheck(op, (*args, 2, "truncated", 3, seq_idx.long()))
+    torch.library.opcheck(op, (*args, 0, "exact", 0), {"seq_idx": seq_idx})
+
+
+@pytest.mark.parametrize(
+    "seq_idx,exc",
+    [
+        (torch.zeros(1, 4), TypeError),  # float
+        (torch.zeros(1, 4, dtype=torch.int16), TypeError),
+        (torch.zeros(1, 3, dtype=torch.int64), ValueError),  # wrong length
+        (torch.zeros(4, dtype=torch.int64), ValueError),  # no batch dim
+    ],
+)
+def test_bad_seq_idx_raises(seq_idx, exc):
+    a = {k: v.detach() for k, v in make_inputs(9, 1, 2, 3, 4, 0, with_d=False, with_z=False, with_bias=False, with_h0=False).items() if v is not None}
+    with pytest.raises(exc):
+        selective_scan(**a, seq_idx=seq_idx)
