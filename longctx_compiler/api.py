@@ -41,6 +41,7 @@ from longctx_compiler.backend import LongctxBackend, PassFailure, quiet_checkpoi
 from longctx_compiler.capture import capture_context
 from longctx_compiler.config import Config
 from longctx_compiler.report import RewriteReport
+from longctx_compiler.runtime.documents import document_ids_of, with_documents
 from longctx_compiler.passes.sequence_parallel import layout_chunk
 from longctx_compiler.runtime.sequence_parallel import (
     SequenceGroup, SequenceParallelError, active_group, global_loss, reduce_gradients_over, sequence_group, shard_inputs,
@@ -101,7 +102,13 @@ class _Compiled:
         self._lc_backend = LongctxBackend(config)
         # Sequence parallelism runs each rank on its shard: a graph break would run Python
         # between graphs on a shard unchecked, so the whole call must be one graph.
-        self._lc_compiled = torch.compile(target, backend=self._lc_backend, fullgraph=config.distributed.active)
+        # With packed documents the ids are the compiled callable's first input, and the whole
+        # call must be one graph too: a graph break would leave the ids out of a graph whose
+        # scans and attentions then mix documents.
+        if config.packed_documents:
+            target = with_documents(target)
+        self._lc_compiled = torch.compile(target, backend=self._lc_backend,
+                                          fullgraph=config.distributed.active or config.packed_documents)
         self._lc_sequence = _SequenceParallel(target, config) if config.distributed.active else None
         self._lc_report = RewriteReport()
         #: calls that went through the compiled callable (a wrapper compares it across a
@@ -116,6 +123,9 @@ class _Compiled:
         if sequence is not None:
             # This rank's shard of every sequence input (the compiled graph sees L tokens).
             args, kwargs = sequence.shard(args, kwargs)
+        if self._lc_config.packed_documents:
+            documents, kwargs = document_ids_of(args, kwargs)
+            args = (documents, *args)
         if not _mark_sequence_dynamic(self._lc_config, args, kwargs) and not self._lc_warned_sequence_dim:
             self._lc_warned_sequence_dim = True
             _warn_sequence_dim_out_of_range(self._lc_config, args, kwargs)
@@ -133,6 +143,8 @@ class _Compiled:
             raise
         if self._lc_backend.compile_count != before:
             self._lc_report = pending
+        if self._lc_config.packed_documents:
+            out = out[0]  # the ids marker's copy is the second result
         if sequence is not None:
             out = global_loss(out, sequence.group)
         if not self._lc_checked_first_step and torch.is_grad_enabled():
@@ -498,8 +510,11 @@ def explain(target: Callable[..., Any] | torch.nn.Module, *args: Any, config: Co
         # The plan of rank 0 of a simulated group: no process group needed, no data moves.
         group = simulated_group(cfg.distributed.sequence_parallel)
         args, kwargs = shard_inputs(group, _forward_of(target), args, kwargs, cfg.sequence_dim, layout_chunk(cfg))
+    if cfg.packed_documents:
+        documents, kwargs = document_ids_of(args, kwargs)
+        target, args = with_documents(target), (documents, *args)
     _mark_sequence_dynamic(cfg, args, kwargs)
-    compiled = torch.compile(target, backend=backend, fullgraph=cfg.distributed.active)
+    compiled = torch.compile(target, backend=backend, fullgraph=cfg.distributed.active or cfg.packed_documents)
     with torch.no_grad(), capture_context(cfg), quiet_checkpoint_policy_warning(), active_group(group), _once_only_logging_ignored():
         compiled(*args, **kwargs)
     return report

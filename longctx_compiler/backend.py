@@ -140,6 +140,10 @@ class LongctxBackend:
             # Each rank holds one shard of the sequence: the un-rewritten graph would compute
             # a wrong result on it, so there is nothing to fall back to.
             raise PassFailure(f"longctx_compiler: {what} (sequence parallelism cannot fall back)", name, site) from exc
+        if self.config.packed_documents:
+            # The un-rewritten graph runs the model's own math, which may mix the documents
+            # the caller asked to keep apart.
+            raise PassFailure(f"longctx_compiler: {what} (packed_documents cannot fall back)", name, site) from exc
         warnings.warn(
             f"longctx_compiler: {what}; compiling this graph without rewrites. Pass strict=True to raise instead.",
             PassFailureWarning,

@@ -240,6 +240,13 @@ class Config:
             compiled graph serves every sequence length.
         extra_passes: user passes (instances of :class:`longctx_compiler.passes.base.Pass`)
             run after the built-in ones.
+        packed_documents: keep packed documents apart in every sequence-mixing operation
+            (attention, scans, causal convolutions), so that a packed row computes what its
+            documents compute alone, even where the model's own code mixes them (transformers'
+            Mamba models). The documents come from each call's ``seq_idx``, ``cu_seqlens`` or
+            restarting ``position_ids`` (:mod:`longctx_compiler.runtime.documents`). Off by
+            default: the model's own math is kept. An operation that mixes tokens and cannot
+            be made document-aware makes the compile raise.
     """
 
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -251,6 +258,7 @@ class Config:
     strict: bool = False
     sequence_dim: int | None = 1
     extra_passes: tuple = ()
+    packed_documents: bool = False
 
     def __post_init__(self) -> None:
         # Sub-configs may be given as mappings for convenience: Config(attention={"chunk_size": 64}).
@@ -269,6 +277,12 @@ class Config:
                 raise TypeError(f"Config.sequence_dim must be an int or None, got {type(self.sequence_dim).__name__} ({self.sequence_dim!r})")
             if self.sequence_dim < 0:
                 raise ValueError(f"Config.sequence_dim must be a non-negative dimension index (1 for [B, T, ...] inputs) or None, got {self.sequence_dim}")
+        _check_bool("Config", "packed_documents", self.packed_documents)
+        if self.packed_documents and self.sequence_dim != 1:
+            raise ValueError(f"Config.packed_documents takes documents over [batch, sequence] inputs: it needs sequence_dim=1, got {self.sequence_dim}")
+        if self.packed_documents and self.distributed.active:
+            raise ValueError("Config.packed_documents is not supported with sequence parallelism yet: a scan's reset and a "
+                             "convolution's masked taps at a shard boundary are not carried across ranks")
         if not isinstance(self.extra_passes, tuple):
             object.__setattr__(self, "extra_passes", tuple(self.extra_passes))
         from longctx_compiler.passes.base import Pass

@@ -81,6 +81,7 @@ import longctx_compiler.kernels.attention  # noqa: F401
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.analysis.causal_mask import NotProvable, prove_mask
 from longctx_compiler.passes.analysis.fx_utils import arg, example_value, getitem, insert_call, is_call, propagate_example_value, strip_repeat_kv
+from longctx_compiler.runtime.documents import documents_node, joint_documents
 
 __all__ = ["ChunkedAttentionPass", "autocast_state_at"]
 
@@ -106,7 +107,8 @@ class ChunkedAttentionPass(Pass):
         variants = [f"sliding window {match.data['window']}" if match.data.get("window") else None,
                     f"soft-cap {match.data['softcap']:g}" if match.data.get("softcap") else None,
                     "sinks" if match.data.get("sinks") is not None else None,
-                    "packed documents" if match.data.get("documents") is not None else None,
+                    "packed documents" if match.data.get("documents") is not None
+                    or match.data.get("explicit_documents") is not None else None,
                     "padded keys" if match.data.get("key_padding") is not None else None]
         shown = ", ".join(v for v in variants if v)
         return f"{spelling} -> {target}" + (f" ({shown})" if shown else "")
@@ -122,7 +124,7 @@ class ChunkedAttentionPass(Pass):
             "window": d.get("window"),
             "softcap": d.get("softcap"),
             "sinks": d.get("sinks") is not None,
-            "documents": d.get("documents") is not None,
+            "documents": d.get("documents") is not None or d.get("explicit_documents") is not None,
             "key_padding": d.get("key_padding") is not None,
             "gqa_groups": d.get("groups"),
             "repeat_kv_removed": d.get("repeat_kv_removed", False),
@@ -299,6 +301,11 @@ class ChunkedAttentionPass(Pass):
                      rows_may_see_no_key=not (d["spelling"] == "sdpa" and not additive))
             d["causal"] = True
             d["mask_proven_causal"] = True
+        explicit = documents_node(gm)
+        if explicit is not None:
+            # Config.packed_documents: the caller's documents, on top of the model's own mask.
+            self._check_token_rows(explicit, "the packed documents' ids (packed_documents)", q, k)
+        d["explicit_documents"] = explicit
         d["offload"] = ctx.config.attention.offload
 
     def _check_dtypes(self, gm: fx.GraphModule, match: Match, q, k, v, out) -> None:
@@ -467,9 +474,14 @@ def _rows(graph: fx.Graph, node: fx.Node, row: int | None, batch: int) -> fx.Nod
 
 def _segment_ids(graph: fx.Graph, d: dict[str, Any], batch: int) -> tuple:
     """The op's ``segment_ids`` and ``key_segment_ids`` (``[batch, T]``), as few as say
-    something: the proven document ids for queries and keys; with key padding, the queries'
+    something: the proven document ids for queries and keys (joined with the caller's, with
+    ``Config.packed_documents``); with key padding, the queries'
     ids (documents, or 0) and the keys' ids with -1 at padded keys, which no query holds."""
     documents = None if d.get("documents") is None else _rows(graph, d["documents"], d["document_row"], batch)
+    if d.get("explicit_documents") is not None:
+        # Config.packed_documents: the caller's documents, joined with the model's own.
+        explicit = _rows(graph, d["explicit_documents"], None, batch)
+        documents = explicit if documents is None else insert_call(graph, joint_documents, (documents, explicit))
     if d.get("key_padding") is None:
         return () if documents is None else (documents,)
     pad = _rows(graph, d["key_padding"], d["key_padding_row"], batch)

@@ -24,6 +24,11 @@ float32 for 16-bit data (float32/float64 data: in its own dtype). Under ``torch.
 casts them to the autocast dtype first, as autocast does, then accumulates the same way.
 Anything else (grouped or dense convolutions, strides, dilation, ``padding="same"``, K > 64)
 is left to the convolution kernel, with the reason in the report.
+
+Packed documents (``Config.packed_documents``, :mod:`longctx_compiler.runtime.documents`): a
+causal filter (``P = K − 1``) reads tokens ``i − K + 1 .. i``; a tap whose token lies in an
+earlier document reads zero instead (``where(ids[i − P + k] == ids[i], xp[k + i], 0)``), which is
+what the convolution's zero padding gives a document run alone.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from longctx_compiler.passes.base import CantApply, Match, Pass, PassContext
 from longctx_compiler.passes.analysis.fx_utils import arg, example_value, insert_call, propagate_example_value
+from longctx_compiler.runtime.documents import documents_node
 
 __all__ = ["DepthwiseConvPass", "MAX_TAPS"]
 
@@ -99,6 +106,8 @@ class DepthwiseConvPass(Pass):
             extra["autocast"] = f"operands cast to {str(d['cast']).replace('torch.', '')} as autocast casts conv1d"
         if d.get("acc") is not None and d["acc"] != d["out_dtype"]:
             extra["accumulation"] = f"taps summed in {str(d['acc']).replace('torch.', '')}, rounded once to {str(d['out_dtype']).replace('torch.', '')}"
+        if d.get("documents") is not None:
+            extra["documents"] = "taps reading an earlier packed document read zero"
         return {"taps": d["taps"], "padding": d["padding"], "channels": d["channels"], **extra}
 
     def match(self, gm: fx.GraphModule, ctx: PassContext) -> Iterable[Match]:
@@ -138,7 +147,17 @@ class DepthwiseConvPass(Pass):
         taps = int(w.shape[2])
         if taps > MAX_TAPS:
             raise CantApply(f"{taps} taps > {MAX_TAPS}: left to the convolution kernel")
-        match.data.update(taps=taps, padding=padding, channels=str(channels), bias=bias)
+        match.data.update(taps=taps, padding=padding, channels=str(channels), bias=bias, documents=None)
+        documents = documents_node(gm)
+        if documents is not None:
+            # Packed documents: token i's taps i - P + k must stay in its document. That is
+            # defined for the causal form only (output i is token i's).
+            ids = example_value(documents)
+            if padding != taps - 1:
+                raise CantApply(f"packed documents: padding={padding} is not the causal padding {taps - 1} of a {taps}-tap filter")
+            if not statically_known_true(ids.shape[1] == x.shape[2]):
+                raise CantApply(f"packed documents: the input's {x.shape[2]} steps are not the documents' {ids.shape[1]} tokens")
+            match.data["documents"] = documents
 
     def apply(self, gm: fx.GraphModule, match: Match, ctx: PassContext) -> list[fx.Node]:
         node = match.anchor
@@ -154,11 +173,23 @@ class DepthwiseConvPass(Pass):
             # 16-bit convolutions accumulate in float32 and round once: so do the taps.
             x, w, bias = (_to(graph, t, acc) for t in (x, w, bias))
             xp = insert_call(graph, torch.constant_pad_nd, (x, [padding, padding], 0.0)) if padding else x
+            documents = match.data["documents"]
+            if documents is not None:
+                # Padded like x, with -1 (no document's id): output i's own id is idp[P + i];
+                # its tap k reads token i - P + k, whose id is idp[k + i].
+                idp = insert_call(graph, torch.constant_pad_nd, (documents, [padding, padding], -1))
+                own = insert_call(graph, operator.getitem, (idp, (_ALL, slice(padding, None))))
             out = None
             for k in range(taps):
                 # xp[..., k : k + L] with L = len(xp) - (K - 1): a negative stop needs no SymInt.
                 stop = k - (taps - 1) or None
                 shifted = insert_call(graph, operator.getitem, (xp, (_ALL, _ALL, slice(k, stop))))
+                if documents is not None and k < taps - 1:
+                    # A tap in another document reads zero, as a document run alone reads
+                    # the convolution's zero padding there (where, not a product: no inf·0).
+                    tap_ids = insert_call(graph, operator.getitem, (idp, (_ALL, slice(k, stop))))
+                    same = insert_call(graph, operator.getitem, (insert_call(graph, torch.eq, (tap_ids, own)), (_ALL, None)))
+                    shifted = insert_call(graph, torch.where, (same, shifted, 0.0))
                 tap = insert_call(graph, operator.getitem, (w, (_ALL, 0, slice(k, k + 1))))  # [C, 1]
                 term = insert_call(graph, operator.mul, (shifted, tap))
                 out = term if out is None else insert_call(graph, operator.add, (out, term))

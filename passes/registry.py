@@ -6,6 +6,9 @@ rewrite stage the order matters where passes compete for the same nodes:
 
 * attention before the block passes: a pipelined layer carries the chunked-attention op;
 * the per-scan rewrite before the block passes, which carry the rewritten scan;
+* ``packed_documents`` after the per-op passes (attention and convolution read the documents'
+  ids where they build their ops; it gives them to the scans and checks that nothing else
+  mixes documents) and before the block passes, which carry the ops into their bodies;
 * ``adjoint_sharded_blocks`` and ``pipelined_layers`` before ``recompute_ssm_blocks``: a block
   run chunk by chunk needs no recompute region;
 * the LM loss after the layers: it reads the head that the layers feed;
@@ -38,6 +41,7 @@ PIPELINE: tuple[tuple[str, str], ...] = (
     ("rewrite", "adjoint_sharded_scan:AdjointShardedScanPass"),
     ("rewrite", "ssd_scan:SSDScanPass"),
     ("rewrite", "depthwise_conv:DepthwiseConvPass"),
+    ("rewrite", "packed_documents:PackedDocumentsPass"),
     ("rewrite", "adjoint_sharded_blocks:AdjointShardedBlocksPass"),
     ("rewrite", "pipelined_layers:PipelinedLayersPass"),
     ("rewrite", "recompute_ssm_blocks:RecomputeSSMBlocksPass"),
