@@ -1,5 +1,5 @@
 """``optimize(model, packed_documents=True)``: a packed row computes what its documents
-compute alone, for attention (Llama), Mamba-1 and Mamba-2 models, with the documents given as
+compute alone, for attention (Llama), Mamba-1 and Mamba-2 models and a hybrid of both (Jamba), with the documents given as
 ``seq_idx``, ``cu_seqlens`` or restarting ``position_ids``.
 
 "Alone" is tested literally: each document is run as its own row (with the positions it has
@@ -37,6 +37,12 @@ def build(family, seed=0, **extra):
         cfg = t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             vocab_size=VOCAB, max_position_embeddings=512, attn_implementation="sdpa", **extra)
         model = t.LlamaForCausalLM(cfg)
+    elif family == "jamba":
+        # The hybrid: Mamba, attention, Mamba, attention (no experts, no rotary positions).
+        model = t.JambaForCausalLM(t.JambaConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=VOCAB, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100, expert_layer_offset=99,
+            num_experts=1, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, **extra))
     elif family == "mamba":
         model = t.MambaForCausalLM(t.MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=VOCAB, **extra))
     else:
@@ -112,7 +118,7 @@ def alone(model, ids, seq, positions):
 #: transformers' Mamba models round to float32 inside a float64 model (their RMS norms, the
 #: residual stream): a packed row and its documents alone then differ by float32 round-off
 #: (reductions over other token counts); Llama is float64 throughout.
-RTOL = {"llama": EXACT_RTOL, "mamba": 1e-5, "mamba2": 1e-5}
+RTOL = {"llama": EXACT_RTOL, "mamba": 1e-5, "mamba2": 1e-5, "jamba": 1e-5}
 
 
 
@@ -132,7 +138,8 @@ def packed_call(source, seq, cu, family):
 
 
 @pytest.mark.parametrize("family, source", [("llama", "seq_idx"), ("llama", "position_ids"), ("mamba", "seq_idx"),
-                                            ("mamba", "cu_seqlens"), ("mamba", "position_ids"), ("mamba2", "cu_seqlens")])
+                                            ("mamba", "cu_seqlens"), ("mamba", "position_ids"), ("mamba2", "cu_seqlens"),
+                                            ("jamba", "seq_idx")])
 def test_a_packed_row_equals_each_document_alone(family, source):
     model = build(family)
     opt = optimized(model)
@@ -146,10 +153,9 @@ def test_a_packed_row_equals_each_document_alone(family, source):
     for g, r in zip(grads, ref_grads):
         assert relative_error(g, r) <= RTOL[family]
     rewrites = opt.report.rewrites
-    if family == "llama":
-        attention = [r for r in rewrites if r.pass_name == "chunked_attention"]
-        assert len(attention) == 2 and all(r.details["documents"] for r in attention)
-    else:
+    attention = [r for r in rewrites if r.pass_name == "chunked_attention"]
+    assert len(attention) == {"llama": 2, "jamba": 2}.get(family, 0) and all(r.details["documents"] for r in attention)
+    if family != "llama":
         assert sum(r.pass_name == "packed_documents" for r in rewrites) == 2  # each layer's scan resets
         convs = [r for r in rewrites if r.pass_name == "depthwise_conv"]
         assert len(convs) == 2 and all("documents" in r.details for r in convs)
