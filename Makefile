@@ -4,6 +4,7 @@
 #   make test-latest   the suite against the newest releases of every dependency (.venv-latest)
 #   make lock          rewrite constraints.txt from .venv-latest (after test-latest passed)
 #   make fuzz          the adversarial near-miss suites at nightly size (>= 10,000 examples)
+#   make nightly       fuzz, and the tests marked nightly (Inductor numerics on real models)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +22,7 @@ FUZZ_EXAMPLES ?= 400
 # pytest-xdist workers for `make test` (tests compile graphs: mostly one core each).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-latest lock fuzz graphviz
+.PHONY: demo test test-latest lock fuzz nightly graphviz
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +43,10 @@ demo: $(VENV)/.installed graphviz
 
 # --dist worksteal: a few tests (Inductor compiles, process-group launches) take 1-2 minutes;
 # a worker that runs out of tests takes queued ones from the other instead of idling.
+# Tests marked nightly (Inductor numerics on real models, compiled from scratch) run in
+# `make nightly`; Inductor itself is still covered here by smaller models.
 test: $(VENV)/.installed graphviz
-	LONGCTX_EXPECT_LOCK=$(LOCK) $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=20
+	LONGCTX_EXPECT_LOCK=$(LOCK) $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=20 -m "not nightly"
 
 test-latest: graphviz
 	$(PYTHON) -m venv $(LATEST)
@@ -61,3 +64,6 @@ lock:
 fuzz: $(VENV)/.installed
 	LONGCTX_FUZZ_EXAMPLES=$(FUZZ_MASKS) $(PY) -m pytest tests/adversarial/test_near_miss_masks.py -q -s -p no:cacheprovider
 	LONGCTX_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/adversarial -q -s -p no:cacheprovider --ignore=tests/adversarial/test_near_miss_masks.py
+
+nightly: fuzz
+	$(PY) -m pytest -n $(TEST_WORKERS) -m nightly -p no:cacheprovider

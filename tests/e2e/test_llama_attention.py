@@ -139,6 +139,7 @@ def test_refusals_leave_the_graph_alone_with_reasons():
 
 
 @pytest.mark.slow
+@pytest.mark.nightly
 def test_inductor_within_twice_plain_compile_error():
     eager = llama()
     plain = llama()

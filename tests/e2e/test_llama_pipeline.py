@@ -59,6 +59,7 @@ def test_llama_float64_aot_eager_exact_and_no_recompile():
 
 
 @pytest.mark.slow
+@pytest.mark.nightly
 def test_llama_float64_inductor_within_2x_plain_compile_error():
     eager = tiny_llama()
     plain = tiny_llama()

@@ -163,6 +163,7 @@ def test_truncated_mode_on_hf_mamba():
 
 
 @pytest.mark.slow
+@pytest.mark.nightly
 def test_inductor_within_twice_plain_compile_error():
     eager = mamba(False)
     plain = mamba(False)
