@@ -25,9 +25,9 @@ Which nodes form "the block" and what disqualifies it are as in :mod:`recompute_
 (which handles any block this pass refuses). On top, the block must be provably local
 along the sequence (:mod:`sequence_window`: every operation has a rule; no look-ahead; the
 outputs pointwise in the scan's output), and a selective scan exact (a truncated adjoint is
-defined per scan, not across the block's chunks). An SSD scan with documents (``seq_idx``)
-also reads the token before each chunk: a document starting at a chunk's first token resets
-the carried state.
+defined per scan, not across the block's chunks). A scan (selective or SSD) with documents
+(``seq_idx``) also reads the token before each chunk: a document starting at a chunk's
+first token resets the carried state.
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ WINDOWED = {SCAN: scan_in_window, SSD: ssd_in_window}
 def scan_site(scan: fx.Node) -> CarrySite:
     """A scan (selective or SSD) as a carry of the sequence-window analysis: its arguments,
     those that run along the sequence (by position, with their dim), its per-token result
-    and, for an SSD with documents, the one token before each chunk that a reset reads."""
+    and, for a scan with documents, the one token before each chunk that a reset reads."""
     if is_ssd(scan):
         what, schema, args, output = SSD, ssd_schema, ssd_schema.SSDArgs.of(scan), ssd_schema.OUT
     else:
         what, schema, args, output = SCAN, scan_schema, scan_schema.ScanArgs.of(scan), scan_schema.Y
     seq = {args._fields.index(name): d for name, d in schema.SEQUENCE_DIMS.items() if getattr(args, name) is not None}
-    reach = 1 if what == SSD and args.seq_idx is not None else 0
+    reach = 1 if args.seq_idx is not None else 0
     return CarrySite(scan, tuple(args), seq, output, what, reach)
 
 

@@ -6,11 +6,12 @@ yet"). It gets there three ways: :func:`longctx_compiler.nn.selective_scan_fn` e
 Mamba family, ``mamba_ssm``), and :mod:`longctx_compiler.passes.scan_to_selective_scan`
 raises linear ``scan`` bodies into it. This pass plans it::
 
-    before:  res = longctx.selective_scan_fwd(u, Δ, A, B, C, D, z, bias, sp, h0, 0, "exact", 0)
-    after:   res = longctx.selective_scan_fwd(u, Δ, A, B, C, D, z, bias, sp, h0, Q, mode, T̄)
+    before:  res = longctx.selective_scan_fwd(u, Δ, A, B, C, D, z, bias, sp, h0, 0, "exact", 0, seq_idx)
+    after:   res = longctx.selective_scan_fwd(u, Δ, A, B, C, D, z, bias, sp, h0, Q, mode, T̄, seq_idx)
 
 with ``Q = config.ssm.chunk_size`` and ``mode``/``T̄`` from :class:`SSMConfig`: ``"exact"``
-unless the user named ``mode="truncated", window=T̄``. The op's registered autograd saves
+unless the user named ``mode="truncated", window=T̄``. The document index ``seq_idx`` (None
+without packed documents) is kept as it is. The op's registered autograd saves
 the inputs and the ``[B, D, M, N]`` chunk-boundary states only (``M = ⌈T/Q⌉``), so the
 scan's saved state is ``M·B·D·N`` numbers instead of ``T·B·D·N``.
 

@@ -97,6 +97,12 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, chunk_size, mode,
     # Shape arithmetic only, so a symbolic T stays symbolic: M = ceil(T / Q).
     nchunks = (seqlen + q - 1) // q
     cdt = compute_dtype(u, A, D, delta_bias, h0)
+    if seq_idx is not None:
+        # The document index runs along u's sequence: checking it here makes a traced graph's
+        # two sequence lengths one symbol (what the block runtime's window analysis needs to
+        # narrow seq_idx with the other sequence inputs).
+        torch._check(seq_idx.shape[0] == bsz, lambda: f"selective_scan: seq_idx must be [batch={bsz}, seqlen], got {tuple(seq_idx.shape)}")
+        torch._check(seq_idx.shape[-1] == seqlen, lambda: f"selective_scan: seq_idx must be [batch, seqlen={seqlen}], got {tuple(seq_idx.shape)}")
     y = u.new_empty(u.shape)
     final = u.new_empty((bsz, dim, dstate), dtype=cdt)
     boundary = u.new_empty((bsz, dim, nchunks * dstate), dtype=cdt)

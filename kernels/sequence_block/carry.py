@@ -100,12 +100,21 @@ def scan_in_window(*rest):
     (the node's own ``h0`` for the first chunk); returns ``(y padded with hc leading zeros,
     final)``. The state ``[B, D, N]`` is carried as it is.
 
+    With documents (``seq_idx``), as in :func:`ssd_in_window`: the carried state is dropped
+    for each batch row whose document index changes from the token before the chunk (the
+    window's last halo token) to the chunk's first, where the whole-sequence scan resets it.
+
     Arguments: those of ``longctx::selective_scan_fwd`` (:class:`ScanArgs`), then ``slot, carry``.
     """
     *args, slot, carry = rest
     args = ScanArgs(*args)
     hc = carry.hc
     h_in = carry.states_in[slot]
+    if h_in is not None and args.seq_idx is not None:
+        if not hc:
+            raise RuntimeError("sequence_block: a selective scan with documents needs the token before each chunk (a halo of at least 1)")
+        same = args.seq_idx[:, hc] == args.seq_idx[:, hc - 1]
+        h_in = torch.where(same[:, None, None], h_in, h_in.new_zeros(()))
     own = args._replace(**_own_tokens(args, ScanArgs._fields, SCAN_DIMS, hc), **({} if h_in is None else {"h0": h_in}))
     y, final, _ = torch.ops.longctx.selective_scan_fwd(*own)
     carry.states_out[slot] = final

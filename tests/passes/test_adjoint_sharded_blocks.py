@@ -4,12 +4,15 @@ Float64 exactness against eager (loss and every gradient) for any T, including c
 shorter than the convolution's halo, with one compile; in float32, within twice plain
 PyTorch's own error against float64; the rewrite fired on every layer;
 every run of the block's body, forward and backward, sees at most one chunk plus its halo;
-peak memory falls below block recompute's; ``opcheck`` on the op; and
-the loud failures (unknown plan, inconsistent sizes).
+peak memory falls below block recompute's; ``opcheck`` on the op; documents (``seq_idx``)
+starting at chunk boundaries and inside chunks, with an initial state, with and without a
+convolution; and the loud failures (unknown plan, inconsistent sizes).
 """
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +20,7 @@ import longctx_compiler as lc
 from lm_helpers import ids_for, lm_call, loss_and_grads, loss_of
 from longctx_compiler.kernels.sequence_block import chunked, get_plan
 from longctx_compiler.memory import measure_step
-from longctx_compiler.nn import TinyMambaLM
+from longctx_compiler.nn import SelectiveSSM, TinyMambaLM, selective_scan_fn
 from longctx_compiler.testing import EXACT_RTOL, assert_gradients_match, assert_within_dtype_rule, clone_module
 
 PASS = "adjoint_sharded_blocks"
@@ -172,3 +175,89 @@ def test_the_same_step_is_bitwise_reproducible_first_call_included():
     assert opt.report.count(PASS) == 2
     for later in steps[1:]:
         assert all(torch.equal(a, b) for a, b in zip(steps[0], later))
+
+
+class ScanDocuments(nn.Module):
+    """A Mamba mixer whose selective scan also takes document indices and a learned initial
+    state (``d_conv = 0``: no convolution, so the block itself reads no earlier token)."""
+
+    def __init__(self, d_conv=2):
+        super().__init__()
+        self.mixer = SelectiveSSM(8, d_state=4, d_conv=max(d_conv, 1), expand=2, dtype=torch.float64)
+        self.conv = d_conv > 0
+        self.h0 = nn.Parameter(torch.randn(1, self.mixer.d_inner, 4, dtype=torch.float64))
+
+    def forward(self, x, seq_idx):
+        m, T = self.mixer, x.shape[1]
+        xi, z = m.in_proj(x).transpose(1, 2).chunk(2, dim=1)
+        if self.conv:
+            xi = F.silu(m.conv1d(xi)[..., :T])
+        dt, Bm, Cm = m.x_proj(xi.transpose(1, 2)).split([m.dt_rank, m.d_state, m.d_state], dim=-1)
+        delta = F.linear(dt, m.dt_proj.weight).transpose(1, 2)
+        y = selective_scan_fn(xi, delta, -torch.exp(m.A_log), Bm.transpose(1, 2), Cm.transpose(1, 2), m.D, z,
+                              delta_bias=m.dt_proj.bias, delta_softplus=True, h0=self.h0.expand(x.shape[0], -1, -1), seq_idx=seq_idx)
+        return m.out_proj(y.transpose(1, 2))
+
+
+class Layer(nn.Module):
+    """A model of one block (a block is a module of its own)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, seq_idx):
+        return self.block(x, seq_idx)
+
+
+@st.composite
+def document_starts(draw, t, block):
+    """Document starts of one batch row: at chunk boundaries, inside chunks, length-1
+    documents, or any; the index numbered from an arbitrary base."""
+    kind = draw(st.sampled_from(["chunk_starts", "inside", "length_one", "any"]))
+    if kind == "chunk_starts":
+        starts = set(range(block, t, block))
+    elif kind == "length_one":
+        starts = set(range(1, t))
+    elif kind == "inside":
+        starts = draw(st.sets(st.sampled_from([s for s in range(1, t) if s % block]), min_size=1, max_size=3))
+    else:
+        starts = draw(st.sets(st.integers(1, t - 1)))
+    base = draw(st.integers(0, 2))
+    return [base + sum(1 for s in starts if s <= i) for i in range(t)]
+
+
+@pytest.mark.parametrize("d_conv,block", [(2, 4), (0, 3)], ids=["halo 1 (conv)", "no conv"])
+def test_selective_scan_documents_chunk_by_chunk_equal_the_whole_sequence(d_conv, block):
+    # A document starting at a chunk's first token resets the carried state (the window reads
+    # the token before the chunk: halo >= 1 even without a convolution); resets inside a
+    # chunk are the scan's own. Batch rows with different layouts; an initial state.
+    torch.manual_seed(5)
+    eager = Layer(ScanDocuments(d_conv))
+    opt = lc.optimize(Layer(ScanDocuments(d_conv)), backend="aot_eager", strict=True, ssm={"chunk_size": 2, "block_chunk_size": block})
+    opt.load_state_dict(eager.state_dict())
+
+    @settings(max_examples=6, deadline=None)
+    @given(t=st.integers(2 * block + 1, 4 * block + 1), data=st.data(), seed=st.integers(0, 2**16))
+    def prop(t, data, seed):
+        rows = [data.draw(document_starts(t, block)) for _ in range(2)]
+        seq_idx = torch.tensor(rows, dtype=data.draw(st.sampled_from([torch.int32, torch.int64])))
+        x = torch.randn(2, t, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        assert_gradients_match(eager, opt, [x, seq_idx], loss_fn=lambda y: (y * y).sum(), rtol=EXACT_RTOL)
+
+    prop()
+    (rewrite,) = [r for r in opt.report.rewrites if r.pass_name == PASS]
+    assert rewrite.details["halo"] == 1 and rewrite.details["scan"] == "selective_scan"
+    assert opt.report.count("recompute_ssm_blocks") == 0
+
+
+def test_selective_scan_documents_need_the_token_before_each_chunk():
+    from longctx_compiler.kernels.sequence_block.carry import Carry, scan_in_window
+    from longctx_compiler.kernels.selective_scan.schema import ScanArgs
+
+    u = torch.randn(1, 2, 4, dtype=torch.float64)
+    args = ScanArgs(u, u.clone(), -torch.ones(2, 3, dtype=torch.float64), torch.randn(1, 3, 4, dtype=torch.float64),
+                    torch.randn(1, 3, 4, dtype=torch.float64), seq_idx=torch.zeros(1, 4, dtype=torch.int64))
+    carry = Carry(0, 4, [torch.zeros(1, 2, 3, dtype=torch.float64)], None, 0)
+    with pytest.raises(RuntimeError, match="halo of at least 1"):
+        scan_in_window(*args, 0, carry)
