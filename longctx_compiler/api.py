@@ -83,6 +83,30 @@ def _mark_sequence_dynamic(config: Config, args: tuple, kwargs: dict) -> bool:
     return not tensors or any(v.dim() > dim for v in tensors)
 
 
+def _equal_lengths_share_a_symbol(fn: Callable[..., Any], dim: int | None) -> Callable[..., Any]:
+    """``fn``, compiled so that inputs of equal sequence length have one size symbol.
+
+    Each input's sequence dim is marked dynamic on its own (:func:`_mark_sequence_dynamic`), so
+    Dynamo gives each its own symbol: ``input_ids [B, s0]`` and ``attention_mask [B, s1]``. A
+    model that relates them only through a KV cache (``use_cache=True``: the mask is sized by
+    the cache's key length) then leaves ``s1 == s0`` unprovable, and a pass that needs it (a
+    padding mask's keys are the attention's) must refuse. Comparing the lengths here, in the
+    traced code, makes Dynamo guard on the comparison and, where it holds, use one symbol for
+    both; a later call whose lengths differ fails the guard and compiles its own graph.
+    (The closure's name is ``fn``, a root the report's module paths start inside.)
+    """
+
+    def longctx_call(*args: Any, **kwargs: Any) -> Any:
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and dim is not None and v.dim() > dim]
+        same = 0
+        for other in tensors[1:]:
+            if other.shape[dim] == tensors[0].shape[dim]:  # the branch is what Dynamo guards on
+                same += 1
+        return fn(*args, **kwargs)
+
+    return longctx_call
+
+
 def _warn_sequence_dim_out_of_range(config: Config, args: tuple, kwargs: dict) -> None:
     shapes = [tuple(v.shape) for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
     warnings.warn(
@@ -105,9 +129,10 @@ class _Compiled:
         # With packed documents the ids are the compiled callable's first input, and the whole
         # call must be one graph too: a graph break would leave the ids out of a graph whose
         # scans and attentions then mix documents.
+        compiled = _equal_lengths_share_a_symbol(target, config.sequence_dim)
         if config.packed_documents:
-            target = with_documents(target)
-        self._lc_compiled = torch.compile(target, backend=self._lc_backend,
+            compiled = with_documents(compiled)
+        self._lc_compiled = torch.compile(compiled, backend=self._lc_backend,
                                           fullgraph=config.distributed.active or config.packed_documents)
         self._lc_sequence = _SequenceParallel(target, config) if config.distributed.active else None
         self._lc_report = RewriteReport()

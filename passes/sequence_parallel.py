@@ -321,6 +321,9 @@ class SequenceParallelPass(Pass):
                 carries.append(CarrySite(n, tuple(n.args), {0: 2, 1: 2, 2: 2}, 0, ATTENTION))
             elif n.target is SCAN_OP:
                 mode = ScanArgs.of(n).mode
+                if ScanArgs.of(n).seq_idx is not None:
+                    raise SequenceParallelError(f"{n.name}: a scan with packed documents (seq_idx) is not sharded over time yet "
+                                                "(a reset at a shard boundary is not carried across ranks)")
                 if mode != "exact":
                     raise SequenceParallelError(f"{n.name}: a scan with a {mode!r} adjoint cannot be sharded over time (the adjoint crosses ranks exactly only)")
                 if layout is not None:

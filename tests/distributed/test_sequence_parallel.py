@@ -206,3 +206,24 @@ def test_a_function_is_refused():
     opt = lc.optimize(lambda x: x.sum(), backend="aot_eager", distributed={"sequence_parallel": 2})
     with pytest.raises(SequenceParallelError, match="nn.Module"):
         opt(torch.ones(1, 8))
+
+
+def test_a_scan_with_packed_documents_is_refused():
+    # A reset at a shard boundary is not carried across ranks: refused by name, never a
+    # scan that mixes the documents on one rank's shard.
+    from longctx_compiler.nn.ssm import selective_scan_fn
+
+    class Documents(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A = torch.nn.Parameter(-torch.ones(4, 2))
+
+        def forward(self, u, delta, B, C, seq_idx):  # [B, T, ...] inputs, the scan's [B, ..., T] layout
+            t = lambda x: x.transpose(1, 2)
+            return selective_scan_fn(t(u), t(delta), self.A, t(B), t(C), seq_idx=seq_idx).sum()
+
+    u, delta = torch.randn(1, 8, 4), torch.rand(1, 8, 4)
+    B, C = torch.randn(1, 8, 2), torch.randn(1, 8, 2)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=r"packed documents \(seq_idx\) is not sharded"):
+        lc.explain(Documents(), u, delta, B, C, seq_idx, config=lc.Config(distributed={"sequence_parallel": 2}))

@@ -115,21 +115,6 @@ def test_refusals_leave_the_graph_alone_with_reasons():
         opt(ids)
     assert opt.report.count("chunked_attention") == 2
 
-    # a padding mask with a KV cache in the call (use_cache defaults to True): the cache makes
-    # the keys' length a different size from the mask's, so the pass cannot prove the mask
-    # describes the attention's own keys (use_cache=False, as Trainer calls it, is rewritten:
-    # tests/e2e/test_training_masks.py)
-    torch._dynamo.reset()
-    eager_model = llama("eager")
-    opt = optimized(llama("eager"))
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[0, 7:] = 0  # right padding
-    labels = ids.masked_fill(mask == 0, -100)
-    out = opt(ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out.loss, eager_model(ids, attention_mask=mask, labels=labels).loss, rtol=1e-12, atol=0)
-    assert opt.report.count("chunked_attention") == 0
-    assert opt.report.refusals and all("padding mask" in r.reason and "KV cache" in r.reason for r in opt.report.refusals)
-
     # attention probabilities returned to the user: the [T, T] tensor must exist
     torch._dynamo.reset()
     opt = optimized(llama("eager"))
