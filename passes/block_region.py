@@ -45,9 +45,14 @@ _DROPOUT = {torch.nn.functional.dropout, torch.dropout, torch.nn.functional.drop
 
 def module_stack(node: fx.Node) -> list[tuple[str, str]]:
     """``[(key, path), ...]`` outermost first, from Dynamo's ``nn_module_stack``; ``path`` as
-    the report writes it (``model.layers.0.mlp``, whatever Dynamo's source spelling)."""
+    the report writes it (``model.layers.0.mlp``, whatever Dynamo's source spelling).
+
+    The model itself is not an entry: it is what was compiled, not a block of it (Dynamo
+    lists it when the compiled callable calls the model rather than being its ``forward``,
+    as ``optimize``'s is; its path is empty)."""
     stack = node.meta.get("nn_module_stack") or {}
-    return [(k, module_path(v[0])) for k, v in stack.items()]
+    paths = [(k, module_path(v[0])) for k, v in stack.items()]
+    return [(k, p) for k, p in paths if p]
 
 
 def long_context_op(node: fx.Node) -> bool:

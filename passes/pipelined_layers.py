@@ -73,13 +73,15 @@ def configured_chunk(config: Any) -> int:
     return getattr(layers, "chunk_size", None) or config.attention.chunk_size or DEFAULT_CHUNK
 
 
-def attention_variant(n: fx.Node) -> str | None:
+def attention_variant(n: fx.Node, *, ids_only: bool = False) -> str | None:
     """What an attention op call adds to plain causal attention (a sliding window, soft-capped
-    scores, sink logits — its arguments after the pool budget), in words; None if nothing."""
+    scores, sink logits, document or padding ids — its arguments after the pool budget), in
+    words; None if nothing. With ``ids_only`` only the ids (documents, padded keys)."""
     window, softcap, sinks, documents, keys = (forward_arg(n, a) for a in ("window", "softcap", "sinks", "segment_ids", "key_segment_ids"))
-    found = [f"a sliding window of {window}" if window else None, f"soft-capped scores ({softcap})" if softcap else None,
-             "attention sinks" if sinks is not None else None,
-             ("padded keys" if keys is not None else "packed documents") if documents is not None else None]
+    found = [("padded keys" if keys is not None else "packed documents") if documents is not None else None]
+    if not ids_only:
+        found = [f"a sliding window of {window}" if window else None, f"soft-capped scores ({softcap})" if softcap else None,
+                 "attention sinks" if sinks is not None else None, *found]
     return ", ".join(f for f in found if f) or None
 
 
@@ -160,9 +162,13 @@ class PipelinedLayersPass(Pass):
             if _is_attention(n):
                 if n.args[_CAUSAL] is not True:
                     raise CantApply("the attention is not causal: every token reads the whole sequence, which no chunk holds")
-                variant = attention_variant(n)
+                # Windows, soft-caps and sinks are applied chunk by chunk (HistoryAttention); the
+                # history does not keep documents or padded keys apart yet, nor are the variants
+                # exchanged under sequence parallelism.
+                variant = attention_variant(n, ids_only=not ctx.config.distributed.active)
                 if variant:
-                    raise CantApply(f"the attention has {variant}, which the layer's K/V history does not apply yet")
+                    why = " under sequence parallelism" if ctx.config.distributed.active else ""
+                    raise CantApply(f"the attention has {variant}, which the layer's K/V history does not apply{why} yet")
                 carries.append(CarrySite(n, tuple(n.args), _QKV, 0, ATTENTION))
             elif n.op == "call_function" and n.target is SCAN_OP:
                 if ctx.config.ssm.mode != "exact":

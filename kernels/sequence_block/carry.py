@@ -31,6 +31,7 @@ from torch import Tensor
 # Registers torch.ops.longctx.selective_scan_fwd and chunked_attention_fwd.
 from longctx_compiler.kernels.attention import op as _attention_op  # noqa: F401
 from longctx_compiler.kernels.attention.chunked import chunked_attention_backward, chunked_attention_forward, merge_partial
+from longctx_compiler.kernels.attention.op import FORWARD_ARGS
 from longctx_compiler.kernels.attention.reference import accumulation_dtype
 from longctx_compiler.kernels.selective_scan import op as _scan_op  # noqa: F401
 from longctx_compiler.kernels.selective_scan.schema import SEQUENCE_DIMS as SCAN_DIMS
@@ -156,7 +157,8 @@ def ssd_in_window(*rest):
 def attention_in_window(q, k, v, causal: bool, scale: float, chunk_size: int, *rest):
     """The layer's causal attention inside a window (``q`` ``[B, Hq, L, D]``, ``k``/``v``
     ``[B, Hkv, L, D]``, the window's ``L`` tokens): the chunk's own queries attend to the K/V
-    history (every earlier position) and causally to their own keys. Returns
+    history (every earlier position, or with a sliding window the ones in its band) and
+    causally to their own keys; soft-caps and sinks as the op applies them. Returns
     ``(out padded with hc leading zeros, None)`` (the log-sum-exp is not an output of a block).
 
     Arguments: those of ``longctx::chunked_attention_fwd`` (``chunk_size`` 0: chosen from the
@@ -167,6 +169,12 @@ def attention_in_window(q, k, v, causal: bool, scale: float, chunk_size: int, *r
         return torch.ops.longctx.chunked_attention_fwd(q, k, v, causal, scale, chunk_size, *extra)
     if not causal:
         raise RuntimeError("sequence_block: a windowed attention must be causal (the prover checks this)")
+    variants = dict(zip(FORWARD_ARGS[6:], extra))  # host_pool_bytes (unused here), window, softcap, sinks, ids
+    window, softcap, sinks = variants.get("window") or 0, variants.get("softcap") or 0.0, variants.get("sinks")
+    if variants.get("segment_ids") is not None:
+        raise RuntimeError("sequence_block: the K/V history does not keep packed documents or padded keys apart (the pass refuses them)")
+    if carry.group is not None and (window or softcap or sinks is not None):
+        raise RuntimeError("sequence_block: windows, soft-caps and sinks are not exchanged under sequence parallelism (the pass refuses them)")
     if q.device.type in AUTOCAST_DEVICE_TYPES:
         # The op's Autocast kernel (SDPA's rule) is not on this path: cast here, as it would.
         q, k, v = autocast_cast((q, k, v), q.device.type)
@@ -176,7 +184,8 @@ def attention_in_window(q, k, v, causal: bool, scale: float, chunk_size: int, *r
     if carry.group is not None:
         qo, ko, vo = _heads_for_sequence(qo, ko, vo, carry.group)
     carry.own[slot] = (ko, vo)
-    out = HistoryAttention.apply(qo, ko, vo, carry.histories[slot], carry.history_start, scale, chunk_size or None)
+    out = HistoryAttention.apply(qo, ko, vo, sinks, carry.histories[slot], carry.history_start, scale, chunk_size or None, window,
+                                 softcap)
     if carry.group is not None:
         out = torch.ops.longctx.seq_all_to_all(out, 2, 1, carry.group)
     return (F.pad(out, (0, 0, hc, 0)) if hc else out), None
@@ -272,6 +281,10 @@ class KVHistory:
                 pending = fetch(starts[i + 1])
             yield s, min(s + self.piece, stop), kc, vc
 
+    def read(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """``K[:, :, start:stop], V[:, :, start:stop]`` on the compute device."""
+        return self.pool.prefetch(self.k, start, stop), self.pool.prefetch(self.v, start, stop)
+
     def add_grad(self, s: int, dk: Tensor, dv: Tensor) -> None:
         n = dk.shape[2]
         self.dk.host.narrow(2, s, n).add_(dk.to(self.dk.host.device, self.dk.dtype))
@@ -298,40 +311,84 @@ class KVHistory:
 
 
 class HistoryAttention(torch.autograd.Function):
-    """``out = softmax(scale · q [K_hist; k]ᵀ + causal) [V_hist; v]`` for one chunk.
+    """``out = softmax(cap(scale · q [K_hist; k]ᵀ) + mask) [V_hist; v]`` for one chunk.
 
     Shapes: ``q`` ``[B, Hq, n, D]``, ``k``/``v`` ``[B, Hkv, n, D]`` (the chunk's own tokens at
-    positions ``t0 .. t0 + n``), history ``[B, Hkv, t0, D]`` (earlier positions, every one
-    visible to every query). Forward: the causal diagonal part, then each history piece
-    non-causally, merged by the online softmax in the accumulation dtype. Backward: the flash
-    backward of each part evaluated with the *final* ``out, lse`` gives that part's exact
-    terms: ``dq`` is their sum, ``dk, dv`` the diagonal part's, and each history piece's
-    ``dK, dV`` go into the history's accumulators (the carry's adjoint), not to autograd.
+    positions ``t0 .. t0 + n``), history ``[B, Hkv, t0, D]`` (earlier positions); ``sinks``
+    ``[Hq]`` or None. The variants are the op's: ``window`` (query ``i`` sees keys
+    ``i − window < j <= i``), ``softcap`` (``cap·tanh(s / cap)`` on every score), ``sinks``
+    (one logit per head in every row's denominator, counted once).
+
+    Without a window every history position is visible to every query. Forward: the causal
+    diagonal part (with the sinks), then each history piece non-causally, merged by the online
+    softmax in the accumulation dtype. Backward: the flash backward of each part evaluated
+    with the *final* ``out, lse`` gives that part's exact terms: ``dq`` is their sum, ``dk,
+    dv`` (and ``dsinks``) the diagonal part's, and each history piece's ``dK, dV`` go into the
+    history's accumulators (the carry's adjoint), not to autograd.
+
+    With a window the chunk reads only the ``h = min(t0, window − 1)`` history positions
+    before it. They are read back and put in front of the chunk's keys, and the queries get
+    ``h`` zero rows in front: over those ``h + n`` positions the op's own top-left causal
+    window is exactly the band at the chunk's absolute positions (row ``h + i`` is query
+    ``t0 + i``, column ``c`` key ``t0 − h + c``). One call, so every variant of the op applies
+    as it is; the zero rows get ``dout = 0`` and add nothing to any gradient (≤ window − 1
+    extra rows of work per chunk). Their ``dK, dV`` go to the history's accumulators.
     """
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, history: KVHistory, t0: int, scale: float, chunk: int) -> Tensor:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, history: KVHistory, t0: int, scale: float,
+                chunk: int, window: int, softcap: float) -> Tensor:
+        ctx.history, ctx.t0, ctx.scale, ctx.chunk, ctx.window, ctx.softcap = history, t0, scale, chunk, window, softcap
+        ctx.has_sinks = sinks is not None
+        if window:
+            h = min(t0, window - 1)
+            qq, kk, vv = _band_operands(q, k, v, history, t0, h)
+            o, lse = chunked_attention_forward(qq, kk, vv, causal=True, scale=scale, chunk_size=chunk, window=window,
+                                               softcap=softcap, sinks=sinks)
+            ctx.h = h
+            ctx.save_for_backward(q, k, v, o, lse, sinks)
+            return o[:, :, h:]
         acc = accumulation_dtype(q.dtype)
-        o, lse = chunked_attention_forward(q, k, v, causal=True, scale=scale, chunk_size=chunk)
+        o, lse = chunked_attention_forward(q, k, v, causal=True, scale=scale, chunk_size=chunk, softcap=softcap, sinks=sinks)
         o = o.to(acc)
         for _, _, kc, vc in history.pieces(t0):
-            o_part, l_part = chunked_attention_forward(q, kc, vc, causal=False, scale=scale, chunk_size=chunk)
+            o_part, l_part = chunked_attention_forward(q, kc, vc, causal=False, scale=scale, chunk_size=chunk, softcap=softcap)
             o, lse = merge_partial(o, lse, o_part.to(acc), l_part)
         out = o.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.history, ctx.t0, ctx.scale, ctx.chunk = history, t0, scale, chunk
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        history, scale, chunk = ctx.history, ctx.scale, ctx.chunk
-        dq, dk, dv = chunked_attention_backward(dout, q, k, v, out, lse, causal=True, scale=scale, chunk_size=chunk)
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        history, scale, chunk, softcap = ctx.history, ctx.scale, ctx.chunk, ctx.softcap
+        if ctx.window:
+            h = ctx.h
+            qq, kk, vv = _band_operands(q, k, v, history, ctx.t0, h)
+            grads = chunked_attention_backward(F.pad(dout, (0, 0, h, 0)), qq, kk, vv, out, lse, causal=True, scale=scale,
+                                               chunk_size=chunk, window=ctx.window, softcap=softcap, sinks=sinks)
+            dq, dk, dv = grads[0][:, :, h:], grads[1][:, :, h:], grads[2][:, :, h:]
+            if h:
+                history.add_grad(ctx.t0 - h, grads[1][:, :, :h], grads[2][:, :, :h])
+            return dq, dk, dv, grads[3] if ctx.has_sinks else None, None, None, None, None, None, None
+        grads = chunked_attention_backward(dout, q, k, v, out, lse, causal=True, scale=scale, chunk_size=chunk,
+                                           softcap=softcap, sinks=sinks)
+        dq, dk, dv = grads[:3]
         if ctx.t0:
             dq = dq.to(accumulation_dtype(q.dtype))
             for s, _, kc, vc in history.pieces(ctx.t0):
-                dq_p, dk_p, dv_p = chunked_attention_backward(dout, q, kc, vc, out, lse, causal=False, scale=scale, chunk_size=chunk)
+                dq_p, dk_p, dv_p = chunked_attention_backward(dout, q, kc, vc, out, lse, causal=False, scale=scale, chunk_size=chunk,
+                                                              softcap=softcap)
                 dq += dq_p
                 history.add_grad(s, dk_p, dv_p)
             dq = dq.to(q.dtype)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, grads[3] if ctx.has_sinks else None, None, None, None, None, None, None
+
+
+def _band_operands(q: Tensor, k: Tensor, v: Tensor, history: KVHistory, t0: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A windowed chunk's one call: ``h`` zero query rows, then its queries; the ``h`` history
+    positions before ``t0``, then its own keys and values (:class:`HistoryAttention`)."""
+    if not h:
+        return q, k, v
+    kh, vh = history.read(t0 - h, t0)
+    return F.pad(q, (0, 0, h, 0)), torch.cat([kh.to(k.dtype), k], 2), torch.cat([vh.to(v.dtype), v], 2)

@@ -3,7 +3,8 @@
 Float64 exactness against eager (output and every gradient) for layers with RoPE from
 positions computed outside the layer, a token shift before attention (a halo), a hybrid
 layer with a scan and an attention (both carries), a single token (left alone: its graph
-has no length symbol); refusals with the reason
+has no length symbol), layers whose attention has a sliding window, soft-capped scores or sinks;
+refusals with the reason
 (a reduction along T, non-causal attention, a position table computed inside the layer) while
 the other layers are still pipelined; every run of the body sees one chunk plus its halo; no
 ``O(T)`` tensor other than the layer's output and input gradient is created on the device
@@ -51,9 +52,12 @@ def own_positions(layer, h):
 class Layer(nn.Module):
     """norm → q/k/v → RoPE(cos, sin) → causal SDPA (GQA) → o → +x → norm → SwiGLU → +x."""
 
-    def __init__(self, pre=identity, post=identity, causal=True, ssm=False):
+    def __init__(self, pre=identity, post=identity, causal=True, ssm=False, window=0, softcap=0.0, sinks=False):
         super().__init__()
         self.pre, self.post, self.causal = pre, post, causal
+        # The op's variants, called directly (the attention pass's output for Mistral, Gemma 2, gpt-oss).
+        self.window, self.softcap = window, softcap
+        self.sinks = nn.Parameter(torch.randn(HEADS)) if sinks else None
         self.norm1, self.norm2 = nn.RMSNorm(D), nn.RMSNorm(D)
         self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, KV_HEADS * HEAD), nn.Linear(D, KV_HEADS * HEAD)
         self.o = nn.Linear(D, D, bias=False)
@@ -71,7 +75,10 @@ class Layer(nn.Module):
         k = self.k(h).view(b, t, KV_HEADS, HEAD).transpose(1, 2)
         v = self.v(h).view(b, t, KV_HEADS, HEAD).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=True)
+        if self.window or self.softcap or self.sinks is not None:
+            a = torch.ops.longctx.chunked_attention_fwd.default(q, k, v, True, HEAD**-0.5, 3, None, self.window, self.softcap, self.sinks)[0]
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=True)
         x = x + self.o(a.transpose(1, 2).reshape(b, t, D))
         m = self.norm2(x)
         x = x + self.down(F.silu(self.gate(m)) * self.up(m))
@@ -132,6 +139,24 @@ def test_exact_for_any_length_and_chunk_with_one_compile():
                 assert_gradients_match(eager, opt, [inputs(t, seed + t)], rtol=EXACT_RTOL)
         assert [r.details["halo"] for r in rewrites(opt)] == [0, 1]
         assert opt.compile_count == 1
+
+    prop()
+
+
+def test_windows_soft_caps_and_sinks_read_their_band_of_the_history_exactly():
+    # Windows smaller and larger than the chunk, starting inside an earlier chunk; soft-capped
+    # scores; sinks once per row (their gradient included): every chunk against the op run on
+    # the whole sequence.
+    @settings(max_examples=6, deadline=None)
+    @given(chunk=st.sampled_from([2, 4, 7]), window=st.sampled_from([1, 3, 5, 9]), softcap=st.sampled_from([0.0, 2.0]),
+           sinks=st.booleans(), t=st.integers(2, 26), seed=st.integers(0, 2**16))
+    def prop(chunk, window, softcap, sinks, t, seed):
+        torch._dynamo.reset()
+        variant = {"window": window, "softcap": softcap, "sinks": sinks}
+        eager, net = twins(variant, {**variant, "window": 0, "sinks": True}, seed=seed)
+        opt = optimized(net, chunk)
+        assert_gradients_match(eager, opt, [inputs(t, seed)], rtol=EXACT_RTOL)
+        assert len(rewrites(opt)) == 2
 
     prop()
 
