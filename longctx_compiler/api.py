@@ -107,6 +107,13 @@ def _equal_lengths_share_a_symbol(fn: Callable[..., Any], dim: int | None) -> Ca
     return longctx_call
 
 
+def _traced(target: Callable[..., Any], config: Config) -> Callable[..., Any]:
+    """What Dynamo traces for ``target``: its call with equal lengths sharing a symbol, and with
+    packed documents the ids as the first input (:func:`with_documents`)."""
+    traced = _equal_lengths_share_a_symbol(target, config.sequence_dim)
+    return with_documents(traced) if config.packed_documents else traced
+
+
 def _warn_sequence_dim_out_of_range(config: Config, args: tuple, kwargs: dict) -> None:
     shapes = [tuple(v.shape) for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
     warnings.warn(
@@ -129,10 +136,7 @@ class _Compiled:
         # With packed documents the ids are the compiled callable's first input, and the whole
         # call must be one graph too: a graph break would leave the ids out of a graph whose
         # scans and attentions then mix documents.
-        compiled = _equal_lengths_share_a_symbol(target, config.sequence_dim)
-        if config.packed_documents:
-            compiled = with_documents(compiled)
-        self._lc_compiled = torch.compile(compiled, backend=self._lc_backend,
+        self._lc_compiled = torch.compile(_traced(target, config), backend=self._lc_backend,
                                           fullgraph=config.distributed.active or config.packed_documents)
         self._lc_sequence = _SequenceParallel(target, config) if config.distributed.active else None
         self._lc_report = RewriteReport()
@@ -537,9 +541,9 @@ def explain(target: Callable[..., Any] | torch.nn.Module, *args: Any, config: Co
         args, kwargs = shard_inputs(group, _forward_of(target), args, kwargs, cfg.sequence_dim, layout_chunk(cfg))
     if cfg.packed_documents:
         documents, kwargs = document_ids_of(args, kwargs)
-        target, args = with_documents(target), (documents, *args)
+        args = (documents, *args)
     _mark_sequence_dynamic(cfg, args, kwargs)
-    compiled = torch.compile(target, backend=backend, fullgraph=cfg.distributed.active or cfg.packed_documents)
+    compiled = torch.compile(_traced(target, cfg), backend=backend, fullgraph=cfg.distributed.active or cfg.packed_documents)
     with torch.no_grad(), capture_context(cfg), quiet_checkpoint_policy_warning(), active_group(group), _once_only_logging_ignored():
         compiled(*args, **kwargs)
     return report
