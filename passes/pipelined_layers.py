@@ -43,7 +43,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from longctx_compiler.kernels.attention.op import forward_arg
+from longctx_compiler.kernels.attention.op import FORWARD_ARGS, forward_arg
 from longctx_compiler.kernels.sequence_block import BLOCK_OP, attention_in_window, scan_in_window
 from longctx_compiler.passes.adjoint_sharded_blocks import scan_site, sequence_block_plan
 from longctx_compiler.passes.adjoint_sharded_scan import SCAN_OP
@@ -61,8 +61,9 @@ ATTENTION_OPS = (
 #: Tokens per layer chunk when neither the pass, ``Config.layers`` nor ``attention.chunk_size``
 #: names one (the attention's chunk may be chosen at run time; a layer's chunk is a plan constant).
 DEFAULT_CHUNK = 1024
-# q, k, v of the attention ops run along dim 2 ([B, H, T, D]).
+# q, k, v of the attention ops run along dim 2 ([B, H, T, D]); document ids along dim 1.
 _QKV = {0: 2, 1: 2, 2: 2}
+ROWS_SEE_KEYS = torch.ops.longctx.attention_rows_see_keys.default
 _CAUSAL = 3
 
 
@@ -73,15 +74,14 @@ def configured_chunk(config: Any) -> int:
     return getattr(layers, "chunk_size", None) or config.attention.chunk_size or DEFAULT_CHUNK
 
 
-def attention_variant(n: fx.Node, *, ids_only: bool = False) -> str | None:
+def attention_variant(n: fx.Node) -> str | None:
     """What an attention op call adds to plain causal attention (a sliding window, soft-capped
     scores, sink logits, document or padding ids — its arguments after the pool budget), in
-    words; None if nothing. With ``ids_only`` only the ids (documents, padded keys)."""
+    words; None if nothing."""
     window, softcap, sinks, documents, keys = (forward_arg(n, a) for a in ("window", "softcap", "sinks", "segment_ids", "key_segment_ids"))
-    found = [("padded keys" if keys is not None else "packed documents") if documents is not None else None]
-    if not ids_only:
-        found = [f"a sliding window of {window}" if window else None, f"soft-capped scores ({softcap})" if softcap else None,
-                 "attention sinks" if sinks is not None else None, *found]
+    found = [f"a sliding window of {window}" if window else None, f"soft-capped scores ({softcap})" if softcap else None,
+             "attention sinks" if sinks is not None else None,
+             ("padded keys" if keys is not None else "packed documents") if documents is not None else None]
     return ", ".join(f for f in found if f) or None
 
 
@@ -156,20 +156,28 @@ class PipelinedLayersPass(Pass):
         attention = match.data["anchor_node"]
         if match.data["path"] is None:
             raise CantApply("the attention is not inside a module of its own (no enclosing layer to pipeline)")
+        for n in match.nodes:
+            keys = forward_arg(n, "key_segment_ids") if _is_attention(n) else None
+            if isinstance(keys, fx.Node) and keys.target is ROWS_SEE_KEYS:
+                # The check that every query row sees a key reads whole rows of ids; a
+                # chunk's window holds part of a row.
+                raise CantApply("the attention checks at run time that every query sees a key (padding with transformers' "
+                                "eager spelling), which reads whole rows: not chunked yet")
         check_region(gm, match, _is_carry)
         carries = []
         for n in match.nodes:
             if _is_attention(n):
                 if n.args[_CAUSAL] is not True:
                     raise CantApply("the attention is not causal: every token reads the whole sequence, which no chunk holds")
-                # Windows, soft-caps and sinks are applied chunk by chunk (HistoryAttention); the
-                # history does not keep documents or padded keys apart yet, nor are the variants
-                # exchanged under sequence parallelism.
-                variant = attention_variant(n, ids_only=not ctx.config.distributed.active)
-                if variant:
-                    why = " under sequence parallelism" if ctx.config.distributed.active else ""
-                    raise CantApply(f"the attention has {variant}, which the layer's K/V history does not apply{why} yet")
-                carries.append(CarrySite(n, tuple(n.args), _QKV, 0, ATTENTION))
+                # Windows, soft-caps, sinks and document ids are applied chunk by chunk
+                # (HistoryAttention; the keys' ids go into the K/V history), not yet under
+                # sequence parallelism.
+                if ctx.config.distributed.active and attention_variant(n):
+                    raise CantApply(f"the attention has {attention_variant(n)}, which the layer's K/V history does not apply "
+                                    "under sequence parallelism yet")
+                seq = dict(_QKV)
+                seq.update({FORWARD_ARGS.index(a): 1 for a in ("segment_ids", "key_segment_ids") if forward_arg(n, a) is not None})
+                carries.append(CarrySite(n, tuple(n.args), seq, 0, ATTENTION))
             elif n.op == "call_function" and n.target is SCAN_OP:
                 if ctx.config.ssm.mode != "exact":
                     raise CantApply(f"the layer's scan adjoint is {ctx.config.ssm.mode!r}: a truncated adjoint is defined per scan, not across chunks")

@@ -129,7 +129,8 @@ def validate_segment_ids(q: Tensor, k: Tensor, segment_ids: Tensor | None, *, na
 
     ``segment_ids``: an int32/int64 tensor ``[B, T]`` on ``q``'s device, for self-attention
     (``T == S``: a query's document is compared with its keys' at the same positions).
-    ``key_segment_ids``: the keys' ids, same rules, ``[B, S]``; needs ``segment_ids``.
+    ``key_segment_ids``: the keys' ids, same rules, ``[B, S]``; needs ``segment_ids``. With
+    them ``S`` may differ from ``T`` (keys of their own, e.g. a K/V history's).
     """
     if key_segment_ids is not None and segment_ids is None:
         raise ValueError(f"{name}: key_segment_ids need segment_ids (the queries' ids they are compared with); "
@@ -142,12 +143,15 @@ def validate_segment_ids(q: Tensor, k: Tensor, segment_ids: Tensor | None, *, na
         if ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name}: {arg} must be int32 or int64 document ids, got dtype {ids.dtype}")
         B, _, T, _ = q.shape
-        if k.shape[2] != T:
+        if k.shape[2] != T and key_segment_ids is None:
             raise ValueError(
-                f"{name}: {arg} need self-attention (as many keys as queries), got T = {T} queries and S = {k.shape[2]} keys"
+                f"{name}: {arg} need self-attention (as many keys as queries), got T = {T} queries and S = {k.shape[2]} keys; "
+                "pass key_segment_ids [B, S] for keys of their own"
             )
-        if tuple(ids.shape) != (B, T):
-            raise ValueError(f"{name}: {arg} must have shape [B, T] = [{B}, {T}], got {tuple(ids.shape)}")
+        length = T if arg == "segment_ids" else k.shape[2]
+        if tuple(ids.shape) != (B, length):
+            raise ValueError(f"{name}: {arg} must have shape [B, {'T' if arg == 'segment_ids' else 'S'}] = [{B}, {length}], "
+                             f"got {tuple(ids.shape)}")
         if ids.device != q.device:
             raise ValueError(f"{name}: {arg} must be on q's device {q.device}, got {ids.device}")
 

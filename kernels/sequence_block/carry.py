@@ -171,10 +171,10 @@ def attention_in_window(q, k, v, causal: bool, scale: float, chunk_size: int, *r
         raise RuntimeError("sequence_block: a windowed attention must be causal (the prover checks this)")
     variants = dict(zip(FORWARD_ARGS[6:], extra))  # host_pool_bytes (unused here), window, softcap, sinks, ids
     window, softcap, sinks = variants.get("window") or 0, variants.get("softcap") or 0.0, variants.get("sinks")
-    if variants.get("segment_ids") is not None:
-        raise RuntimeError("sequence_block: the K/V history does not keep packed documents or padded keys apart (the pass refuses them)")
-    if carry.group is not None and (window or softcap or sinks is not None):
-        raise RuntimeError("sequence_block: windows, soft-caps and sinks are not exchanged under sequence parallelism (the pass refuses them)")
+    ids, key_ids = variants.get("segment_ids"), variants.get("key_segment_ids")
+    if carry.group is not None and (window or softcap or sinks is not None or ids is not None):
+        raise RuntimeError("sequence_block: windows, soft-caps, sinks and document ids are not exchanged under sequence "
+                           "parallelism (the pass refuses them)")
     if q.device.type in AUTOCAST_DEVICE_TYPES:
         # The op's Autocast kernel (SDPA's rule) is not on this path: cast here, as it would.
         q, k, v = autocast_cast((q, k, v), q.device.type)
@@ -183,9 +183,12 @@ def attention_in_window(q, k, v, causal: bool, scale: float, chunk_size: int, *r
     qo, ko, vo = (t.narrow(2, hc, n) for t in (q, k, v))
     if carry.group is not None:
         qo, ko, vo = _heads_for_sequence(qo, ko, vo, carry.group)
-    carry.own[slot] = (ko, vo)
+    # Documents (padding): the chunk's own queries' and keys' ids; the keys' go into the history.
+    qids = None if ids is None else ids.narrow(1, hc, n)
+    kids = None if ids is None else (ids if key_ids is None else key_ids).narrow(1, hc, n)
+    carry.own[slot] = (ko, vo) if kids is None else (ko, vo, kids)
     out = HistoryAttention.apply(qo, ko, vo, sinks, carry.histories[slot], carry.history_start, scale, chunk_size or None, window,
-                                 softcap)
+                                 softcap, qids, kids)
     if carry.group is not None:
         out = torch.ops.longctx.seq_all_to_all(out, 2, 1, carry.group)
     return (F.pad(out, (0, 0, hc, 0)) if hc else out), None
@@ -233,6 +236,9 @@ class KVHistory:
         self.length = length
         self.piece = piece
         self.k, self.v = k, v
+        #: the keys' document ids ``[B, T]`` (packed documents, padded keys: -1), if any; small,
+        #: kept as a plain tensor on the compute device
+        self.ids: Tensor | None = None
         self.dk: HostHandle | None = None
         self.dv: HostHandle | None = None
 
@@ -241,7 +247,11 @@ class KVHistory:
         numel = shape.numel()
         return HostHandle(self.pool, acquire(self.pool, numel, dtype, self.budget), shape, dtype, like.device)
 
-    def append(self, t0: int, k: Tensor, v: Tensor) -> None:
+    def append(self, t0: int, k: Tensor, v: Tensor, ids: Tensor | None = None) -> None:
+        if ids is not None:
+            if self.ids is None:
+                self.ids = ids.new_empty((ids.shape[0], self.length))
+            self.ids.narrow(1, t0, ids.shape[1]).copy_(ids)
         if self.k is None:
             self.k = self._new(k, k.dtype)
             try:
@@ -285,6 +295,10 @@ class KVHistory:
         """``K[:, :, start:stop], V[:, :, start:stop]`` on the compute device."""
         return self.pool.prefetch(self.k, start, stop), self.pool.prefetch(self.v, start, stop)
 
+    def key_ids(self, start: int, stop: int) -> Tensor | None:
+        """The keys' document ids ``[B, stop - start]``, None without documents."""
+        return None if self.ids is None else self.ids[:, start:stop]
+
     def add_grad(self, s: int, dk: Tensor, dv: Tensor) -> None:
         n = dk.shape[2]
         self.dk.host.narrow(2, s, n).add_(dk.to(self.dk.host.device, self.dk.dtype))
@@ -294,7 +308,12 @@ class KVHistory:
         return self.pool.prefetch(self.dk, t0, t1), self.pool.prefetch(self.dv, t0, t1)
 
     def handles(self) -> dict[str, HostHandle]:
-        return {name: h for name, h in (("k", self.k), ("v", self.v)) if h is not None}
+        """The history's host copies, to keep for the backward: ``k``, ``v`` and, with
+        documents, the keys' ids (moved to the host pool here: the forward is done with them)."""
+        handles = {name: h for name, h in (("k", self.k), ("v", self.v)) if h is not None}
+        if self.ids is not None:
+            handles["ids"] = offload(self.pool, self.ids, self.budget)
+        return handles
 
     def release_grads(self) -> None:
         for h in (self.dk, self.dv):
@@ -308,6 +327,7 @@ class KVHistory:
             if h is not None:
                 h.release()
         self.k = self.v = None
+        self.ids = None
 
 
 class HistoryAttention(torch.autograd.Function):
@@ -337,22 +357,25 @@ class HistoryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, history: KVHistory, t0: int, scale: float,
-                chunk: int, window: int, softcap: float) -> Tensor:
+                chunk: int, window: int, softcap: float, qids: Tensor | None = None, kids: Tensor | None = None) -> Tensor:
         ctx.history, ctx.t0, ctx.scale, ctx.chunk, ctx.window, ctx.softcap = history, t0, scale, chunk, window, softcap
         ctx.has_sinks = sinks is not None
+        ctx.qids, ctx.kids = qids, kids
         if window:
             h = min(t0, window - 1)
-            qq, kk, vv = _band_operands(q, k, v, history, t0, h)
+            qq, kk, vv, ids = _band_operands(q, k, v, history, t0, h, qids, kids)
             o, lse = chunked_attention_forward(qq, kk, vv, causal=True, scale=scale, chunk_size=chunk, window=window,
-                                               softcap=softcap, sinks=sinks)
+                                               softcap=softcap, sinks=sinks, **ids)
             ctx.h = h
             ctx.save_for_backward(q, k, v, o, lse, sinks)
             return o[:, :, h:]
         acc = accumulation_dtype(q.dtype)
-        o, lse = chunked_attention_forward(q, k, v, causal=True, scale=scale, chunk_size=chunk, softcap=softcap, sinks=sinks)
+        o, lse = chunked_attention_forward(q, k, v, causal=True, scale=scale, chunk_size=chunk, softcap=softcap, sinks=sinks,
+                                           **_ids(qids, kids))
         o = o.to(acc)
-        for _, _, kc, vc in history.pieces(t0):
-            o_part, l_part = chunked_attention_forward(q, kc, vc, causal=False, scale=scale, chunk_size=chunk, softcap=softcap)
+        for s, e, kc, vc in history.pieces(t0):
+            o_part, l_part = chunked_attention_forward(q, kc, vc, causal=False, scale=scale, chunk_size=chunk, softcap=softcap,
+                                                       **_ids(qids, history.key_ids(s, e)))
             o, lse = merge_partial(o, lse, o_part.to(acc), l_part)
         out = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
@@ -361,34 +384,49 @@ class HistoryAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor):
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        history, scale, chunk, softcap = ctx.history, ctx.scale, ctx.chunk, ctx.softcap
+        history, scale, chunk, softcap, qids, kids = ctx.history, ctx.scale, ctx.chunk, ctx.softcap, ctx.qids, ctx.kids
+        none = (None,) * 8  # history, t0, scale, chunk, window, softcap, qids, kids
         if ctx.window:
             h = ctx.h
-            qq, kk, vv = _band_operands(q, k, v, history, ctx.t0, h)
+            qq, kk, vv, ids = _band_operands(q, k, v, history, ctx.t0, h, qids, kids)
             grads = chunked_attention_backward(F.pad(dout, (0, 0, h, 0)), qq, kk, vv, out, lse, causal=True, scale=scale,
-                                               chunk_size=chunk, window=ctx.window, softcap=softcap, sinks=sinks)
+                                               chunk_size=chunk, window=ctx.window, softcap=softcap, sinks=sinks, **ids)
             dq, dk, dv = grads[0][:, :, h:], grads[1][:, :, h:], grads[2][:, :, h:]
             if h:
                 history.add_grad(ctx.t0 - h, grads[1][:, :, :h], grads[2][:, :, :h])
-            return dq, dk, dv, grads[3] if ctx.has_sinks else None, None, None, None, None, None, None
+            return dq, dk, dv, grads[3] if ctx.has_sinks else None, *none
         grads = chunked_attention_backward(dout, q, k, v, out, lse, causal=True, scale=scale, chunk_size=chunk,
-                                           softcap=softcap, sinks=sinks)
+                                           softcap=softcap, sinks=sinks, **_ids(qids, kids))
         dq, dk, dv = grads[:3]
         if ctx.t0:
             dq = dq.to(accumulation_dtype(q.dtype))
-            for s, _, kc, vc in history.pieces(ctx.t0):
+            for s, e, kc, vc in history.pieces(ctx.t0):
                 dq_p, dk_p, dv_p = chunked_attention_backward(dout, q, kc, vc, out, lse, causal=False, scale=scale, chunk_size=chunk,
-                                                              softcap=softcap)
+                                                              softcap=softcap, **_ids(qids, history.key_ids(s, e)))
                 dq += dq_p
                 history.add_grad(s, dk_p, dv_p)
             dq = dq.to(q.dtype)
-        return dq, dk, dv, grads[3] if ctx.has_sinks else None, None, None, None, None, None, None
+        return dq, dk, dv, grads[3] if ctx.has_sinks else None, *none
 
 
-def _band_operands(q: Tensor, k: Tensor, v: Tensor, history: KVHistory, t0: int, h: int) -> tuple[Tensor, Tensor, Tensor]:
+def _ids(qids: Tensor | None, kids: Tensor | None) -> dict[str, Tensor]:
+    """The op's id arguments for one part: the chunk's queries' and that part's keys' ids."""
+    return {} if qids is None else {"segment_ids": qids, "key_segment_ids": kids}
+
+
+#: A query id no key holds (keys hold document ids >= 0, or -1 at padding).
+_NO_KEY = -2
+
+
+def _band_operands(q: Tensor, k: Tensor, v: Tensor, history: KVHistory, t0: int, h: int, qids: Tensor | None,
+                   kids: Tensor | None) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """A windowed chunk's one call: ``h`` zero query rows, then its queries; the ``h`` history
-    positions before ``t0``, then its own keys and values (:class:`HistoryAttention`)."""
+    positions before ``t0``, then its own keys and values (:class:`HistoryAttention`); with
+    documents, their ids (the zero rows' ids match no key: they see nothing)."""
     if not h:
-        return q, k, v
+        return q, k, v, _ids(qids, kids)
     kh, vh = history.read(t0 - h, t0)
-    return F.pad(q, (0, 0, h, 0)), torch.cat([kh.to(k.dtype), k], 2), torch.cat([vh.to(v.dtype), v], 2)
+    ids = {}
+    if qids is not None:
+        ids = {"segment_ids": F.pad(qids, (h, 0), value=_NO_KEY), "key_segment_ids": torch.cat([history.key_ids(t0 - h, t0), kids], 1)}
+    return F.pad(q, (0, 0, h, 0)), torch.cat([kh.to(k.dtype), k], 2), torch.cat([vh.to(v.dtype), v], 2), ids

@@ -193,10 +193,15 @@ class HostGroup:
     def histories(self, plan: BlockPlan, length: int) -> list[KVHistory]:
         """Each attention's K/V history of a block run on ``length`` tokens (``P·length``
         positions when the sequence is sharded: the history holds every rank's chunks)."""
-        return [
+        histories = [
             KVHistory(self.pool, length * plan.ranks, plan.chunk, self.handles.get(f"k{j}"), self.handles.get(f"v{j}"), plan.host_budget)
             for j in range(plan.attentions)
         ]
+        for j, history in enumerate(histories):
+            # The keys' document ids (packed documents, padding), when the forward kept them.
+            if f"ids{j}" in self.handles:
+                history.ids = self.pool.prefetch(self.handles[f"ids{j}"])
+        return histories
 
     def release(self) -> None:
         for h in self.handles.values():

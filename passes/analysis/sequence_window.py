@@ -148,6 +148,8 @@ _POINTWISE = {
     "sign", "masked_fill", "lerp", "addcmul", "addcdiv", "mod", "remainder", "fmod", "floor", "ceil", "round",
     "trunc", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or", "bitwise_not",
     "to", "float", "double", "half", "bfloat16", "type", "type_as", "contiguous", "clone", "detach", "dropout",
+    # a constant of the input's shape (a padding mask's query ids): taking the input's edges is conservative
+    "zeros_like", "ones_like", "full_like",
 }
 #: Layout operations that keep every element's index along the sequence dim.
 _PERMUTE = {"transpose", "permute", "movedim", "swapaxes", "swapdims", "unsqueeze", "squeeze", "expand", "expand_as", "t"}

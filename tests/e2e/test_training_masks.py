@@ -165,15 +165,31 @@ def test_use_cache_true_spelling_still_rewritten():
     assert opt.report.count("chunked_attention") == LAYERS
 
 
-def test_packed_documents_keep_their_layers_whole_with_the_reason():
-    # A pipelined layer's K/V history does not keep documents apart yet: the layer is left
-    # whole (its attention still chunked, per document) and the report says why.
-    eager = llama("sdpa")
-    opt = lc.optimize(llama("sdpa"), backend="aot_eager", lm_loss={"enabled": False},
-                      attention={"chunk_size": 4, "offload": False}, layers={"enabled": True, "chunk_size": 8})
-    positions = _packed([[9, 7], [16]])
-    ids = ids_for(16, 7)
-    assert_gradients_match(eager, opt, [ids], loss_fn=loss_of, call=training_call(position_ids=positions), rtol=EXACT_RTOL)
-    assert opt.report.count("chunked_attention") == LAYERS
+@pytest.mark.parametrize("attn, case", [("sdpa", "packed"), ("eager", "packed"), ("sdpa", "right"), ("sdpa", "left")])
+def test_packed_and_padded_batches_are_pipelined_chunk_by_chunk_and_exact(attn, case):
+    # The K/V history keeps its keys' ids: each layer chunk attends to the earlier chunks'
+    # keys of its own document (documents cross the chunks of 5), or to the real ones.
+    eager = llama(attn)
+    opt = lc.optimize(llama(attn), backend="aot_eager", strict=True, lm_loss={"enabled": False},
+                      attention={"chunk_size": 4, "offload": False}, layers={"enabled": True, "chunk_size": 5})
+    for t, seed in ((16, 7), (23, 8)):
+        ids = ids_for(t, seed)
+        if case == "packed":
+            call = training_call(position_ids=_packed([[9, t - 9], [3, 1, t - 4]]))
+        else:
+            ids, mask, labels = _padded(t, seed, case)
+            call = training_call(attention_mask=mask, labels=labels)
+        assert_gradients_match(eager, opt, [ids], loss_fn=loss_of, call=call, rtol=RTOL[attn])
+    assert opt.report.count("pipelined_layers") == LAYERS, opt.report
+    assert opt.compile_count == 1
+
+
+def test_padding_with_the_eager_spelling_keeps_its_layers_whole_with_the_reason():
+    # Its run-time check that every query sees a key reads whole rows of ids: not chunked.
+    opt = lc.optimize(llama("eager"), backend="aot_eager", lm_loss={"enabled": False},
+                      attention={"chunk_size": 4, "offload": False}, layers={"enabled": True, "chunk_size": 5})
+    ids, mask, labels = _padded(13, 4, "right")
+    training_call(attention_mask=mask, labels=labels)(opt, ids)
     refused = [r for r in opt.report.refusals if r.pass_name == "pipelined_layers"]
-    assert len(refused) == LAYERS and all("packed documents" in r.reason for r in refused)
+    assert len(refused) == LAYERS and all("sees a key" in r.reason for r in refused)
+    assert opt.report.count("chunked_attention") == LAYERS

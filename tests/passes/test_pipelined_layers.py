@@ -3,7 +3,8 @@
 Float64 exactness against eager (output and every gradient) for layers with RoPE from
 positions computed outside the layer, a token shift before attention (a halo), a hybrid
 layer with a scan and an attention (both carries), a single token (left alone: its graph
-has no length symbol), layers whose attention has a sliding window, soft-capped scores or sinks;
+has no length symbol), layers whose attention has a sliding window, soft-capped scores, sinks
+or packed documents;
 refusals with the reason
 (a reduction along T, non-causal attention, a position table computed inside the layer) while
 the other layers are still pipelined; every run of the body sees one chunk plus its halo; no
@@ -64,7 +65,7 @@ class Layer(nn.Module):
         self.gate, self.up, self.down = nn.Linear(D, 24, bias=False), nn.Linear(D, 24, bias=False), nn.Linear(24, D, bias=False)
         self.ssm = SelectiveSSM(D, d_state=4) if ssm else None
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, documents=None):
         b, t, _ = x.shape
         if self.ssm is not None:
             # A hybrid layer: the scan's output feeds the attention (Jamba's order within a
@@ -75,8 +76,10 @@ class Layer(nn.Module):
         k = self.k(h).view(b, t, KV_HEADS, HEAD).transpose(1, 2)
         v = self.v(h).view(b, t, KV_HEADS, HEAD).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        if self.window or self.softcap or self.sinks is not None:
-            a = torch.ops.longctx.chunked_attention_fwd.default(q, k, v, True, HEAD**-0.5, 3, None, self.window, self.softcap, self.sinks)[0]
+        if self.window or self.softcap or self.sinks is not None or documents is not None:
+            ids = () if documents is None else (documents,)
+            a = torch.ops.longctx.chunked_attention_fwd.default(q, k, v, True, HEAD**-0.5, 3, None, self.window, self.softcap, self.sinks,
+                                                                *ids)[0]
         else:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=True)
         x = x + self.o(a.transpose(1, 2).reshape(b, t, D))
@@ -96,13 +99,13 @@ class Net(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, HEAD, 2, dtype=torch.float64) / HEAD))
 
-    def forward(self, x):
+    def forward(self, x, documents=None):
         pos = torch.arange(x.shape[1], dtype=x.dtype)
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[None, None]
         cos, sin = emb.cos(), emb.sin()
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin) if documents is None else layer(x, cos, sin, documents)
         return x
 
 
@@ -143,19 +146,27 @@ def test_exact_for_any_length_and_chunk_with_one_compile():
     prop()
 
 
-def test_windows_soft_caps_and_sinks_read_their_band_of_the_history_exactly():
+def test_windows_soft_caps_sinks_and_documents_read_their_part_of_the_history_exactly():
     # Windows smaller and larger than the chunk, starting inside an earlier chunk; soft-capped
     # scores; sinks once per row (their gradient included): every chunk against the op run on
     # the whole sequence.
-    @settings(max_examples=6, deadline=None)
+    # With packed documents (drawn starts) the K/V history keeps its keys' ids: a chunk sees
+    # the earlier chunks' keys of its own document only.
+    @settings(max_examples=8, deadline=None)
     @given(chunk=st.sampled_from([2, 4, 7]), window=st.sampled_from([1, 3, 5, 9]), softcap=st.sampled_from([0.0, 2.0]),
-           sinks=st.booleans(), t=st.integers(2, 26), seed=st.integers(0, 2**16))
-    def prop(chunk, window, softcap, sinks, t, seed):
+           sinks=st.booleans(), t=st.integers(2, 26), starts=st.sets(st.integers(1, 25), max_size=4), seed=st.integers(0, 2**16))
+    def prop(chunk, window, softcap, sinks, t, starts, seed):
         torch._dynamo.reset()
         variant = {"window": window, "softcap": softcap, "sinks": sinks}
         eager, net = twins(variant, {**variant, "window": 0, "sinks": True}, seed=seed)
         opt = optimized(net, chunk)
-        assert_gradients_match(eager, opt, [inputs(t, seed)], rtol=EXACT_RTOL)
+        args = [inputs(t, seed)]
+        if starts:
+            documents = torch.zeros(2, t, dtype=torch.long)
+            for s in starts:
+                documents[0, s:] += 1  # the second row: one document
+            args.append(documents)
+        assert_gradients_match(eager, opt, args, rtol=EXACT_RTOL)
         assert len(rewrites(opt)) == 2
 
     prop()
