@@ -22,6 +22,7 @@ from longctx_compiler.kernels.sequence_block import chunked, get_plan
 from longctx_compiler.memory import measure_step
 from longctx_compiler.nn import SelectiveSSM, TinyMambaLM, selective_scan_fn
 from longctx_compiler.testing import EXACT_RTOL, assert_gradients_match, assert_within_dtype_rule, clone_module
+from test_ssd_blocks import Layer  # one block as a module of its own
 
 PASS = "adjoint_sharded_blocks"
 HALO = 3  # TinyMambaLM's d_conv - 1
@@ -197,17 +198,6 @@ class ScanDocuments(nn.Module):
         y = selective_scan_fn(xi, delta, -torch.exp(m.A_log), Bm.transpose(1, 2), Cm.transpose(1, 2), m.D, z,
                               delta_bias=m.dt_proj.bias, delta_softplus=True, h0=self.h0.expand(x.shape[0], -1, -1), seq_idx=seq_idx)
         return m.out_proj(y.transpose(1, 2))
-
-
-class Layer(nn.Module):
-    """A model of one block (a block is a module of its own)."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x, seq_idx):
-        return self.block(x, seq_idx)
 
 
 @st.composite
