@@ -40,10 +40,19 @@ from benchmarks.common import (
 METHODS = ("eager", "checkpoint", "compile", "defaults", "ours")
 
 
+def packed_positions(tokens: int, documents: int):
+    """``position_ids [1, tokens]`` restarting at each of ``documents`` documents of
+    ``⌈tokens / documents⌉`` tokens (the last one shorter): transformers' packed convention."""
+    import torch
+
+    return (torch.arange(tokens) % -(-tokens // documents))[None]
+
+
 def layer_step(*, method: str, tokens: int, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
                intermediate: int, vocab: int, chunk_size: int, compile_backend: str, repeats: int, warmup_tokens: int,
-               seed: int) -> dict[str, Any]:
-    """One training step of the Llama with ``method``: memory of one profiled step, then time."""
+               seed: int, documents: int = 1) -> dict[str, Any]:
+    """One training step of the Llama with ``method``: memory of one profiled step, then time.
+    With ``documents > 1`` each row packs that many documents (positions restarting)."""
     _quiet()
     import torch
 
@@ -69,13 +78,14 @@ def layer_step(*, method: str, tokens: int, layers: int, hidden: int, heads: int
     ids = torch.randint(0, vocab, (1, tokens), generator=gen)
 
     def step_on(x):
-        run(x, labels=x, use_cache=False).loss.backward()
+        extra = {"position_ids": packed_positions(x.shape[1], documents)} if documents > 1 else {}
+        run(x, labels=x, use_cache=False, **extra).loss.backward()
 
     def zero():
         model.zero_grad(set_to_none=True)
         gc.collect()
 
-    out: dict[str, Any] = {"method": method, "tokens": tokens}
+    out: dict[str, Any] = {"method": method, "tokens": tokens, "documents": documents}
     t0 = time.perf_counter()
     step_on(torch.randint(0, vocab, (1, min(warmup_tokens, tokens)), generator=gen))
     out["warmup_s"] = time.perf_counter() - t0
@@ -134,6 +144,7 @@ def parse_args(argv):
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--intermediate", type=int, default=688)
     p.add_argument("--vocab", type=int, default=16000)
+    p.add_argument("--documents", type=int, default=1, help="packed documents per row (position_ids restarting at each)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--warmup-tokens", type=int, default=256)
     p.add_argument("--timeout", type=float, default=1800.0, help="wall-clock seconds per run")
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     kwargs = dict(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                   intermediate=args.intermediate, vocab=args.vocab, chunk_size=args.chunk_size, compile_backend=args.compile_backend,
-                  repeats=args.repeats, warmup_tokens=args.warmup_tokens, seed=args.seed)
+                  repeats=args.repeats, warmup_tokens=args.warmup_tokens, seed=args.seed, documents=args.documents)
     records = []
     for t in args.tokens:
         for m in args.methods:
