@@ -81,7 +81,7 @@ def _changes(ids: Tensor) -> Tensor:
 
 
 def _int_tensor(name: str, value: Any) -> Tensor:
-    if not isinstance(value, Tensor) or value.dtype not in (torch.int32, torch.int64) or value.is_floating_point():
+    if not isinstance(value, Tensor) or value.dtype not in (torch.int32, torch.int64):
         raise PackedDocumentsError(f"{name} must be an int32/int64 tensor, got {getattr(value, 'dtype', type(value).__name__)}")
     return value
 
