@@ -37,7 +37,7 @@ from longctx_compiler.capture import refusal_of
 from longctx_compiler.kernels.attention.op import forward_arg
 from longctx_compiler.kernels.selective_scan.schema import ScanArgs
 from longctx_compiler.kernels.ssd.schema import SSDArgs
-from longctx_compiler.passes.analysis.fx_utils import example_value, insert_call, propagate_example_value
+from longctx_compiler.passes.analysis.fx_utils import example_value, insert_call, is_call, propagate_example_value
 from longctx_compiler.passes.base import Match, Pass, PassContext
 from longctx_compiler.report import node_site
 from longctx_compiler.runtime.documents import PackedDocumentsError, documents_node, joint_documents
@@ -51,12 +51,6 @@ _SOFTMAX = (F.softmax, torch.softmax, torch._softmax, "softmax")
 _CUMULATIVE = (torch.cumsum, torch.cumprod, torch.logcumsumexp, "cumsum", "cumprod", "logcumsumexp")
 _CONV = (F.conv1d, torch.conv1d, F.conv2d, torch.conv2d, F.conv_transpose1d)
 _SCAN_HOPS = ("associative_scan", "scan")
-
-
-def _is(node: fx.Node, targets: tuple) -> bool:
-    if node.op == "call_method":
-        return node.target in targets
-    return node.op == "call_function" and any(node.target is t for t in targets if not isinstance(t, str))
 
 
 def _dim(node: fx.Node, position: int, default: Any = None) -> Any:
@@ -80,16 +74,16 @@ def _mixes_documents(node: fx.Node, length: Any) -> str | None:
     why = refusal_of(node)
     if why:
         return f"the {why[1]} ran the library's own function ({why[2]}), which scans across documents"
-    if _is(node, _SDPA):
+    if is_call(node, *_SDPA):
         return "an attention the attention pass did not rewrite (see its refusal in the report)"
     if node.op == "call_function" and node.target in _ATTENTION and forward_arg(node, "segment_ids") is None:
         return "a chunked attention without document ids"
     value = example_value(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-    if _is(node, _CONV) and isinstance(value, torch.Tensor) and any(_along(value, d, length) for d in range(2, value.dim())):
+    if is_call(node, *_CONV) and isinstance(value, torch.Tensor) and any(_along(value, d, length) for d in range(2, value.dim())):
         return "a convolution along the sequence the depthwise-convolution pass did not rewrite (see its refusal)"
-    if _is(node, _SOFTMAX) and _along(value, _dim(node, 1), length):
+    if is_call(node, *_SOFTMAX) and _along(value, _dim(node, 1), length):
         return "a softmax over the tokens: an attention the attention pass did not rewrite (see its refusal)"
-    if _is(node, _CUMULATIVE) and isinstance(value, torch.Tensor) and value.is_floating_point() and _along(value, _dim(node, 1), length):
+    if is_call(node, *_CUMULATIVE) and isinstance(value, torch.Tensor) and value.is_floating_point() and _along(value, _dim(node, 1), length):
         return f"a floating-point {node.target if node.op == 'call_method' else node.target.__name__} along the sequence"
     if isinstance(node.target, torch._ops.HigherOrderOperator) and node.target.name() in _SCAN_HOPS:
         return f"a {node.target.name()} (a recurrence over the tokens with no document resets)"

@@ -96,6 +96,16 @@ def _own_tokens(args: tuple, fields: tuple[str, ...], dims: dict[str, int], hc: 
     return out
 
 
+def _reset_where_a_document_starts(state: Tensor, seq_idx: Tensor, hc: int, what: str) -> Tensor:
+    """The carried ``state`` ``[B, ...]``, zero for each batch row whose document index changes
+    from the token before the chunk (the window's last halo token, ``hc - 1``) to its first
+    (``hc``): the whole-sequence scan resets there."""
+    if not hc:
+        raise RuntimeError(f"sequence_block: {what} with documents needs the token before each chunk (a halo of at least 1)")
+    same = seq_idx[:, hc] == seq_idx[:, hc - 1]
+    return torch.where(same.view(-1, *[1] * (state.dim() - 1)), state, state.new_zeros(()))
+
+
 def scan_in_window(*rest):
     """The block's selective scan inside a window: scan tokens ``hc..`` from the carried state
     (the node's own ``h0`` for the first chunk); returns ``(y padded with hc leading zeros,
@@ -112,10 +122,7 @@ def scan_in_window(*rest):
     hc = carry.hc
     h_in = carry.states_in[slot]
     if h_in is not None and args.seq_idx is not None:
-        if not hc:
-            raise RuntimeError("sequence_block: a selective scan with documents needs the token before each chunk (a halo of at least 1)")
-        same = args.seq_idx[:, hc] == args.seq_idx[:, hc - 1]
-        h_in = torch.where(same[:, None, None], h_in, h_in.new_zeros(()))
+        h_in = _reset_where_a_document_starts(h_in, args.seq_idx, hc, "a selective scan")
     own = args._replace(**_own_tokens(args, ScanArgs._fields, SCAN_DIMS, hc), **({} if h_in is None else {"h0": h_in}))
     y, final, _ = torch.ops.longctx.selective_scan_fwd(*own)
     carry.states_out[slot] = final
@@ -144,10 +151,7 @@ def ssd_in_window(*rest):
     if h_in is not None:
         h = h_in.unflatten(-1, (args.x.shape[-1], args.B.shape[-1]))
         if args.seq_idx is not None:
-            if not hc:
-                raise RuntimeError("sequence_block: an SSD scan with documents needs the token before each chunk (a halo of at least 1)")
-            same = args.seq_idx[:, hc] == args.seq_idx[:, hc - 1]
-            h = torch.where(same[:, None, None, None], h, h.new_zeros(()))
+            h = _reset_where_a_document_starts(h, args.seq_idx, hc, "an SSD scan")
         own = own._replace(initial_states=h)
     out, final, _ = torch.ops.longctx.ssd_fwd(*own)
     carry.states_out[slot] = final.flatten(2)
